@@ -1,0 +1,354 @@
+//! x86_64 primitives: the boot entry, interrupt entry stubs, the IDT, port and
+//! MMIO access, and a few privileged instructions.
+//!
+//! The VMM enters `_start` in 64-bit long mode with paging, the GDT, the TSS and
+//! a per-vCPU stack already set up (see `vmm::builder`), `rdi` = vCPU id and
+//! `rsi` = guest address of the boot-information block. Interrupts are off.
+//!
+//! Every IDT gate uses an IST stack, so every interrupt and exception switches to
+//! a known stack: the precompiled `core` uses the red zone, and an interrupt
+//! taken on the interrupted stack would clobber it. IST1 serves interrupts and
+//! the system-call door, IST2 the exceptions that end the VM. All gates are
+//! interrupt gates (IF cleared on entry), so IST1 never nests.
+
+use core::arch::{asm, global_asm};
+
+use metronome_abi::gdt::KERNEL_CS;
+
+/// The register state saved by the interrupt entry path, in stack order.
+///
+/// The entry stub pushes `vector` and `error_code` (a zero for vectors without
+/// one) on top of the CPU's frame; the common entry pushes the general-purpose
+/// registers. Handlers may rewrite the whole frame to switch contexts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rbp: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+impl Frame {
+    /// The privilege level the interrupted code ran at.
+    pub fn cpl(&self) -> u64 {
+        self.cs & 3
+    }
+}
+
+// The boot entry and the interrupt entry path.
+//
+// `_start`: clear the frame pointer chain and call `kmain(vcpu_id, boot_info)`.
+//
+// `isr_common`: save the general-purpose registers, call `trap(frame)`, restore
+// (possibly another context's) registers, drop vector and error code, `iretq`.
+// The IST tops are 16-byte aligned and the CPU frame, the two stub words and the
+// fifteen registers are 22 words, so `rsp` is 16-byte aligned at the call.
+global_asm!(
+    r#"
+    .section .text.boot, "ax"
+    .global _start
+_start:
+    xor ebp, ebp
+    call {kmain}
+    ud2
+
+    .text
+    .global isr_common
+isr_common:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rbp
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    cld
+    call {trap}
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rbp
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    add rsp, 16
+    iretq
+
+    .global idle_loop
+idle_loop:
+    sti
+    hlt
+    cli
+    jmp idle_loop
+
+    .global halt_forever
+halt_forever:
+    cli
+    hlt
+    jmp halt_forever
+
+    .macro isr_noerr n
+isr_\n:
+    push 0
+    push \n
+    jmp isr_common
+    .endm
+
+    .macro isr_err n
+isr_\n:
+    push \n
+    jmp isr_common
+    .endm
+
+    .altmacro
+    .macro isr_for n
+    .if (\n == 8) || (\n == 10) || (\n == 11) || (\n == 12) || (\n == 13) || (\n == 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    isr_err %n
+    .else
+    isr_noerr %n
+    .endif
+    .endm
+
+    .set i, 0
+    .rept 256
+    isr_for %i
+    .set i, i + 1
+    .endr
+
+    .macro isr_addr n
+    .quad isr_\n
+    .endm
+
+    .section .rodata
+    .balign 8
+    .global ISR_TABLE
+ISR_TABLE:
+    .set i, 0
+    .rept 256
+    isr_addr %i
+    .set i, i + 1
+    .endr
+    .noaltmacro
+    .text
+    "#,
+    kmain = sym crate::kmain,
+    trap = sym crate::trap::trap,
+);
+
+extern "C" {
+    /// Addresses of the 256 entry stubs, in vector order.
+    static ISR_TABLE: [u64; 256];
+    /// The idle context: `sti; hlt` forever at CPL0.
+    pub fn idle_loop() -> !;
+    /// Stops this vCPU for good: `cli; hlt` forever.
+    pub fn halt_forever() -> !;
+}
+
+/// One IDT gate descriptor.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+/// Present, 64-bit interrupt gate.
+const GATE_INTERRUPT: u8 = 0x8e;
+/// Descriptor privilege level 3: the gate can be used by `int3` from user mode.
+const GATE_DPL3: u8 = 0x60;
+
+#[repr(C, align(16))]
+struct Idt([Gate; 256]);
+
+static mut IDT: Idt = Idt(
+    [Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    }; 256],
+);
+
+/// Fills the shared IDT: exceptions on IST2, everything else on IST1, the
+/// breakpoint gate (the system-call door) callable from CPL3.
+///
+/// # Safety
+/// Must run once, on the bootstrap vCPU, before any vCPU loads the IDT.
+pub unsafe fn build_idt() {
+    // SAFETY: ISR_TABLE is an immutable table emitted by the assembler above.
+    let table = unsafe { &*core::ptr::addr_of!(ISR_TABLE) };
+    // SAFETY: the caller guarantees no other vCPU reads the IDT yet.
+    let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
+    for (vector, gate) in idt.0.iter_mut().enumerate() {
+        let addr = table[vector];
+        let (ist, dpl) = match vector {
+            3 => (1, GATE_DPL3),
+            0..=31 => (2, 0),
+            _ => (1, 0),
+        };
+        *gate = Gate {
+            offset_low: addr as u16,
+            selector: KERNEL_CS,
+            ist,
+            type_attr: GATE_INTERRUPT | dpl,
+            offset_mid: (addr >> 16) as u16,
+            offset_high: (addr >> 32) as u32,
+            reserved: 0,
+        };
+    }
+}
+
+/// Loads the shared IDT on this vCPU.
+///
+/// # Safety
+/// [`build_idt`] must have completed.
+pub unsafe fn load_idt() {
+    #[repr(C, packed)]
+    struct Pointer {
+        limit: u16,
+        base: u64,
+    }
+    let pointer = Pointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: core::ptr::addr_of!(IDT) as u64,
+    };
+    // SAFETY: the IDT is static, fully built, and its gates point at our stubs.
+    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) };
+}
+
+/// Writes a 32-bit value to an I/O port.
+///
+/// # Safety
+/// The port must belong to a device whose side effects the caller intends.
+pub unsafe fn outl(port: u16, value: u32) {
+    // SAFETY: the caller vouches for the port.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
+}
+
+/// Writes a byte string to an I/O port with one `rep outsb` (one VM exit).
+///
+/// # Safety
+/// As [`outl`].
+pub unsafe fn outsb(port: u16, bytes: &[u8]) {
+    // SAFETY: the caller vouches for the port; rsi/rcx describe a valid slice.
+    unsafe {
+        asm!("rep outsb", in("dx") port, inout("rsi") bytes.as_ptr() => _,
+             inout("rcx") bytes.len() => _, options(readonly, nostack, preserves_flags))
+    };
+}
+
+/// Reads a 64-bit paravirtual MMIO register.
+///
+/// # Safety
+/// `addr` must be one of the registers in `metronome_abi::mmio`.
+pub unsafe fn mmio_read(addr: u64) -> u64 {
+    // SAFETY: the caller vouches for the register; the MMIO window is mapped.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+/// Writes a 64-bit paravirtual MMIO register (one `mov`, one VM exit).
+///
+/// # Safety
+/// `addr` must be one of the registers in `metronome_abi::mmio`.
+pub unsafe fn mmio_write(addr: u64, value: u64) {
+    // SAFETY: the caller vouches for the register; the MMIO window is mapped.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
+}
+
+/// Reads CR2, the faulting address of the last page fault.
+pub fn read_cr2() -> u64 {
+    let value: u64;
+    // SAFETY: reading CR2 has no side effects; we run at CPL0.
+    unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) };
+    value
+}
+
+/// Saves the x87/SSE state into `area`.
+///
+/// # Safety
+/// Must run at CPL0 with CR4.OSFXSR set (the VMM sets it).
+pub unsafe fn fxsave(area: &mut FxArea) {
+    // SAFETY: the area is 512 bytes and 16-byte aligned.
+    unsafe { asm!("fxsave64 [{}]", in(reg) area.0.as_mut_ptr(), options(nostack, preserves_flags)) };
+}
+
+/// Restores the x87/SSE state from `area`.
+///
+/// # Safety
+/// `area` must hold a state saved by [`fxsave`] or [`FxArea::initial`].
+pub unsafe fn fxrstor(area: &FxArea) {
+    // SAFETY: the area is 512 bytes, 16-byte aligned and holds a valid image.
+    unsafe { asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(readonly, nostack, preserves_flags)) };
+}
+
+/// An FXSAVE image.
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+pub struct FxArea(pub [u8; 512]);
+
+impl FxArea {
+    /// A valid image of the reset state: default FCW (0x37f) and MXCSR (0x1f80).
+    pub const fn initial() -> Self {
+        let mut bytes = [0u8; 512];
+        bytes[0] = 0x7f;
+        bytes[1] = 0x03;
+        bytes[24] = 0x80;
+        bytes[25] = 0x1f;
+        Self(bytes)
+    }
+}
+
+/// Spin-loop hint.
+pub fn pause() {
+    core::hint::spin_loop();
+}
+
+/// Disables interrupts.
+pub fn cli() {
+    // SAFETY: masking interrupts is always sound at CPL0.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+}

@@ -1,0 +1,309 @@
+//! A small preemptive round-robin scheduler with per-vCPU run queues.
+//!
+//! Threads run at CPL3 and never migrate: a thread belongs to the vCPU that
+//! created it, and only that vCPU (in its kernel, with interrupts disabled)
+//! touches the thread's slot in the table. A context switch rewrites the
+//! interrupt frame on the IST stack: the outgoing context is copied out, the
+//! incoming one copied in, and the common exit path `iretq`s into it. The
+//! x87/SSE state is saved and restored with `fxsave64`/`fxrstor64`, because
+//! user code (and `core`) uses SSE registers.
+//!
+//! When nothing is runnable the vCPU switches to its idle context, a CPL0 loop
+//! of `sti; hlt` on the vCPU's boot stack; the VMM parks the vCPU thread on HLT
+//! until an interrupt is pending for it.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use metronome_abi::gdt::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
+use metronome_abi::{layout, thread_state, MAX_THREADS};
+
+use crate::arch::{self, FxArea, Frame};
+use crate::percpu;
+
+/// Bytes of user stack per thread.
+const STACK_SIZE: u64 = 64 * 1024;
+/// RFLAGS of a new context: IF set, reserved bit 1 set.
+const RFLAGS_IF: u64 = 0x202;
+
+/// A guest thread.
+pub struct Thread {
+    /// Thread id (slot index + 1; 0 means idle).
+    pub tid: u32,
+    /// Owning vCPU.
+    pub vcpu: u32,
+    /// One of `metronome_abi::thread_state`.
+    pub state: u32,
+    /// Whether it has run at least once.
+    pub has_run: bool,
+    /// Name, NUL padded.
+    pub name: [u8; 16],
+    /// Uptime at which a sleeping thread becomes runnable.
+    pub wake_at: u64,
+    /// Saved registers while not running.
+    pub frame: Frame,
+    /// Saved x87/SSE state while not running.
+    pub fx: FxArea,
+}
+
+/// The thread table. Slot `i` belongs to the vCPU that allocated it (see module docs).
+static mut THREADS: [Thread; MAX_THREADS] = [const {
+    Thread {
+        tid: 0,
+        vcpu: 0,
+        state: 0,
+        has_run: false,
+        name: [0; 16],
+        wake_at: 0,
+        frame: Frame {
+            r15: 0, r14: 0, r13: 0, r12: 0, r11: 0, r10: 0, r9: 0, r8: 0, rdi: 0, rsi: 0,
+            rbp: 0, rdx: 0, rcx: 0, rbx: 0, rax: 0, vector: 0, error_code: 0, rip: 0, cs: 0,
+            rflags: 0, rsp: 0, ss: 0,
+        },
+        fx: FxArea::initial(),
+    }
+}; MAX_THREADS];
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+static NEXT_STACK: AtomicUsize = AtomicUsize::new(0);
+
+fn thread(slot: usize) -> &'static mut Thread {
+    // SAFETY: slots are handed out once by NEXT_SLOT; after that only the owning
+    // vCPU touches a slot, with interrupts disabled, so there is never a second
+    // live reference to the same slot.
+    unsafe { &mut *core::ptr::addr_of_mut!(THREADS[slot]) }
+}
+
+/// A fixed ring of thread-table slots.
+pub struct RunQueue {
+    slots: [u16; MAX_THREADS],
+    head: usize,
+    len: usize,
+}
+
+impl RunQueue {
+    /// An empty queue.
+    pub const fn new() -> Self {
+        Self { slots: [0; MAX_THREADS], head: 0, len: 0 }
+    }
+
+    fn push(&mut self, slot: usize) {
+        // Cannot overflow: a vCPU owns at most MAX_THREADS threads and each is queued once.
+        let tail = (self.head + self.len) % MAX_THREADS;
+        self.slots[tail] = slot as u16;
+        self.len += 1;
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        let slot = self.slots[self.head] as usize;
+        self.head = (self.head + 1) % MAX_THREADS;
+        self.len -= 1;
+        Some(slot)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A user thread's entry point.
+pub type Entry = extern "C" fn(arg: u64) -> !;
+
+/// Creates a runnable CPL3 thread on vCPU `id` running `entry(arg)`.
+///
+/// Returns the thread id, or `None` when the table or the heap is full.
+pub fn spawn(id: u32, name: &[u8], entry: Entry, arg: u64) -> Option<u32> {
+    let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
+    if slot >= MAX_THREADS {
+        return None;
+    }
+    let boot = crate::boot_info();
+    let stack_index = NEXT_STACK.fetch_add(1, Ordering::Relaxed) as u64;
+    let stack_top = layout::HEAP_BASE + (stack_index + 1) * STACK_SIZE;
+    if stack_top > boot.heap_end {
+        return None;
+    }
+    let t = thread(slot);
+    t.tid = slot as u32 + 1;
+    t.vcpu = id;
+    t.state = thread_state::RUNNABLE;
+    t.has_run = false;
+    let n = name.len().min(t.name.len());
+    t.name = [0; 16];
+    t.name[..n].copy_from_slice(&name[..n]);
+    t.frame = Frame {
+        rip: entry as *const () as u64,
+        cs: u64::from(USER_CS),
+        rflags: RFLAGS_IF,
+        // Entry is called as if by `call`: rsp + 8 is 16-byte aligned.
+        rsp: stack_top - 8,
+        ss: u64::from(USER_DS),
+        rdi: arg,
+        ..Frame::default()
+    };
+    t.fx = FxArea::initial();
+    let cpu = percpu::get(id);
+    cpu.owned[cpu.owned_len] = slot as u16;
+    cpu.owned_len += 1;
+    cpu.runq.push(slot);
+    Some(t.tid)
+}
+
+/// Leaves kernel initialisation for the idle context of vCPU `id`.
+pub fn enter_idle(id: u32) -> ! {
+    let cpu = percpu::get(id);
+    let stack_top = layout::percpu_region(id) + layout::PERCPU_BOOT_STACK_TOP;
+    cpu.idle_frame = Frame {
+        rip: arch::idle_loop as *const () as u64,
+        cs: u64::from(KERNEL_CS),
+        rflags: 0x2,
+        rsp: stack_top,
+        ss: u64::from(KERNEL_DS),
+        ..Frame::default()
+    };
+    // SAFETY: the boot stack is no longer needed by kmain (it never returns) and
+    // becomes the idle context's stack; idle_loop only runs `sti; hlt`.
+    unsafe {
+        core::arch::asm!("mov rsp, {0}", "jmp {1}", in(reg) stack_top, sym arch::idle_loop,
+                         options(noreturn));
+    }
+}
+
+/// Saves the running context of `cpu` from `frame`.
+fn save_current(cpu: &mut percpu::PerCpu, frame: &Frame) {
+    match cpu.current {
+        Some(slot) => {
+            let t = thread(slot);
+            t.frame = *frame;
+            // SAFETY: we are at CPL0 with OSFXSR set; the area belongs to this thread.
+            unsafe { arch::fxsave(&mut t.fx) };
+        }
+        None => cpu.idle_frame = *frame,
+    }
+}
+
+/// Loads `next` (a slot, or idle) into `frame` and publishes it in the shared page.
+fn load(cpu: &mut percpu::PerCpu, frame: &mut Frame, next: Option<usize>) {
+    let shared = percpu::shared(cpu.id);
+    shared.context_switches += 1;
+    cpu.current = next;
+    match next {
+        Some(slot) => {
+            let t = thread(slot);
+            t.state = thread_state::RUNNING;
+            if !t.has_run {
+                t.has_run = true;
+                shared.user_threads_run += 1;
+            }
+            *frame = t.frame;
+            // SAFETY: the area holds a valid image saved by fxsave or FxArea::initial.
+            unsafe { arch::fxrstor(&t.fx) };
+            shared.current_tid = t.tid;
+            shared.current_state = thread_state::RUNNING;
+            shared.current_name = t.name;
+        }
+        None => {
+            *frame = cpu.idle_frame;
+            shared.current_tid = 0;
+            shared.current_state = thread_state::IDLE;
+            shared.current_name = *b"idle\0\0\0\0\0\0\0\0\0\0\0\0";
+        }
+    }
+}
+
+/// Switches away from the current context (whose state the caller has set) to
+/// the next runnable thread, or to idle.
+fn reschedule(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
+    let next = cpu.runq.pop();
+    if next.is_none() && cpu.current.is_none() {
+        return;
+    }
+    if let (Some(cur), Some(n)) = (cpu.current, next) {
+        if cur == n {
+            return;
+        }
+    }
+    save_current(cpu, frame);
+    load(cpu, frame, next);
+}
+
+/// The scheduler tick: wake sleepers, then round-robin preemption.
+pub fn tick(id: u32, frame: &mut Frame, now: u64) {
+    let cpu = percpu::get(id);
+    if cpu.exiting {
+        return;
+    }
+    crate::workloads::on_tick(id, now);
+    let cpu = percpu::get(id);
+    if cpu.exiting {
+        // The workload decided to end the VM: park in idle until the VMM stops us.
+        if let Some(slot) = cpu.current {
+            thread(slot).state = thread_state::RUNNABLE;
+        }
+        save_current(cpu, frame);
+        load(cpu, frame, None);
+        return;
+    }
+    for i in 0..cpu.owned_len {
+        let slot = cpu.owned[i] as usize;
+        let t = thread(slot);
+        if t.state == thread_state::WAITING && t.wake_at <= now {
+            t.state = thread_state::RUNNABLE;
+            cpu.runq.push(slot);
+        }
+    }
+    if cpu.runq.is_empty() {
+        return;
+    }
+    if let Some(slot) = cpu.current {
+        thread(slot).state = thread_state::RUNNABLE;
+        cpu.runq.push(slot);
+    }
+    reschedule(cpu, frame);
+}
+
+/// System call: give up the CPU to the next runnable thread.
+pub fn yield_now(id: u32, frame: &mut Frame) {
+    let cpu = percpu::get(id);
+    if cpu.runq.is_empty() {
+        return;
+    }
+    if let Some(slot) = cpu.current {
+        thread(slot).state = thread_state::RUNNABLE;
+        cpu.runq.push(slot);
+    }
+    reschedule(cpu, frame);
+}
+
+/// System call: sleep until `wake_at` (uptime ns); woken by a later tick.
+pub fn sleep_until(id: u32, frame: &mut Frame, wake_at: u64) {
+    let cpu = percpu::get(id);
+    if let Some(slot) = cpu.current {
+        let t = thread(slot);
+        t.state = thread_state::WAITING;
+        t.wake_at = wake_at;
+    }
+    reschedule_or_idle(cpu, frame);
+}
+
+/// System call: end the current thread.
+pub fn exit_current(id: u32, frame: &mut Frame) {
+    let cpu = percpu::get(id);
+    if let Some(slot) = cpu.current {
+        thread(slot).state = thread_state::EXITED;
+    }
+    reschedule_or_idle(cpu, frame);
+}
+
+/// Like `reschedule`, but the current thread cannot continue: go idle if the queue is empty.
+fn reschedule_or_idle(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
+    let next = cpu.runq.pop();
+    save_current(cpu, frame);
+    load(cpu, frame, next);
+}
+
+/// The current thread's id (0 for idle).
+pub fn current_tid(id: u32) -> u64 {
+    percpu::get(id).current.map_or(0, |slot| u64::from(thread(slot).tid))
+}

@@ -1,0 +1,134 @@
+//! System calls: the door and the user-side wrappers.
+//!
+//! # The door: `int3` through a DPL3 gate
+//!
+//! A user thread enters the kernel with `int3` (vector 3, the breakpoint trap),
+//! whose IDT gate has DPL 3. The number goes in `rax`, up to three arguments in
+//! `rdi`, `rsi`, `rdx`; the result comes back in `rax` (`u64::MAX` for an
+//! invalid call). `int3` from CPL3 is always a system call in this kernel.
+//!
+//! Why not `syscall` or `int 0x80`: on kvm_pvm, where this project is developed,
+//! `syscall` jumps to LSTAR without loading the kernel CS, and `int n` for any
+//! n other than 3 ends in a triple fault; exceptions and `int3` through a DPL3
+//! gate work, and work on hardware KVM too. `int3` is a trap, so the saved RIP
+//! already points past it: returning resumes the caller.
+
+use core::arch::asm;
+
+use metronome_abi::{layout, GuestReport, MAX_REPORTS};
+
+use crate::arch::Frame;
+use crate::{clock, console, sched};
+
+/// Give up the CPU.
+pub const SYS_YIELD: u64 = 0;
+/// Sleep for `rdi` ns.
+pub const SYS_SLEEP: u64 = 1;
+/// End the calling thread.
+pub const SYS_EXIT: u64 = 2;
+/// Write `rsi` bytes at `rdi` to the console (at most 4 KiB).
+pub const SYS_WRITE: u64 = 3;
+/// Report value `rsi` under key `rdi` to the VMM.
+pub const SYS_REPORT: u64 = 4;
+/// Return the uptime in ns.
+pub const SYS_UPTIME: u64 = 5;
+
+/// Result of an invalid system call.
+pub const EINVAL: u64 = u64::MAX;
+/// Largest console write.
+const MAX_WRITE: u64 = 4096;
+
+/// Kernel side: decode and run the system call in `frame`.
+pub fn dispatch(id: u32, frame: &mut Frame) {
+    crate::percpu::shared(id).syscalls += 1;
+    let (a, b) = (frame.rdi, frame.rsi);
+    match frame.rax {
+        SYS_YIELD => {
+            frame.rax = 0;
+            sched::yield_now(id, frame);
+        }
+        SYS_SLEEP => {
+            frame.rax = 0;
+            let wake_at = clock::uptime_ns().saturating_add(a);
+            sched::sleep_until(id, frame, wake_at);
+        }
+        SYS_EXIT => sched::exit_current(id, frame),
+        SYS_WRITE => {
+            let ok = b <= MAX_WRITE
+                && a >= 0x1000
+                && a.checked_add(b).is_some_and(|end| end <= crate::boot_info().mem_bytes);
+            if ok {
+                // SAFETY: the range was checked to lie inside guest RAM, which is
+                // identity mapped; the bytes are only copied out to the UART.
+                let bytes = unsafe { core::slice::from_raw_parts(a as *const u8, b as usize) };
+                console::write(bytes);
+                frame.rax = b;
+            } else {
+                frame.rax = EINVAL;
+            }
+        }
+        SYS_REPORT => frame.rax = if report(a, b) { 0 } else { EINVAL },
+        SYS_UPTIME => frame.rax = clock::uptime_ns(),
+        _ => frame.rax = EINVAL,
+    }
+}
+
+/// Records `(key, value)` in the guest report page.
+pub fn report(key: u64, value: u64) -> bool {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    // SAFETY: the report page is a fixed, identity-mapped page that only this
+    // module writes; `report_count` is only accessed atomically, and each slot is
+    // claimed by exactly one caller through the fetch_add below.
+    unsafe {
+        let page = layout::GUEST_REPORT as *mut GuestReport;
+        let count = &*(core::ptr::addr_of_mut!((*page).report_count) as *const AtomicU64);
+        let index = count.fetch_add(1, Ordering::AcqRel) as usize;
+        if index >= MAX_REPORTS {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        (*page).reports[index] = [key, value];
+    }
+    true
+}
+
+/// User side: the raw door.
+#[inline(always)]
+pub fn call(nr: u64, a: u64, b: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: int3 from CPL3 is the system-call door; the kernel preserves every
+    // register except rax.
+    unsafe { asm!("int3", inlateout("rax") nr => ret, in("rdi") a, in("rsi") b, options(nostack)) };
+    ret
+}
+
+/// User side: yield.
+pub fn yield_now() {
+    call(SYS_YIELD, 0, 0);
+}
+
+/// User side: sleep for `ns`.
+pub fn sleep_ns(ns: u64) {
+    call(SYS_SLEEP, ns, 0);
+}
+
+/// User side: end the thread.
+pub fn exit() -> ! {
+    call(SYS_EXIT, 0, 0);
+    unreachable!("SYS_EXIT returned")
+}
+
+/// User side: write to the console.
+pub fn write(bytes: &[u8]) {
+    call(SYS_WRITE, bytes.as_ptr() as u64, bytes.len() as u64);
+}
+
+/// User side: report a value to the VMM.
+pub fn report_value(key: u64, value: u64) {
+    call(SYS_REPORT, key, value);
+}
+
+/// User side: uptime in ns.
+pub fn uptime_ns() -> u64 {
+    call(SYS_UPTIME, 0, 0)
+}

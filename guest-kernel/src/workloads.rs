@@ -1,0 +1,172 @@
+//! The built-in workloads, chosen by the VMM in the boot-information block.
+//!
+//! The thread bodies run at CPL3 (natively on kvm_pvm); the kernel hooks
+//! (`start`, `on_tick`, `on_ipi`) run at CPL0 and stay short.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use metronome_abi::mmio::{VIC_BASE, VIC_IPI};
+use metronome_abi::{exit, layout, port, report_key, GuestReport, Vector, Workload};
+
+use crate::console::Buf;
+use crate::{arch, percpu, sched, syscall};
+
+/// Total ping-pong round trips completed (vCPU 0's view).
+static PINGPONG_DONE: AtomicU64 = AtomicU64::new(0);
+static PINGPONG_STARTED: AtomicBool = AtomicBool::new(false);
+/// Work units finished by demo threads.
+static DEMO_WORK: AtomicU64 = AtomicU64::new(0);
+
+fn workload() -> Option<Workload> {
+    Workload::from_u32(crate::boot_info().workload)
+}
+
+/// Creates this vCPU's threads (or runs a special boot-time workload).
+pub fn start(id: u32) {
+    match workload() {
+        Some(Workload::ExitNow) if id == 0 => exit_vm(id, exit::GUEST_OK),
+        Some(Workload::SpinCpl0) if id == 0 => {
+            crate::console::write(b"spinning at CPL0 with interrupts off\n");
+            arch::cli();
+            loop {
+                arch::pause();
+            }
+        }
+        Some(Workload::Fault) if id == 0 => {
+            spawn(id, b"faulter", faulter, 0);
+        }
+        Some(_) => spawn_demo(id),
+        None => panic!("unknown workload in boot-information block"),
+    }
+}
+
+fn spawn(id: u32, base: &[u8], entry: sched::Entry, arg: u64) {
+    let mut name = Buf::<16>::new();
+    name.push(base).push(b"/").num(u64::from(id));
+    if sched::spawn(id, name.as_bytes(), entry, arg).is_none() {
+        panic!("out of thread slots or stack memory");
+    }
+}
+
+fn spawn_demo(id: u32) {
+    spawn(id, b"spin", spinner, u64::from(id));
+    spawn(id, b"sleep", sleeper, u64::from(id));
+    spawn(id, b"mix", mixer, u64::from(id));
+}
+
+/// Kernel hook on every scheduler tick of vCPU `id`.
+pub fn on_tick(id: u32, now: u64) {
+    if id != 0 {
+        return;
+    }
+    let boot = crate::boot_info();
+    if workload() == Some(Workload::PingPong)
+        && !PINGPONG_STARTED.load(Ordering::Relaxed)
+        && crate::ONLINE.load(Ordering::Acquire) == boot.vcpu_count
+    {
+        PINGPONG_STARTED.store(true, Ordering::Relaxed);
+        if boot.vcpu_count < 2 || boot.workload_arg == 0 {
+            crate::console::write(b"ping-pong needs at least 2 vCPUs and 1 round\n");
+            exit_vm(id, exit::GUEST_CHECK_FAILED);
+            return;
+        }
+        send_ipi(1);
+    }
+    if boot.duration_ns != 0 && now >= boot.duration_ns && workload() != Some(Workload::PingPong) {
+        syscall::report(report_key::DEMO_WORK, DEMO_WORK.load(Ordering::Relaxed));
+        exit_vm(id, exit::GUEST_OK);
+    }
+}
+
+/// Kernel hook on every IPI taken by vCPU `id`: the ping-pong protocol.
+///
+/// vCPU 0 pings partners 1..n-1 in turn; a partner answers each ping with a
+/// pong; vCPU 0 counts a round trip per pong and sends the next ping until every
+/// partner has done `workload_arg` round trips.
+pub fn on_ipi(id: u32) {
+    if workload() != Some(Workload::PingPong) {
+        return;
+    }
+    let shared = percpu::shared(id);
+    shared.pingpong += 1;
+    if id != 0 {
+        send_ipi(0);
+        return;
+    }
+    let boot = crate::boot_info();
+    let done = PINGPONG_DONE.fetch_add(1, Ordering::Relaxed) + 1;
+    let partners = u64::from(boot.vcpu_count - 1);
+    if done >= boot.workload_arg * partners {
+        syscall::report(report_key::PINGPONG_ROUNDS, done);
+        exit_vm(id, exit::GUEST_OK);
+    } else {
+        send_ipi((done % partners) as u32 + 1);
+    }
+}
+
+fn send_ipi(target: u32) {
+    let value = (u64::from(target) << 32) | Vector::Ipi as u64;
+    // SAFETY: VIC_IPI sends an IPI; target is a valid vCPU id.
+    unsafe { arch::mmio_write(VIC_BASE + VIC_IPI, value) };
+}
+
+/// Ends the VM with `code`: records the uptime, writes the debug-exit port and
+/// leaves this vCPU idle (interrupts on) until the VMM stops it.
+pub fn exit_vm(id: u32, code: u32) {
+    // SAFETY: the report page is fixed and identity mapped; only the exiting
+    // vCPU writes this field.
+    unsafe {
+        let page = layout::GUEST_REPORT as *mut GuestReport;
+        (*page).uptime_at_exit_ns = crate::clock::uptime_ns();
+    }
+    percpu::get(id).exiting = true;
+    // SAFETY: DEBUG_EXIT is the VMM's exit port.
+    unsafe { arch::outl(port::DEBUG_EXIT, code) };
+}
+
+// --- CPL3 thread bodies -------------------------------------------------------
+
+#[inline(never)]
+fn work(units: u64) -> u64 {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..units * 1000 {
+        x = core::hint::black_box(x.rotate_left(5) ^ i).wrapping_mul(0x2545_f491_4f6c_dd1d);
+    }
+    DEMO_WORK.fetch_add(units, Ordering::Relaxed);
+    x
+}
+
+extern "C" fn spinner(vcpu: u64) -> ! {
+    let mut line = Buf::<64>::new();
+    let _ = writeln!(line, "spinner on vCPU {vcpu} started at {} ns", syscall::uptime_ns());
+    syscall::write(line.as_bytes());
+    loop {
+        work(200);
+    }
+}
+
+extern "C" fn sleeper(_vcpu: u64) -> ! {
+    loop {
+        work(20);
+        syscall::sleep_ns(15_000_000);
+    }
+}
+
+extern "C" fn mixer(_vcpu: u64) -> ! {
+    loop {
+        work(50);
+        syscall::yield_now();
+    }
+}
+
+/// The address the fault workload reads: canonical, user range, never mapped.
+pub const UNMAPPED_ADDRESS: u64 = 0x7f00_0000_0000;
+
+extern "C" fn faulter(_arg: u64) -> ! {
+    syscall::write(b"faulter: reading an unmapped address\n");
+    // SAFETY: deliberately unsound: this read faults, which is the point of the workload.
+    let value = unsafe { core::ptr::read_volatile(UNMAPPED_ADDRESS as *const u64) };
+    syscall::report_value(0xdead, value);
+    syscall::exit()
+}

@@ -1,0 +1,450 @@
+//! The guest/VMM interface of Metronome, defined once for both sides.
+//!
+//! Everything the guest kernel and the VMM must agree on lives here: the guest
+//! physical memory layout, the paravirtual MMIO registers (virtual interrupt
+//! controller, per-vCPU timer, control page), the legacy I/O ports, interrupt
+//! vectors, the boot-information block the VMM writes before the first
+//! instruction, the per-vCPU shared page the guest keeps current, the fault
+//! report, and the exit codes.
+//!
+//! The crate is `no_std` and has no dependencies; all structures are `#[repr(C)]`
+//! plain data so that both sides can read them from raw guest memory.
+//!
+//! Guest memory is identity mapped: a guest virtual address below the end of
+//! RAM equals its guest physical address.
+
+#![no_std]
+#![deny(missing_docs)]
+
+/// Magic value at the start of [`BootInfo`]: "METRONOM" in ASCII.
+pub const BOOT_MAGIC: u64 = 0x4d4f_4e4f_5254_454d;
+/// Version of the [`BootInfo`] layout.
+pub const BOOT_VERSION: u32 = 1;
+
+/// Largest number of vCPUs a VM may have (bounded by the per-vCPU regions of the layout).
+pub const MAX_VCPUS: u32 = 64;
+/// Largest number of guest threads the guest kernel supports, idle threads excluded.
+pub const MAX_THREADS: usize = 64;
+
+/// Guest physical memory layout.
+pub mod layout {
+    /// The boot-information block ([`crate::BootInfo`]), one page.
+    pub const BOOT_INFO: u64 = 0x1000;
+    /// The global descriptor table the VMM prepares (see [`crate::gdt`]), one page.
+    pub const GDT: u64 = 0x2000;
+    /// One 128-byte task-state segment per vCPU, two pages.
+    pub const TSS: u64 = 0x3000;
+    /// Size of one TSS slot.
+    pub const TSS_STRIDE: u64 = 128;
+    /// The guest-wide report page ([`crate::GuestReport`]), written by the guest, read by the VMM.
+    pub const GUEST_REPORT: u64 = 0x5000;
+    /// Top-level page table (PML4).
+    pub const PML4: u64 = 0x8000;
+    /// The one page-directory-pointer table.
+    pub const PDPT: u64 = 0x9000;
+    /// Four page directories mapping 0..4 GiB with 2 MiB pages.
+    pub const PD: u64 = 0xa000;
+    /// Page table for the first 2 MiB (4 KiB pages, page 0 left unmapped to catch null pointers).
+    pub const PT0: u64 = 0xe000;
+    /// Where the kernel image is linked and loaded (2 MiB).
+    pub const KERNEL_BASE: u64 = 0x20_0000;
+    /// The kernel image must end below this address.
+    pub const KERNEL_LIMIT: u64 = 0x100_0000;
+    /// Start of the per-vCPU regions (stacks, shared page).
+    pub const PERCPU_BASE: u64 = 0x100_0000;
+    /// Size of one per-vCPU region.
+    pub const PERCPU_STRIDE: u64 = 0x4_0000;
+    /// Offset in a per-vCPU region of the top of the boot/idle stack.
+    pub const PERCPU_BOOT_STACK_TOP: u64 = 0x1_0000;
+    /// Offset in a per-vCPU region of the top of IST1 (interrupts, system calls).
+    pub const PERCPU_IST1_TOP: u64 = 0x2_0000;
+    /// Offset in a per-vCPU region of the top of IST2 (exceptions).
+    pub const PERCPU_IST2_TOP: u64 = 0x3_0000;
+    /// Offset in a per-vCPU region of the [`crate::VcpuShared`] page.
+    pub const PERCPU_SHARED: u64 = 0x3_0000;
+    /// Offset in a per-vCPU region of the guest kernel's private per-vCPU data.
+    pub const PERCPU_PRIVATE: u64 = 0x3_1000;
+    /// Start of the guest heap (thread stacks and other run-time allocations).
+    pub const HEAP_BASE: u64 = 0x200_0000;
+    /// Base of the paravirtual MMIO window (see [`crate::mmio`]); never backed by RAM.
+    pub const MMIO_BASE: u64 = 0xd000_0000;
+    /// Size of the MMIO window.
+    pub const MMIO_SIZE: u64 = 0x1_0000;
+    /// Smallest guest memory size the VMM accepts, in MiB.
+    pub const MIN_MEM_MIB: u64 = 64;
+    /// Largest guest memory size the VMM accepts, in MiB (RAM must stay below the MMIO window).
+    pub const MAX_MEM_MIB: u64 = 3072;
+
+    /// Guest physical address of vCPU `id`'s region.
+    pub const fn percpu_region(id: u32) -> u64 {
+        PERCPU_BASE + id as u64 * PERCPU_STRIDE
+    }
+}
+
+/// The flat GDT the VMM prepares; selectors the guest uses.
+pub mod gdt {
+    /// Kernel code segment selector (64-bit, DPL 0).
+    pub const KERNEL_CS: u16 = 0x08;
+    /// Kernel data segment selector.
+    pub const KERNEL_DS: u16 = 0x10;
+    /// User data segment selector with RPL 3 (placed before user code, as `sysret` expects).
+    pub const USER_DS: u16 = 0x18 | 3;
+    /// User code segment selector with RPL 3 (64-bit, DPL 3).
+    pub const USER_CS: u16 = 0x20 | 3;
+    /// Selector of the first TSS descriptor; vCPU `n` uses `TSS_FIRST + 16 * n`.
+    pub const TSS_FIRST: u16 = 0x28;
+
+    /// TSS selector of vCPU `id`.
+    pub const fn tss_selector(id: u32) -> u16 {
+        TSS_FIRST + 16 * id as u16
+    }
+}
+
+/// Legacy I/O ports.
+pub mod port {
+    /// COM1, a 16550 UART (8 registers): the guest console.
+    pub const COM1: u16 = 0x3f8;
+    /// Debug-exit port: a 32-bit write ends the VM with that guest exit status.
+    pub const DEBUG_EXIT: u16 = 0xf4;
+}
+
+/// Paravirtual MMIO registers. All are 64 bits wide and naturally aligned; each
+/// access is one `mov`. The interrupt-controller and timer pages are *banked*:
+/// every vCPU reaches its own instance at the same address.
+pub mod mmio {
+    use crate::layout::MMIO_BASE;
+
+    /// Base of the banked virtual interrupt controller page.
+    pub const VIC_BASE: u64 = MMIO_BASE;
+    /// Write: end of interrupt for the highest-priority in-service vector.
+    pub const VIC_EOI: u64 = 0x00;
+    /// Write: send an inter-processor interrupt, value = `(target << 32) | vector`.
+    pub const VIC_IPI: u64 = 0x08;
+    /// Read: the vCPU id of the reader.
+    pub const VIC_ID: u64 = 0x10;
+
+    /// Base of the banked per-vCPU timer page.
+    pub const TIMER_BASE: u64 = MMIO_BASE + 0x1000;
+    /// Write: one-shot rearm, "interrupt me no earlier than N ns from now"; 0 behaves as trigger.
+    pub const TIMER_REARM_NS: u64 = 0x00;
+    /// Write (any value): interrupt as soon as possible; replaces a pending deadline.
+    pub const TIMER_TRIGGER: u64 = 0x08;
+    /// Write (any value): cancel the pending deadline.
+    pub const TIMER_CANCEL: u64 = 0x10;
+    /// Read: the device time in ticks (nanoseconds since the VM was created).
+    pub const TIMER_NOW: u64 = 0x18;
+    /// Read: the tick frequency of [`TIMER_NOW`] in Hz.
+    pub const TIMER_FREQ_HZ: u64 = 0x20;
+    /// Read: the pending deadline in device ticks, or `u64::MAX` when none.
+    pub const TIMER_DEADLINE: u64 = 0x28;
+
+    /// Base of the control page (not banked).
+    pub const CTL_BASE: u64 = MMIO_BASE + 0x2000;
+    /// Write: guest physical address of a [`crate::FaultReport`]; ends the VM with a fault.
+    pub const CTL_FAULT: u64 = 0x00;
+    /// Write: guest physical address of a [`crate::PanicReport`]; ends the VM with a guest panic.
+    pub const CTL_PANIC: u64 = 0x08;
+
+    /// Frequency of the device clock: it counts nanoseconds.
+    pub const TIMER_HZ: u64 = 1_000_000_000;
+    /// Largest rearm the device takes in one step; larger values are clamped (and counted).
+    pub const TIMER_MAX_NS: u64 = u32::MAX as u64;
+}
+
+/// Interrupt vectors. A higher vector has a higher priority (priority class = vector >> 4).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vector {
+    /// The per-vCPU timer.
+    Timer = 0xf0,
+    /// Inter-processor interrupt.
+    Ipi = 0xe0,
+    /// Interrupts the VMM's kick stress test sends.
+    Stress = 0x80,
+}
+
+/// Exception vectors used by name.
+pub mod exception {
+    /// Breakpoint: from CPL3 this is the system-call door (see the guest's syscall module).
+    pub const BREAKPOINT: u8 = 3;
+    /// Double fault.
+    pub const DOUBLE_FAULT: u8 = 8;
+    /// General protection.
+    pub const GENERAL_PROTECTION: u8 = 13;
+    /// Page fault.
+    pub const PAGE_FAULT: u8 = 14;
+    /// The name of an architectural exception vector.
+    pub const fn name(vector: u64) -> &'static str {
+        match vector {
+            0 => "#DE divide error",
+            1 => "#DB debug",
+            2 => "NMI",
+            3 => "#BP breakpoint",
+            4 => "#OF overflow",
+            5 => "#BR bound range",
+            6 => "#UD invalid opcode",
+            7 => "#NM device not available",
+            8 => "#DF double fault",
+            10 => "#TS invalid TSS",
+            11 => "#NP segment not present",
+            12 => "#SS stack fault",
+            13 => "#GP general protection",
+            14 => "#PF page fault",
+            16 => "#MF x87 floating point",
+            17 => "#AC alignment check",
+            18 => "#MC machine check",
+            19 => "#XM SIMD floating point",
+            20 => "#VE virtualization",
+            21 => "#CP control protection",
+            0..=31 => "reserved exception",
+            _ => "unexpected interrupt",
+        }
+    }
+}
+
+/// Guest exit statuses (written to [`port::DEBUG_EXIT`]) and the VMM's process exit codes.
+pub mod exit {
+    /// The guest finished its workload.
+    pub const GUEST_OK: u32 = 0;
+    /// The guest's workload reported a failed check.
+    pub const GUEST_CHECK_FAILED: u32 = 1;
+    /// Process exit code: success.
+    pub const VMM_OK: i32 = 0;
+    /// Process exit code: the guest exited with a non-zero status.
+    pub const VMM_GUEST_FAILED: i32 = 1;
+    /// Process exit code: invalid command line or configuration.
+    pub const VMM_BAD_INPUT: i32 = 2;
+    /// Process exit code: the guest faulted or panicked.
+    pub const VMM_GUEST_FAULT: i32 = 3;
+    /// Process exit code: the host-side `--timeout` ended the VM.
+    pub const VMM_TIMEOUT: i32 = 4;
+    /// Process exit code: ended by SIGINT or SIGTERM.
+    pub const VMM_SIGNALLED: i32 = 5;
+    /// Process exit code: a host-side error (KVM, memory, threads).
+    pub const VMM_HOST_ERROR: i32 = 6;
+}
+
+/// The workload the guest runs, chosen by the VMM in [`BootInfo::workload`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// CPL3 threads that compute, yield and sleep on every vCPU until the duration elapses.
+    Demo = 0,
+    /// vCPU 0 and every other vCPU exchange IPIs for `workload_arg` round trips each.
+    PingPong = 1,
+    /// A CPL3 thread dereferences an unmapped address.
+    Fault = 2,
+    /// vCPU 0 spins at CPL0 with interrupts disabled, forever.
+    SpinCpl0 = 3,
+    /// Exit at once after boot (measures boot time).
+    ExitNow = 4,
+    /// The demo threads, while the VMM sends stress interrupts; the guest counts them.
+    KickStress = 5,
+}
+
+impl Workload {
+    /// Decodes a raw workload number.
+    pub const fn from_u32(raw: u32) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Demo,
+            1 => Self::PingPong,
+            2 => Self::Fault,
+            3 => Self::SpinCpl0,
+            4 => Self::ExitNow,
+            5 => Self::KickStress,
+            _ => return None,
+        })
+    }
+}
+
+/// The boot-information block, written by the VMM at [`layout::BOOT_INFO`] before any vCPU runs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_VERSION`].
+    pub version: u32,
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Bytes of guest RAM, starting at guest physical 0.
+    pub mem_bytes: u64,
+    /// First free byte after the kernel image (page aligned).
+    pub kernel_end: u64,
+    /// Start of the guest heap.
+    pub heap_base: u64,
+    /// End of the guest heap (exclusive).
+    pub heap_end: u64,
+    /// Host TSC frequency in kHz (0 when unknown); informational.
+    pub tsc_khz: u64,
+    /// Workload time in ns of guest uptime, after which the guest exits 0; 0 = run until stopped.
+    pub duration_ns: u64,
+    /// The [`Workload`] to run.
+    pub workload: u32,
+    /// Reserved, zero.
+    pub reserved0: u32,
+    /// Workload parameter (ping-pong round trips).
+    pub workload_arg: u64,
+    /// hardclock frequency.
+    pub hz: u32,
+    /// statclock frequency.
+    pub stathz: u32,
+    /// profiling statclock frequency.
+    pub profhz: u32,
+    /// schedclock frequency (0 = no schedclock).
+    pub schedhz: u32,
+    /// clockintr_init flags.
+    pub clock_flags: u32,
+    /// Reserved, zero.
+    pub reserved1: u32,
+    /// Seed of the statclock pseudo-random generator.
+    pub stat_seed: u64,
+}
+
+/// Magic value at the start of a valid [`VcpuShared`] page ("VCPUSHRD").
+pub const SHARED_MAGIC: u64 = 0x4452_4853_5550_4356;
+
+/// Thread states as the guest reports them.
+pub mod thread_state {
+    /// Running on its vCPU.
+    pub const RUNNING: u32 = 1;
+    /// Runnable, waiting in a run queue.
+    pub const RUNNABLE: u32 = 2;
+    /// Sleeping or blocked.
+    pub const WAITING: u32 = 4;
+    /// Exited.
+    pub const EXITED: u32 = 32;
+    /// The vCPU's idle context.
+    pub const IDLE: u32 = 64;
+}
+
+/// The per-vCPU shared page, at [`layout::PERCPU_SHARED`] of the vCPU's region. The guest
+/// kernel keeps it current (thread identity at every context switch, counters as they
+/// change); the VMM only reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuShared {
+    /// [`SHARED_MAGIC`] once the vCPU has initialised the page.
+    pub magic: u64,
+    /// vCPU id.
+    pub vcpu_id: u32,
+    /// Thread id of the current thread (0 = idle).
+    pub current_tid: u32,
+    /// State of the current thread ([`thread_state`]).
+    pub current_state: u32,
+    /// Reserved, zero.
+    pub reserved0: u32,
+    /// Name of the current thread, NUL padded.
+    pub current_name: [u8; 16],
+    /// Context switches done on this vCPU.
+    pub context_switches: u64,
+    /// Distinct user threads that have run on this vCPU.
+    pub user_threads_run: u64,
+    /// Timer interrupts taken.
+    pub timer_interrupts: u64,
+    /// Scheduler ticks (hardclock calls).
+    pub ticks: u64,
+    /// IPIs taken by the guest.
+    pub ipis_received: u64,
+    /// Stress-test interrupts taken by the guest.
+    pub stress_received: u64,
+    /// System calls taken.
+    pub syscalls: u64,
+    /// Times the idle context halted.
+    pub idle_halts: u64,
+    /// Ping-pong round trips completed (vCPU 0 counts replies; others count pings).
+    pub pingpong: u64,
+}
+
+/// Largest number of key/value pairs in the [`GuestReport`].
+pub const MAX_REPORTS: usize = 32;
+
+/// The guest-wide report page at [`layout::GUEST_REPORT`], written by the guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestReport {
+    /// Guest uptime in ns when the guest decided to exit.
+    pub uptime_at_exit_ns: u64,
+    /// Number of valid entries in `reports`.
+    pub report_count: u64,
+    /// `(key, value)` pairs reported by workloads through the `report` system call.
+    pub reports: [[u64; 2]; MAX_REPORTS],
+}
+
+/// What the guest reports when it takes an exception it cannot handle.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultReport {
+    /// Exception vector.
+    pub vector: u64,
+    /// Error code pushed by the CPU (0 when the vector has none).
+    pub error_code: u64,
+    /// Faulting instruction pointer.
+    pub rip: u64,
+    /// Code segment at the fault (its low two bits are the CPL).
+    pub cs: u64,
+    /// RFLAGS at the fault.
+    pub rflags: u64,
+    /// Stack pointer at the fault.
+    pub rsp: u64,
+    /// CR2 (the faulting address for a page fault).
+    pub cr2: u64,
+    /// The vCPU that faulted.
+    pub vcpu: u64,
+    /// Thread id running at the fault (0 = kernel/idle).
+    pub tid: u64,
+}
+
+/// What the guest reports when its kernel panics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PanicReport {
+    /// Guest address of the UTF-8 message.
+    pub message_addr: u64,
+    /// Length of the message in bytes (the VMM reads at most 512).
+    pub message_len: u64,
+    /// The vCPU that panicked.
+    pub vcpu: u64,
+}
+
+/// Report keys used by the built-in workloads (the `report` system call).
+pub mod report_key {
+    /// Ping-pong round trips completed, summed over all partners.
+    pub const PINGPONG_ROUNDS: u64 = 1;
+    /// Total stress interrupts the guest counted.
+    pub const STRESS_RECEIVED: u64 = 2;
+    /// Work units completed by the demo threads.
+    pub const DEMO_WORK: u64 = 3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_layout_regions_do_not_overlap() {
+        assert!(layout::PT0 + 0x1000 <= layout::KERNEL_BASE);
+        assert!(layout::TSS + layout::TSS_STRIDE * MAX_VCPUS as u64 <= layout::GUEST_REPORT);
+        assert!(core::mem::size_of::<GuestReport>() as u64 <= layout::PML4 - layout::GUEST_REPORT);
+        assert!(layout::KERNEL_LIMIT <= layout::PERCPU_BASE);
+        assert!(layout::percpu_region(MAX_VCPUS) <= layout::HEAP_BASE);
+        assert!(layout::MAX_MEM_MIB << 20 <= layout::MMIO_BASE);
+        assert!(layout::PERCPU_SHARED + core::mem::size_of::<VcpuShared>() as u64 <= layout::PERCPU_PRIVATE);
+    }
+
+    #[test]
+    fn test_gdt_fits_all_tss_descriptors() {
+        let end = gdt::tss_selector(MAX_VCPUS) as u64;
+        assert!(end <= 0x1000);
+    }
+
+    #[test]
+    fn test_workload_round_trip() {
+        for raw in 0..8 {
+            if let Some(w) = Workload::from_u32(raw) {
+                assert_eq!(w as u32, raw);
+            }
+        }
+        assert_eq!(Workload::from_u32(99), None);
+    }
+}

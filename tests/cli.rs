@@ -1,0 +1,82 @@
+//! Bad input: one clear error line and exit code 2, never a panic or a hang.
+
+mod common;
+use common::{metronome, scratch};
+
+fn expect_bad_input(args: &[&str], needle: &str) {
+    let output = metronome().args(args).output().expect("run metronome");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "args {args:?}: stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "exactly one error line for {args:?}, got: {stderr}");
+    assert!(lines[0].contains(needle), "{args:?}: expected '{needle}' in: {}", lines[0]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn test_vcpus_zero_is_rejected() {
+    expect_bad_input(&["run", "--vcpus", "0"], "--vcpus 0 is out of range: a VM has 1 to 64 vCPUs");
+}
+
+#[test]
+fn test_vcpus_1000_is_rejected() {
+    expect_bad_input(&["--vcpus", "1000"], "--vcpus 1000 is out of range");
+}
+
+#[test]
+fn test_tiny_memory_is_rejected() {
+    expect_bad_input(&["run", "--mem-mib", "1"], "--mem-mib 1 is out of range: guest memory is 64 to 3072 MiB");
+}
+
+#[test]
+fn test_missing_kernel_file_is_rejected() {
+    expect_bad_input(
+        &["run", "--kernel", "/nonexistent/kernel.elf"],
+        "cannot read kernel file '/nonexistent/kernel.elf': No such file",
+    );
+}
+
+#[test]
+fn test_non_elf_kernel_is_rejected() {
+    let path = scratch("not-elf");
+    std::fs::write(&path, b"this is not an ELF file").unwrap();
+    expect_bad_input(&["run", "--kernel", path.to_str().unwrap()], "is not an ELF file");
+}
+
+#[test]
+fn test_elf_for_another_architecture_is_rejected() {
+    // A minimal 64-bit little-endian ELF header for AArch64 (e_machine 183).
+    let mut header = vec![0u8; 64];
+    header[..4].copy_from_slice(b"\x7fELF");
+    header[4] = 2; // 64-bit
+    header[5] = 1; // little endian
+    header[6] = 1; // version
+    header[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    header[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    header[20..24].copy_from_slice(&1u32.to_le_bytes());
+    header[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    header[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    header[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    let path = scratch("aarch64.elf");
+    std::fs::write(&path, header).unwrap();
+    expect_bad_input(&["run", "--kernel", path.to_str().unwrap()], "x86_64 ELF executables only");
+}
+
+#[test]
+fn test_malformed_numbers_are_rejected() {
+    expect_bad_input(&["run", "--vcpus", "two"], "invalid value 'two' for '--vcpus <N>'");
+    expect_bad_input(&["run", "--duration", "-1"], "--duration");
+    expect_bad_input(&["run", "--timeout", "0"], "out of range");
+}
+
+#[test]
+fn test_unknown_flag_is_rejected() {
+    expect_bad_input(&["run", "--frobnicate"], "unexpected argument '--frobnicate'");
+}
+
+#[test]
+fn test_help_exits_zero() {
+    let output = metronome().arg("--help").output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("--vcpus"));
+}

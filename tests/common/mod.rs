@@ -1,0 +1,87 @@
+//! Shared helpers for the integration tests: they run the real `metronome`
+//! binary as a child process (so every test gets a fresh process and KVM
+//! resources are always released) and read its summary JSON.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Whether KVM tests can run. Without /dev/kvm they are skipped with a printed
+/// reason, except under `CI=true`, where a missing /dev/kvm fails the test.
+pub fn kvm_or_skip(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test}: /dev/kvm is not usable, and CI=true requires the KVM tests to run");
+        }
+        eprintln!("SKIPPED {test}: /dev/kvm is not available on this machine");
+    }
+    ok
+}
+
+/// A fresh path in a per-test-process scratch directory.
+pub fn scratch(name: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("metronome-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// The `metronome` command.
+pub fn metronome() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_metronome"));
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// Result of a run with a summary.
+pub struct Run {
+    pub output: Output,
+    pub summary: serde_json::Value,
+    pub console: String,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().expect("exited, not killed by a signal")
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn vcpus(&self) -> &Vec<serde_json::Value> {
+        self.summary["vcpus"].as_array().expect("vcpus array")
+    }
+}
+
+/// Runs `metronome run ARGS --summary-json F --console C --quiet` and parses the summary.
+pub fn run(args: &[&str]) -> Run {
+    let summary_path = scratch("summary.json");
+    let console_path = scratch("console.txt");
+    let output = metronome()
+        .arg("run")
+        .args(args)
+        .arg("--summary-json")
+        .arg(&summary_path)
+        .arg("--console")
+        .arg(&console_path)
+        .arg("--quiet")
+        .output()
+        .expect("run metronome");
+    let text = std::fs::read_to_string(&summary_path).unwrap_or_else(|e| {
+        panic!(
+            "no summary written ({e}); status {:?}; stderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let summary = serde_json::from_str(&text).expect("summary is JSON");
+    let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+    Run { output, summary, console }
+}
+
+/// A u64 field of a JSON object.
+pub fn u(value: &serde_json::Value, key: &str) -> u64 {
+    value[key].as_u64().unwrap_or_else(|| panic!("missing u64 field {key} in {value}"))
+}

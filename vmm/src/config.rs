@@ -1,0 +1,180 @@
+//! Typed VM configuration, validated at the edge.
+//!
+//! The command line (and later the API socket) produce a [`VmConfig`]; nothing
+//! here touches KVM. [`VmConfig::validate`] checks every rule before a VM is
+//! built, so that bad input ends with one clear error and never reaches KVM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use metronome_abi::{layout, Workload, MAX_VCPUS};
+
+/// Where the kernel comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The guest kernel embedded in the binary.
+    Embedded,
+    /// An ELF file on the host.
+    File(PathBuf),
+}
+
+/// Where the guest console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleSink {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+/// Everything needed to build and run one VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmConfig {
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// The guest kernel.
+    pub kernel: KernelSource,
+    /// Guest workload time; the guest exits 0 after this much uptime. `None` = until stopped.
+    pub duration: Option<Duration>,
+    /// Host wall-clock limit; the VMM ends the VM when it passes.
+    pub timeout: Option<Duration>,
+    /// The guest console.
+    pub console: ConsoleSink,
+    /// The workload the guest runs.
+    pub workload: Workload,
+    /// Workload parameter (ping-pong round trips per partner).
+    pub workload_arg: u64,
+    /// Send stress interrupts to every vCPU at this rate (Hz) while the guest runs.
+    pub kick_stress_hz: Option<u32>,
+    /// The guest's hardclock frequency.
+    pub hz: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            vcpus: 2,
+            mem_mib: 128,
+            kernel: KernelSource::Embedded,
+            duration: Some(Duration::from_secs(3)),
+            timeout: None,
+            console: ConsoleSink::Stdout,
+            workload: Workload::Demo,
+            workload_arg: 1000,
+            kick_stress_hz: None,
+            hz: 100,
+        }
+    }
+}
+
+/// A configuration rule that was broken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// vCPU count out of range.
+    #[error("--vcpus {0} is out of range: a VM has 1 to {MAX_VCPUS} vCPUs")]
+    Vcpus(u32),
+    /// Memory size out of range.
+    #[error(
+        "--mem-mib {0} is out of range: guest memory is {min} to {max} MiB",
+        min = layout::MIN_MEM_MIB,
+        max = layout::MAX_MEM_MIB
+    )]
+    Memory(u64),
+    /// Duration out of range.
+    #[error("--duration {0:?} is out of range: it must be longer than 0 s and at most 1 day")]
+    Duration(Duration),
+    /// Timeout out of range.
+    #[error("--timeout {0:?} is out of range: it must be longer than 0 s and at most 1 day")]
+    Timeout(Duration),
+    /// Stress rate out of range.
+    #[error("--kick-stress-hz {0} is out of range: 1 to 100000")]
+    StressRate(u32),
+    /// hz out of range.
+    #[error("--hz {0} is out of range: 1 to 10000")]
+    Hz(u32),
+}
+
+/// Longest duration or timeout accepted.
+const MAX_SPAN: Duration = Duration::from_secs(24 * 3600);
+
+impl VmConfig {
+    /// Checks every rule; the first broken one is the error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(layout::MIN_MEM_MIB..=layout::MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        if let Some(d) = self.duration {
+            if d.is_zero() || d > MAX_SPAN {
+                return Err(ConfigError::Duration(d));
+            }
+        }
+        if let Some(t) = self.timeout {
+            if t.is_zero() || t > MAX_SPAN {
+                return Err(ConfigError::Timeout(t));
+            }
+        }
+        if let Some(rate) = self.kick_stress_hz {
+            if rate == 0 || rate > 100_000 {
+                return Err(ConfigError::StressRate(rate));
+            }
+        }
+        if self.hz == 0 || self.hz > 10_000 {
+            return Err(ConfigError::Hz(self.hz));
+        }
+        Ok(())
+    }
+
+    /// Guest RAM in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_default_config_is_valid() {
+        assert_eq!(VmConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn test_each_rule_rejects() {
+        let base = VmConfig::default();
+        let cases = [
+            (VmConfig { vcpus: 0, ..base.clone() }, ConfigError::Vcpus(0)),
+            (VmConfig { vcpus: 1000, ..base.clone() }, ConfigError::Vcpus(1000)),
+            (VmConfig { mem_mib: 1, ..base.clone() }, ConfigError::Memory(1)),
+            (VmConfig { mem_mib: 1 << 20, ..base.clone() }, ConfigError::Memory(1 << 20)),
+            (
+                VmConfig { duration: Some(Duration::ZERO), ..base.clone() },
+                ConfigError::Duration(Duration::ZERO),
+            ),
+            (
+                VmConfig { timeout: Some(Duration::ZERO), ..base.clone() },
+                ConfigError::Timeout(Duration::ZERO),
+            ),
+            (VmConfig { kick_stress_hz: Some(0), ..base.clone() }, ConfigError::StressRate(0)),
+            (VmConfig { hz: 0, ..base.clone() }, ConfigError::Hz(0)),
+        ];
+        for (config, error) in cases {
+            assert_eq!(config.validate(), Err(error));
+        }
+    }
+
+    #[test]
+    fn test_error_messages_name_the_rule() {
+        let message = ConfigError::Vcpus(0).to_string();
+        assert!(message.contains("--vcpus 0") && message.contains("1 to 64"), "{message}");
+        let message = ConfigError::Memory(1).to_string();
+        assert!(message.contains("64 to 3072 MiB"), "{message}");
+    }
+}

@@ -1,0 +1,192 @@
+//! `metronome`: run a guest under KVM with exact, observable time.
+//!
+//! Exit codes: 0 guest exited 0; 1 guest exited non-zero; 2 invalid input;
+//! 3 guest fault or panic; 4 `--timeout`; 5 SIGINT/SIGTERM; 6 host error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use metronome_abi::{exit, Workload};
+use vmm::{BuildVmError, ConsoleSink, KernelSource, Vm, VmConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "metronome",
+    version,
+    about = "Run a guest under KVM with exact, observable time",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot the guest and run its workload (the default).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RunArgs {
+    /// Number of vCPUs (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    vcpus: u32,
+    /// Guest memory in MiB (64 to 3072).
+    #[arg(long, value_name = "M", default_value_t = 128)]
+    mem_mib: u64,
+    /// Guest kernel ELF to boot instead of the embedded one.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Guest workload time in seconds; the guest then exits 0.
+    #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_seconds)]
+    duration: Duration,
+    /// Host wall-clock limit in seconds; a guest still running then is stopped.
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    timeout: Option<Duration>,
+    /// Write the guest console to FILE instead of standard output.
+    #[arg(long, value_name = "FILE")]
+    console: Option<PathBuf>,
+    /// Write the run summary as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    summary_json: Option<PathBuf>,
+    /// The guest workload.
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Demo)]
+    workload: WorkloadArg,
+    /// Ping-pong round trips per partner vCPU (with --workload pingpong).
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    rounds: u64,
+    /// Send stress interrupts to every vCPU at this rate while the guest runs.
+    #[arg(long, value_name = "HZ")]
+    kick_stress_hz: Option<u32>,
+    /// Guest hardclock frequency.
+    #[arg(long, value_name = "HZ", default_value_t = 100)]
+    hz: u32,
+    /// Print no human summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkloadArg {
+    /// CPL3 threads that compute, yield and sleep on every vCPU.
+    Demo,
+    /// IPI round trips between vCPU 0 and the others.
+    Pingpong,
+    /// A thread dereferences an unmapped address (tests fault reporting).
+    Fault,
+    /// vCPU 0 spins at CPL0 with interrupts off (tests --timeout).
+    SpinCpl0,
+    /// Exit right after boot (measures boot time).
+    ExitNow,
+}
+
+impl From<WorkloadArg> for Workload {
+    fn from(arg: WorkloadArg) -> Self {
+        match arg {
+            WorkloadArg::Demo => Workload::Demo,
+            WorkloadArg::Pingpong => Workload::PingPong,
+            WorkloadArg::Fault => Workload::Fault,
+            WorkloadArg::SpinCpl0 => Workload::SpinCpl0,
+            WorkloadArg::ExitNow => Workload::ExitNow,
+        }
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{secs} s is out of range: more than 0 and at most 86400"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl RunArgs {
+    fn to_config(&self) -> VmConfig {
+        VmConfig {
+            vcpus: self.vcpus,
+            mem_mib: self.mem_mib,
+            kernel: self.kernel.clone().map_or(KernelSource::Embedded, KernelSource::File),
+            duration: Some(self.duration),
+            timeout: self.timeout,
+            console: self.console.clone().map_or(ConsoleSink::Stdout, ConsoleSink::File),
+            workload: if self.kick_stress_hz.is_some() && self.workload == WorkloadArg::Demo {
+                Workload::KickStress
+            } else {
+                self.workload.into()
+            },
+            workload_arg: self.rounds,
+            kick_stress_hz: self.kick_stress_hz,
+            hz: self.hz,
+        }
+    }
+}
+
+/// Prints an error and its source chain on one line.
+fn print_error(error: &dyn std::error::Error) {
+    let mut line = format!("metronome: error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{line}");
+}
+
+fn main() -> ExitCode {
+    let process_start = Instant::now();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's first line says what was wrong and what is allowed.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("metronome: {}", first.trim_start_matches("error: ").trim());
+            return ExitCode::from(exit::VMM_BAD_INPUT as u8);
+        }
+    };
+    let args = match cli.command {
+        Some(Command::Run(args)) => args,
+        None => cli.run,
+    };
+    let config = args.to_config();
+    let vm = match Vm::build(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            print_error(&e);
+            let code = match e {
+                BuildVmError::Config(_)
+                | BuildVmError::ReadKernel { .. }
+                | BuildVmError::Kernel { .. }
+                | BuildVmError::Console { .. } => exit::VMM_BAD_INPUT,
+                _ => exit::VMM_HOST_ERROR,
+            };
+            return ExitCode::from(code as u8);
+        }
+    };
+    let summary = vm.run(process_start);
+    if let Some(path) = &args.summary_json {
+        let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
+        if let Err(e) = std::fs::write(path, json + "\n") {
+            eprintln!("metronome: error: cannot write summary to '{}': {e}", path.display());
+            return ExitCode::from(exit::VMM_HOST_ERROR as u8);
+        }
+    }
+    if summary.exit_code != exit::VMM_OK {
+        eprintln!("metronome: error: {}", summary.message);
+    }
+    if !args.quiet {
+        print!("{}", summary.human());
+    }
+    ExitCode::from(summary.exit_code as u8)
+}

@@ -1,0 +1,289 @@
+//! The vCPU thread: enter the guest, handle its exits, deliver interrupts.
+//!
+//! ```text
+//!            +--------------------------------------------------------------+
+//!            |  loop top: clear immediate_exit; stop?                       |
+//!            |  poll own timer device (fires -> raise timer vector in VIC)  |
+//!            |  program own POSIX timer for the next deadline               |
+//!            |  VIC deliverable && guest ready? KVM_INTERRUPT              |
+//!            |                         : request_interrupt_window           |
+//!            +----------------------------+---------------------------------+
+//!                                         | KVM_RUN
+//!     exits: PIO/MMIO -> bus | HLT -> park until deliverable | EINTR (kick,
+//!     timer signal) -> loop | IRQ window -> loop | shutdown/internal -> VM ends
+//! ```
+//!
+//! Running --- HLT (IF=1) ---> Parked --- interrupt pending / stop ---> Running
+//! Running --- stop flag ---> Finished
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kvm_bindings::kvm_interrupt;
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use metronome_abi::Vector;
+use metronome_devices::{Expiry, Raise};
+use vmm_sys_util::errno;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iow_nr;
+
+use crate::bus::Bus;
+use crate::kick::{self, HostTimer};
+use crate::shared::{IrqState, VmExit, VmShared};
+
+/// kvm-ioctls has no wrapper for KVM_INTERRUPT (used without an in-kernel irqchip).
+mod ioctls {
+    #![allow(missing_docs)]
+    use super::*;
+    const KVMIO: u32 = 0xAE;
+    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+}
+use ioctls::KVM_INTERRUPT;
+
+/// How long a parked vCPU with no timer deadline sleeps before re-checking
+/// (a safety net only: wake-ups are explicit).
+const PARK_SAFETY_NS: u64 = 100_000_000;
+
+/// What one vCPU thread observed, returned when it finishes.
+#[derive(Clone, Debug, Default)]
+pub struct VcpuRunStats {
+    /// The vCPU id.
+    pub id: u32,
+    /// Exits by reason.
+    pub exits: BTreeMap<&'static str, u64>,
+    /// HLT exits.
+    pub halts: u64,
+    /// Halts with interrupts disabled (the vCPU can only be stopped).
+    pub dead_halts: u64,
+    /// Port or MMIO accesses that hit no device.
+    pub bus_misses: u64,
+    /// RIP at the last exit.
+    pub last_rip: u64,
+    /// CS selector at the last exit.
+    pub last_cs: u64,
+    /// RFLAGS at the last exit.
+    pub last_rflags: u64,
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuRunner {
+    id: u32,
+    fd: VcpuFd,
+    shared: Arc<VmShared>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stats: VcpuRunStats,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl VcpuRunner {
+    /// A runner for vCPU `id`.
+    pub fn new(id: u32, fd: VcpuFd, shared: Arc<VmShared>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
+        let stats = VcpuRunStats { id, ..Default::default() };
+        Self { id, fd, shared, pio, mmio, stats }
+    }
+
+    /// Runs the vCPU until the VM stops. Any failure ends the VM through
+    /// `request_exit`; the statistics are returned either way.
+    pub fn run(mut self) -> VcpuRunStats {
+        kick::set_min_timer_slack();
+        let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        // SAFETY: kvm_run is mmap'd for the life of `self.fd`, which outlives the
+        // binding: we unbind before returning (and so before the fd is dropped).
+        unsafe { kick::bind_current_thread(std::ptr::addr_of_mut!((*run).immediate_exit)) };
+        // SAFETY: pthread_self has no preconditions.
+        let _ = self.shared.vcpus[self.id as usize].thread.set(unsafe { libc::pthread_self() });
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        match HostTimer::for_current_thread() {
+            Ok(timer) => {
+                if let Err(message) = self.run_loop(timer) {
+                    self.shared.request_exit(message);
+                }
+            }
+            Err(e) => self.shared.request_exit(VmExit::Host(format!("vCPU {}: timer_create: {e}", self.id))),
+        }
+        kick::unbind_current_thread();
+        let regs = self.fd.sync_regs();
+        self.stats.last_rip = regs.regs.rip;
+        self.stats.last_rflags = regs.regs.rflags;
+        self.stats.last_cs = u64::from(regs.sregs.cs.selector);
+        self.stats
+    }
+
+    fn count(&mut self, reason: &'static str) {
+        *self.stats.exits.entry(reason).or_insert(0) += 1;
+    }
+
+    fn run_loop(&mut self, mut timer: HostTimer) -> Result<(), VmExit> {
+        let id = self.id;
+        let shared = self.shared.clone();
+        let slot = &shared.vcpus[id as usize];
+        loop {
+            self.fd.set_kvm_immediate_exit(0);
+            if shared.stopping() {
+                return Ok(());
+            }
+            {
+                let now = shared.now();
+                let mut irq = slot.lock();
+                fire_timer(&mut irq, now);
+                let deadline = irq.timer.next_deadline().map(|d| shared.to_monotonic(d));
+                timer
+                    .program(deadline)
+                    .map_err(|e| VmExit::Host(format!("vCPU {id}: timer_settime: {e}")))?;
+                self.inject(&mut irq, now)?;
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.pio.write(id, u64::from(port), data) {
+                        self.stats.bus_misses += 1;
+                        log::debug!("vCPU {id}: write to unclaimed port {port:#x}");
+                    }
+                    self.count("io");
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(id, u64::from(port), data) {
+                        self.stats.bus_misses += 1;
+                    }
+                    self.count("io");
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.mmio.write(id, addr, data) {
+                        self.stats.bus_misses += 1;
+                        log::debug!("vCPU {id}: write to unclaimed MMIO {addr:#x}");
+                    }
+                    self.count("mmio");
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(id, addr, data) {
+                        self.stats.bus_misses += 1;
+                    }
+                    self.count("mmio");
+                }
+                Ok(VcpuExit::Hlt) => {
+                    self.count("hlt");
+                    self.stats.halts += 1;
+                    self.park()?;
+                }
+                Ok(VcpuExit::IrqWindowOpen) => self.count("irq_window"),
+                Ok(VcpuExit::Intr) => self.count("intr"),
+                Ok(VcpuExit::Shutdown) => {
+                    self.count("shutdown");
+                    let rip = self.fd.sync_regs().regs.rip;
+                    return Err(VmExit::TripleFault { vcpu: id, rip });
+                }
+                Ok(VcpuExit::InternalError) => {
+                    self.count("internal_error");
+                    // SAFETY: the exit reason says the `internal` union member is valid.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let rip = self.fd.sync_regs().regs.rip;
+                    return Err(VmExit::Emulation {
+                        vcpu: id,
+                        detail: format!("internal error (suberror {suberror}) at RIP {rip:#x}"),
+                    });
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    self.count("fail_entry");
+                    return Err(VmExit::Emulation {
+                        vcpu: id,
+                        detail: format!("VM entry failed (reason {reason:#x}, host cpu {cpu})"),
+                    });
+                }
+                Ok(other) => {
+                    let detail = format!("unexpected exit {other:?}");
+                    self.count("other");
+                    return Err(VmExit::Emulation { vcpu: id, detail });
+                }
+                Err(e) if e.errno() == libc::EINTR => self.count("intr"),
+                Err(e) if e.errno() == libc::EAGAIN => self.count("again"),
+                Err(e) => return Err(VmExit::Host(format!("vCPU {id}: KVM_RUN: {e}"))),
+            }
+        }
+    }
+
+    /// Injects the highest deliverable vector if the guest can take it now,
+    /// otherwise asks KVM for an exit when it can.
+    fn inject(&mut self, irq: &mut IrqState, now: u64) -> Result<(), VmExit> {
+        let run = self.fd.get_kvm_run();
+        let Some(vector) = irq.vic.deliverable() else {
+            run.request_interrupt_window = 0;
+            return Ok(());
+        };
+        if run.ready_for_interrupt_injection == 0 || run.if_flag == 0 {
+            run.request_interrupt_window = 1;
+            return Ok(());
+        }
+        let request = kvm_interrupt { irq: u32::from(vector) };
+        // SAFETY: KVM_INTERRUPT on our own vCPU fd with a valid kvm_interrupt.
+        let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &request) };
+        if ret != 0 {
+            return Err(VmExit::Host(format!("vCPU {}: KVM_INTERRUPT: {}", self.id, errno::Error::last())));
+        }
+        irq.vic.acknowledge(vector);
+        match vector {
+            v if v == Vector::Timer as u8 => {
+                irq.injected.timer += 1;
+                if let Some(deadline) = irq.fired_deadline.take() {
+                    irq.timer.note_injection(now, deadline);
+                    irq.host_lateness.record(now.saturating_sub(deadline));
+                }
+            }
+            v if v == Vector::Ipi as u8 => irq.injected.ipi += 1,
+            v if v == Vector::Stress as u8 => irq.injected.stress += 1,
+            _ => irq.injected.other += 1,
+        }
+        let run = self.fd.get_kvm_run();
+        run.request_interrupt_window = u8::from(irq.vic.deliverable().is_some());
+        Ok(())
+    }
+
+    /// HLT: park the thread until an interrupt is deliverable or the VM stops.
+    fn park(&mut self) -> Result<(), VmExit> {
+        let shared = self.shared.clone();
+        let slot = &shared.vcpus[self.id as usize];
+        let interrupts_off = self.fd.get_kvm_run().if_flag == 0;
+        if interrupts_off {
+            self.stats.dead_halts += 1;
+        }
+        let mut irq = slot.lock();
+        loop {
+            if shared.stopping() {
+                return Ok(());
+            }
+            let now = shared.now();
+            fire_timer(&mut irq, now);
+            if !interrupts_off && irq.vic.deliverable().is_some() {
+                return Ok(());
+            }
+            let timeout = match irq.timer.next_deadline() {
+                Some(deadline) if !interrupts_off => deadline.saturating_sub(now),
+                _ => PARK_SAFETY_NS,
+            };
+            irq.parked = true;
+            let (guard, _) = slot
+                .wake
+                .wait_timeout(irq, std::time::Duration::from_nanos(timeout))
+                .unwrap_or_else(|p| p.into_inner());
+            irq = guard;
+            irq.parked = false;
+        }
+    }
+}
+
+/// Polls the timer device; an expiry raises the timer vector (or is counted as
+/// coalesced when one is already pending).
+fn fire_timer(irq: &mut IrqState, now: u64) {
+    if let Expiry::Fired { deadline, .. } = irq.timer.poll(now) {
+        match irq.vic.raise(Vector::Timer as u8) {
+            Raise::Queued => irq.fired_deadline = Some(deadline),
+            Raise::Coalesced => irq.timer.note_coalesced(),
+            Raise::Rejected => {}
+        }
+    }
+}
