@@ -23,7 +23,10 @@ fn main() {
     for file in ["Cargo.toml", "build.rs", "linker.ld", ".cargo/config.toml"] {
         println!("cargo:rerun-if-changed={}", kernel_dir.join(file).display());
     }
-    println!("cargo:rerun-if-changed={}", abi_dir.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        abi_dir.join("Cargo.toml").display()
+    );
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = out_dir.join("guest-target");
@@ -43,8 +46,13 @@ fn main() {
             command.env_remove(key.as_ref());
         }
     }
-    let status = command.status().expect("failed to run cargo for the guest kernel");
-    assert!(status.success(), "building the guest kernel failed: {status}");
+    let status = command
+        .status()
+        .expect("failed to run cargo for the guest kernel");
+    assert!(
+        status.success(),
+        "building the guest kernel failed: {status}"
+    );
 
     let built = target_dir.join("x86_64-unknown-linux-gnu/release/metronome-guest");
     std::fs::copy(&built, out_dir.join("metronome-guest.elf"))

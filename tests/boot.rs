@@ -2,6 +2,9 @@
 //! every vCPU ran user threads and switched between them, driven by its own
 //! timer interrupts.
 
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 use common::{kvm_or_skip, run, u};
 
@@ -11,22 +14,42 @@ fn boot_and_check(vcpus: u32) {
     }
     let n = vcpus.to_string();
     let r = run(&["--vcpus", &n, "--duration", "1", "--timeout", "120"]);
-    assert_eq!(r.code(), 0, "stderr: {}\nsummary: {}", r.stderr(), r.summary);
+    assert_eq!(
+        r.code(),
+        0,
+        "stderr: {}\nsummary: {}",
+        r.stderr(),
+        r.summary
+    );
     assert_eq!(r.summary["outcome"], "guest_exit");
     assert_eq!(r.summary["guest_exit_code"], 0);
-    assert!(u(&r.summary, "guest_uptime_ns") >= 1_000_000_000, "{}", r.summary);
+    assert!(
+        u(&r.summary, "guest_uptime_ns") >= 1_000_000_000,
+        "{}",
+        r.summary
+    );
     assert!(u(&r.summary, "host_wall_ns") > 0);
     assert_eq!(r.vcpus().len(), vcpus as usize);
     for (i, v) in r.vcpus().iter().enumerate() {
         assert_eq!(u(v, "id"), i as u64);
-        assert!(u(v, "user_threads_run") > 0, "vCPU {i} ran no user thread: {v}");
+        assert!(
+            u(v, "user_threads_run") > 0,
+            "vCPU {i} ran no user thread: {v}"
+        );
         assert!(u(v, "context_switches") > 0, "vCPU {i} never switched: {v}");
-        assert!(u(v, "interrupts_injected") > 0, "vCPU {i} took no interrupt: {v}");
+        assert!(
+            u(v, "interrupts_injected") > 0,
+            "vCPU {i} took no interrupt: {v}"
+        );
         assert!(v["exits"].as_object().is_some_and(|e| !e.is_empty()), "{v}");
         assert_eq!(u(&v["timer"], "early_injections"), 0, "{v}");
         assert!(u(&v["timer"], "injections") > 0, "{v}");
     }
-    assert!(r.console.contains("spinner on vCPU 0 started"), "console: {}", r.console);
+    assert!(
+        r.console.contains("spinner on vCPU 0 started"),
+        "console: {}",
+        r.console
+    );
 }
 
 #[test]

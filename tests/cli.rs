@@ -1,21 +1,39 @@
 //! Bad input: one clear error line and exit code 2, never a panic or a hang.
 
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 use common::{metronome, scratch};
 
 fn expect_bad_input(args: &[&str], needle: &str) {
     let output = metronome().args(args).output().expect("run metronome");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "args {args:?}: stderr: {stderr}");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "args {args:?}: stderr: {stderr}"
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "exactly one error line for {args:?}, got: {stderr}");
-    assert!(lines[0].contains(needle), "{args:?}: expected '{needle}' in: {}", lines[0]);
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one error line for {args:?}, got: {stderr}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: expected '{needle}' in: {}",
+        lines[0]
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn test_vcpus_zero_is_rejected() {
-    expect_bad_input(&["run", "--vcpus", "0"], "--vcpus 0 is out of range: a VM has 1 to 64 vCPUs");
+    expect_bad_input(
+        &["run", "--vcpus", "0"],
+        "--vcpus 0 is out of range: a VM has 1 to 64 vCPUs",
+    );
 }
 
 #[test]
@@ -25,7 +43,10 @@ fn test_vcpus_1000_is_rejected() {
 
 #[test]
 fn test_tiny_memory_is_rejected() {
-    expect_bad_input(&["run", "--mem-mib", "1"], "--mem-mib 1 is out of range: guest memory is 64 to 3072 MiB");
+    expect_bad_input(
+        &["run", "--mem-mib", "1"],
+        "--mem-mib 1 is out of range: guest memory is 64 to 3072 MiB",
+    );
 }
 
 #[test]
@@ -40,7 +61,10 @@ fn test_missing_kernel_file_is_rejected() {
 fn test_non_elf_kernel_is_rejected() {
     let path = scratch("not-elf");
     std::fs::write(&path, b"this is not an ELF file").unwrap();
-    expect_bad_input(&["run", "--kernel", path.to_str().unwrap()], "is not an ELF file");
+    expect_bad_input(
+        &["run", "--kernel", path.to_str().unwrap()],
+        "is not an ELF file",
+    );
 }
 
 #[test]
@@ -59,19 +83,28 @@ fn test_elf_for_another_architecture_is_rejected() {
     header[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
     let path = scratch("aarch64.elf");
     std::fs::write(&path, header).unwrap();
-    expect_bad_input(&["run", "--kernel", path.to_str().unwrap()], "x86_64 ELF executables only");
+    expect_bad_input(
+        &["run", "--kernel", path.to_str().unwrap()],
+        "x86_64 ELF executables only",
+    );
 }
 
 #[test]
 fn test_malformed_numbers_are_rejected() {
-    expect_bad_input(&["run", "--vcpus", "two"], "invalid value 'two' for '--vcpus <N>'");
+    expect_bad_input(
+        &["run", "--vcpus", "two"],
+        "invalid value 'two' for '--vcpus <N>'",
+    );
     expect_bad_input(&["run", "--duration", "-1"], "--duration");
     expect_bad_input(&["run", "--timeout", "0"], "out of range");
 }
 
 #[test]
 fn test_unknown_flag_is_rejected() {
-    expect_bad_input(&["run", "--frobnicate"], "unexpected argument '--frobnicate'");
+    expect_bad_input(
+        &["run", "--frobnicate"],
+        "unexpected argument '--frobnicate'",
+    );
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! thread that dereferences an unmapped address, and a vCPU spinning at CPL0
 //! with interrupts off (ended by the host-side --timeout).
 
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 use common::{kvm_or_skip, run, u};
 
@@ -20,9 +23,15 @@ fn test_guest_page_fault_is_reported_with_vector_and_rip() {
     assert!(stderr.contains("at CPL3"), "{stderr}");
     assert!(stderr.contains("vCPU 0"), "{stderr}");
     // The error line names the faulting RIP inside the kernel image.
-    let rip = stderr.split("RIP 0x").nth(1).and_then(|s| s.split(|c: char| !c.is_ascii_hexdigit()).next());
+    let rip = stderr
+        .split("RIP 0x")
+        .nth(1)
+        .and_then(|s| s.split(|c: char| !c.is_ascii_hexdigit()).next());
     let rip = u64::from_str_radix(rip.expect("rip"), 16).expect("hex rip");
-    assert!((0x20_0000..0x100_0000).contains(&rip), "RIP {rip:#x} outside the kernel");
+    assert!(
+        (0x20_0000..0x100_0000).contains(&rip),
+        "RIP {rip:#x} outside the kernel"
+    );
 }
 
 #[test]
@@ -34,7 +43,16 @@ fn test_cpl0_spin_with_interrupts_off_is_ended_by_timeout() {
     assert_eq!(r.code(), 4, "stderr: {}", r.stderr());
     assert_eq!(r.summary["outcome"], "timeout");
     let stderr = r.stderr();
-    assert!(stderr.contains("timeout: the guest did not exit within 2.000 s"), "{stderr}");
-    assert!(stderr.contains("vCPU 0 was at RIP 0x") && stderr.contains("CPL0, interrupts off"), "{stderr}");
-    assert!(u(&r.summary, "host_wall_ns") < 60_000_000_000, "the timeout must end the run promptly");
+    assert!(
+        stderr.contains("timeout: the guest did not exit within 2.000 s"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("vCPU 0 was at RIP 0x") && stderr.contains("CPL0, interrupts off"),
+        "{stderr}"
+    );
+    assert!(
+        u(&r.summary, "host_wall_ns") < 60_000_000_000,
+        "the timeout must end the run promptly"
+    );
 }

@@ -2,6 +2,9 @@
 //! number of round trips; the guest's counts and the VMM's injection counts
 //! must agree exactly.
 
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 use common::{kvm_or_skip, run, u};
 
@@ -19,9 +22,18 @@ fn pingpong(vcpus: u32, rounds: u64) {
         "--timeout",
         "120",
     ]);
-    assert_eq!(r.code(), 0, "stderr: {}\nsummary: {}", r.stderr(), r.summary);
+    assert_eq!(
+        r.code(),
+        0,
+        "stderr: {}\nsummary: {}",
+        r.stderr(),
+        r.summary
+    );
     let partners = u64::from(vcpus - 1);
-    assert_eq!(u(&r.summary["reports"], "pingpong_rounds"), rounds * partners);
+    assert_eq!(
+        u(&r.summary["reports"], "pingpong_rounds"),
+        rounds * partners
+    );
     let v = r.vcpus();
     // vCPU 0 received one pong per round trip.
     assert_eq!(u(&v[0], "ipis_received"), rounds * partners, "{}", v[0]);

@@ -3,6 +3,9 @@
 //! takes timer interrupts. Every interrupt sent must be delivered exactly once:
 //! the VMM's sent and injected counts and the guest handler's count agree.
 
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
 mod common;
 use common::{kvm_or_skip, run, u};
 
@@ -11,8 +14,23 @@ fn test_kicks_at_10khz_deliver_every_interrupt_exactly_once() {
     if !kvm_or_skip("kick_stress") {
         return;
     }
-    let r = run(&["--vcpus", "2", "--duration", "3", "--kick-stress-hz", "10000", "--timeout", "120"]);
-    assert_eq!(r.code(), 0, "stderr: {}\nsummary: {}", r.stderr(), r.summary);
+    let r = run(&[
+        "--vcpus",
+        "2",
+        "--duration",
+        "3",
+        "--kick-stress-hz",
+        "10000",
+        "--timeout",
+        "120",
+    ]);
+    assert_eq!(
+        r.code(),
+        0,
+        "stderr: {}\nsummary: {}",
+        r.stderr(),
+        r.summary
+    );
     let mut total = 0;
     for v in r.vcpus() {
         let s = &v["stress"];

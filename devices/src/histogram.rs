@@ -20,7 +20,11 @@ pub struct LatencyHistogram {
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        Self { counts: [0; BUCKETS], count: 0, max: 0 }
+        Self {
+            counts: [0; BUCKETS],
+            count: 0,
+            max: 0,
+        }
     }
 }
 
@@ -73,7 +77,9 @@ impl LatencyHistogram {
         if self.count == 0 {
             return 0;
         }
-        let rank = ((p.clamp(0.0, 100.0) / 100.0) * self.count as f64).ceil().max(1.0) as u64;
+        let rank = ((p.clamp(0.0, 100.0) / 100.0) * self.count as f64)
+            .ceil()
+            .max(1.0) as u64;
         let mut seen = 0;
         for (index, &n) in self.counts.iter().enumerate() {
             seen += n;
@@ -104,7 +110,10 @@ mod tests {
             let b = bucket_of(value);
             assert!(upper_bound(b) >= value, "{value} above its bucket {b}");
             if b > 0 {
-                assert!(upper_bound(b - 1) < value, "{value} belongs to an earlier bucket");
+                assert!(
+                    upper_bound(b - 1) < value,
+                    "{value} belongs to an earlier bucket"
+                );
             }
         }
     }

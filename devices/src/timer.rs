@@ -135,7 +135,10 @@ impl VirtualTimer {
             Some(deadline) => {
                 self.deadline = None;
                 self.counters.expirations += 1;
-                Expiry::Fired { deadline, lateness_ns: now - deadline }
+                Expiry::Fired {
+                    deadline,
+                    lateness_ns: now - deadline,
+                }
             }
         }
     }
@@ -232,8 +235,18 @@ mod tests {
         let mut timer = VirtualTimer::new();
         timer.rearm(0, 1_000_000_000);
         timer.rearm(0, 1_000_000);
-        assert_eq!(timer.poll(1_000_000), Expiry::Fired { deadline: 1_000_000, lateness_ns: 0 });
-        assert_eq!(timer.poll(2_000_000_000), Expiry::Idle, "exactly one interrupt");
+        assert_eq!(
+            timer.poll(1_000_000),
+            Expiry::Fired {
+                deadline: 1_000_000,
+                lateness_ns: 0
+            }
+        );
+        assert_eq!(
+            timer.poll(2_000_000_000),
+            Expiry::Idle,
+            "exactly one interrupt"
+        );
     }
 
     #[test]
@@ -241,7 +254,13 @@ mod tests {
         let mut timer = VirtualTimer::new();
         timer.rearm(10, 1_000_000_000);
         timer.trigger(20);
-        assert_eq!(timer.poll(20), Expiry::Fired { deadline: 20, lateness_ns: 0 });
+        assert_eq!(
+            timer.poll(20),
+            Expiry::Fired {
+                deadline: 20,
+                lateness_ns: 0
+            }
+        );
         assert_eq!(timer.poll(2_000_000_000), Expiry::Idle);
     }
 
@@ -251,7 +270,12 @@ mod tests {
         timer.rearm(5, u64::MAX);
         assert_eq!(timer.next_deadline(), Some(5 + TIMER_MAX_NS));
         assert_eq!(timer.counters().clamped, 1);
-        assert_eq!(timer.poll(5 + TIMER_MAX_NS - 1), Expiry::NotYet { deadline: 5 + TIMER_MAX_NS });
+        assert_eq!(
+            timer.poll(5 + TIMER_MAX_NS - 1),
+            Expiry::NotYet {
+                deadline: 5 + TIMER_MAX_NS
+            }
+        );
     }
 
     #[test]
@@ -292,9 +316,18 @@ mod tests {
         assert_eq!(timer.next_deadline(), Some(130));
         timer.mmio_write(130, TIMER_CANCEL, 0).unwrap();
         assert_eq!(timer.mmio_read(130, TIMER_DEADLINE), Ok(u64::MAX));
-        assert_eq!(timer.mmio_write(0, TIMER_NOW, 1), Err(RegisterError::ReadOnly(TIMER_NOW)));
-        assert_eq!(timer.mmio_read(0, TIMER_REARM_NS), Err(RegisterError::WriteOnly(TIMER_REARM_NS)));
-        assert_eq!(timer.mmio_write(0, 0x800, 1), Err(RegisterError::UnknownOffset(0x800)));
+        assert_eq!(
+            timer.mmio_write(0, TIMER_NOW, 1),
+            Err(RegisterError::ReadOnly(TIMER_NOW))
+        );
+        assert_eq!(
+            timer.mmio_read(0, TIMER_REARM_NS),
+            Err(RegisterError::WriteOnly(TIMER_REARM_NS))
+        );
+        assert_eq!(
+            timer.mmio_write(0, 0x800, 1),
+            Err(RegisterError::UnknownOffset(0x800))
+        );
         assert_eq!(timer.counters().bad_accesses, 3);
     }
 }

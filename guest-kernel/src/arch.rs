@@ -201,17 +201,15 @@ const GATE_DPL3: u8 = 0x60;
 #[repr(C, align(16))]
 struct Idt([Gate; 256]);
 
-static mut IDT: Idt = Idt(
-    [Gate {
-        offset_low: 0,
-        selector: 0,
-        ist: 0,
-        type_attr: 0,
-        offset_mid: 0,
-        offset_high: 0,
-        reserved: 0,
-    }; 256],
-);
+static mut IDT: Idt = Idt([Gate {
+    offset_low: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_high: 0,
+    reserved: 0,
+}; 256]);
 
 /// Fills the shared IDT: exceptions on IST2, everything else on IST1, the
 /// breakpoint gate (the system-call door) callable from CPL3.
@@ -266,7 +264,9 @@ pub unsafe fn load_idt() {
 /// The port must belong to a device whose side effects the caller intends.
 pub unsafe fn outl(port: u16, value: u32) {
     // SAFETY: the caller vouches for the port.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes a byte string to an I/O port with one `rep outsb` (one VM exit).
@@ -313,7 +313,9 @@ pub fn read_cr2() -> u64 {
 /// Must run at CPL0 with CR4.OSFXSR set (the VMM sets it).
 pub unsafe fn fxsave(area: &mut FxArea) {
     // SAFETY: the area is 512 bytes and 16-byte aligned.
-    unsafe { asm!("fxsave64 [{}]", in(reg) area.0.as_mut_ptr(), options(nostack, preserves_flags)) };
+    unsafe {
+        asm!("fxsave64 [{}]", in(reg) area.0.as_mut_ptr(), options(nostack, preserves_flags))
+    };
 }
 
 /// Restores the x87/SSE state from `area`.
@@ -322,7 +324,9 @@ pub unsafe fn fxsave(area: &mut FxArea) {
 /// `area` must hold a state saved by [`fxsave`] or [`FxArea::initial`].
 pub unsafe fn fxrstor(area: &FxArea) {
     // SAFETY: the area is 512 bytes, 16-byte aligned and holds a valid image.
-    unsafe { asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(readonly, nostack, preserves_flags)) };
+    unsafe {
+        asm!("fxrstor64 [{}]", in(reg) area.0.as_ptr(), options(readonly, nostack, preserves_flags))
+    };
 }
 
 /// An FXSAVE image.

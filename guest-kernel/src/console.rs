@@ -4,15 +4,29 @@
 //! User threads format their text natively at CPL3 and hand the bytes to the
 //! `write` system call; the kernel itself only writes fixed strings.
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use metronome_abi::port::COM1;
 
-/// Writes bytes to the console.
+/// Serialises console output across vCPUs: KVM may split one `rep outsb` into
+/// several exits, so concurrent writers would interleave bytes. Only taken by
+/// kernel code with interrupts disabled, so it is never held across a switch.
+static CONSOLE_LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Writes bytes to the console as one unit.
 pub fn write(bytes: &[u8]) {
     if bytes.is_empty() {
         return;
     }
+    while CONSOLE_LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        crate::arch::pause();
+    }
     // SAFETY: COM1 is the console UART; writing its transmit register only outputs.
     unsafe { crate::arch::outsb(COM1, bytes) };
+    CONSOLE_LOCK.store(false, Ordering::Release);
 }
 
 /// A fixed-capacity text buffer for formatting without allocation.
@@ -24,7 +38,10 @@ pub struct Buf<const N: usize> {
 impl<const N: usize> Buf<N> {
     /// An empty buffer.
     pub const fn new() -> Self {
-        Self { bytes: [0; N], len: 0 }
+        Self {
+            bytes: [0; N],
+            len: 0,
+        }
     }
 
     /// The text so far.

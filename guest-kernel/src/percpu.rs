@@ -10,7 +10,7 @@
 use metronome_abi::layout::{self, PERCPU_BASE, PERCPU_STRIDE};
 use metronome_abi::{VcpuShared, SHARED_MAGIC};
 
-use crate::arch::{FxArea, Frame};
+use crate::arch::{Frame, FxArea};
 use crate::sched::RunQueue;
 
 /// The scheduler's per-vCPU state.

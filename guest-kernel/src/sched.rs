@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use metronome_abi::gdt::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
 use metronome_abi::{layout, thread_state, MAX_THREADS};
 
-use crate::arch::{self, FxArea, Frame};
+use crate::arch::{self, Frame, FxArea};
 use crate::percpu;
 
 /// Bytes of user stack per thread.
@@ -55,9 +55,28 @@ static mut THREADS: [Thread; MAX_THREADS] = [const {
         name: [0; 16],
         wake_at: 0,
         frame: Frame {
-            r15: 0, r14: 0, r13: 0, r12: 0, r11: 0, r10: 0, r9: 0, r8: 0, rdi: 0, rsi: 0,
-            rbp: 0, rdx: 0, rcx: 0, rbx: 0, rax: 0, vector: 0, error_code: 0, rip: 0, cs: 0,
-            rflags: 0, rsp: 0, ss: 0,
+            r15: 0,
+            r14: 0,
+            r13: 0,
+            r12: 0,
+            r11: 0,
+            r10: 0,
+            r9: 0,
+            r8: 0,
+            rdi: 0,
+            rsi: 0,
+            rbp: 0,
+            rdx: 0,
+            rcx: 0,
+            rbx: 0,
+            rax: 0,
+            vector: 0,
+            error_code: 0,
+            rip: 0,
+            cs: 0,
+            rflags: 0,
+            rsp: 0,
+            ss: 0,
         },
         fx: FxArea::initial(),
     }
@@ -82,7 +101,11 @@ pub struct RunQueue {
 impl RunQueue {
     /// An empty queue.
     pub const fn new() -> Self {
-        Self { slots: [0; MAX_THREADS], head: 0, len: 0 }
+        Self {
+            slots: [0; MAX_THREADS],
+            head: 0,
+            len: 0,
+        }
     }
 
     fn push(&mut self, slot: usize) {
@@ -305,5 +328,7 @@ fn reschedule_or_idle(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
 
 /// The current thread's id (0 for idle).
 pub fn current_tid(id: u32) -> u64 {
-    percpu::get(id).current.map_or(0, |slot| u64::from(thread(slot).tid))
+    percpu::get(id)
+        .current
+        .map_or(0, |slot| u64::from(thread(slot).tid))
 }

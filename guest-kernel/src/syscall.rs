@@ -56,7 +56,8 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
         SYS_WRITE => {
             let ok = b <= MAX_WRITE
                 && a >= 0x1000
-                && a.checked_add(b).is_some_and(|end| end <= crate::boot_info().mem_bytes);
+                && a.checked_add(b)
+                    .is_some_and(|end| end <= crate::boot_info().mem_bytes);
             if ok {
                 // SAFETY: the range was checked to lie inside guest RAM, which is
                 // identity mapped; the bytes are only copied out to the UART.

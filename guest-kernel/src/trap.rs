@@ -51,9 +51,18 @@ pub extern "C" fn trap(frame: &mut Frame) {
 }
 
 /// Per-vCPU fault records, so that a fault on one vCPU cannot race another's.
-static mut FAULTS: [FaultReport; metronome_abi::MAX_VCPUS as usize] =
-    [FaultReport { vector: 0, error_code: 0, rip: 0, cs: 0, rflags: 0, rsp: 0, cr2: 0, vcpu: 0, tid: 0 };
-        metronome_abi::MAX_VCPUS as usize];
+static mut FAULTS: [FaultReport; metronome_abi::MAX_VCPUS as usize] = [FaultReport {
+    vector: 0,
+    error_code: 0,
+    rip: 0,
+    cs: 0,
+    rflags: 0,
+    rsp: 0,
+    cr2: 0,
+    vcpu: 0,
+    tid: 0,
+};
+    metronome_abi::MAX_VCPUS as usize];
 
 fn report_fault(id: u32, frame: &Frame) -> ! {
     // SAFETY: each vCPU only writes its own slot, once, right before stopping.
@@ -75,8 +84,12 @@ fn report_fault(id: u32, frame: &Frame) -> ! {
     unsafe { arch::halt_forever() }
 }
 
-static mut PANICS: [PanicReport; metronome_abi::MAX_VCPUS as usize] =
-    [PanicReport { message_addr: 0, message_len: 0, vcpu: 0 }; metronome_abi::MAX_VCPUS as usize];
+static mut PANICS: [PanicReport; metronome_abi::MAX_VCPUS as usize] = [PanicReport {
+    message_addr: 0,
+    message_len: 0,
+    vcpu: 0,
+};
+    metronome_abi::MAX_VCPUS as usize];
 static mut PANIC_TEXT: [crate::console::Buf<256>; metronome_abi::MAX_VCPUS as usize] =
     [const { crate::console::Buf::new() }; metronome_abi::MAX_VCPUS as usize];
 
@@ -88,14 +101,20 @@ pub fn report_panic(info: &core::panic::PanicInfo) -> ! {
     let id = id.min(metronome_abi::MAX_VCPUS as usize - 1);
     // SAFETY: each vCPU only uses its own slots, once, right before stopping.
     let (report, text) = unsafe {
-        (&mut *core::ptr::addr_of_mut!(PANICS[id]), &mut *core::ptr::addr_of_mut!(PANIC_TEXT[id]))
+        (
+            &mut *core::ptr::addr_of_mut!(PANICS[id]),
+            &mut *core::ptr::addr_of_mut!(PANIC_TEXT[id]),
+        )
     };
     match info.message().as_str() {
         Some(message) => text.push(message.as_bytes()),
         None => text.push(b"panic"),
     };
     if let Some(location) = info.location() {
-        text.push(b" at ").push(location.file().as_bytes()).push(b":").num(u64::from(location.line()));
+        text.push(b" at ")
+            .push(location.file().as_bytes())
+            .push(b":")
+            .num(u64::from(location.line()));
     }
     *report = PanicReport {
         message_addr: text.as_bytes().as_ptr() as u64,

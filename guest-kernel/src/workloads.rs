@@ -139,7 +139,11 @@ fn work(units: u64) -> u64 {
 
 extern "C" fn spinner(vcpu: u64) -> ! {
     let mut line = Buf::<64>::new();
-    let _ = writeln!(line, "spinner on vCPU {vcpu} started at {} ns", syscall::uptime_ns());
+    let _ = writeln!(
+        line,
+        "spinner on vCPU {vcpu} started at {} ns",
+        syscall::uptime_ns()
+    );
     syscall::write(line.as_bytes());
     loop {
         work(200);

@@ -11,7 +11,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// Whether KVM tests can run. Without /dev/kvm they are skipped with a printed
 /// reason, except under `CI=true`, where a missing /dev/kvm fails the test.
 pub fn kvm_or_skip(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     if !ok {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{test}: /dev/kvm is not usable, and CI=true requires the KVM tests to run");
@@ -45,7 +49,10 @@ pub struct Run {
 
 impl Run {
     pub fn code(&self) -> i32 {
-        self.output.status.code().expect("exited, not killed by a signal")
+        self.output
+            .status
+            .code()
+            .expect("exited, not killed by a signal")
     }
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.output.stderr).into_owned()
@@ -78,10 +85,16 @@ pub fn run(args: &[&str]) -> Run {
     });
     let summary = serde_json::from_str(&text).expect("summary is JSON");
     let console = std::fs::read_to_string(&console_path).unwrap_or_default();
-    Run { output, summary, console }
+    Run {
+        output,
+        summary,
+        console,
+    }
 }
 
 /// A u64 field of a JSON object.
 pub fn u(value: &serde_json::Value, key: &str) -> u64 {
-    value[key].as_u64().unwrap_or_else(|| panic!("missing u64 field {key} in {value}"))
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("missing u64 field {key} in {value}"))
 }

@@ -43,7 +43,10 @@ pub fn write_page_tables(mem: &GuestMemoryMmap, mem_bytes: u64) -> Result<(), Gu
     }
     mem.write_obj(layout::PT0 | PTE_FLAGS, GuestAddress(layout::PD))?;
     for page in 1..512u64 {
-        mem.write_obj(page * PAGE_4K | PTE_FLAGS, GuestAddress(layout::PT0 + page * 8))?;
+        mem.write_obj(
+            (page * PAGE_4K) | PTE_FLAGS,
+            GuestAddress(layout::PT0 + page * 8),
+        )?;
     }
     let mut addr = PAGE_2M;
     while addr + PAGE_2M <= mem_bytes {
@@ -51,7 +54,10 @@ pub fn write_page_tables(mem: &GuestMemoryMmap, mem_bytes: u64) -> Result<(), Gu
         addr += PAGE_2M;
     }
     let mmio = layout::MMIO_BASE;
-    mem.write_obj(mmio | PTE_FLAGS | PTE_HUGE | PTE_PCD | PTE_PWT, GuestAddress(pd_entry(mmio)))?;
+    mem.write_obj(
+        mmio | PTE_FLAGS | PTE_HUGE | PTE_PCD | PTE_PWT,
+        GuestAddress(pd_entry(mmio)),
+    )?;
     Ok(())
 }
 
@@ -181,22 +187,30 @@ mod tests {
 
     /// Walks the tables the way the MMU does (4-level, 2 MiB leaves allowed).
     fn translate(mem: &GuestMemoryMmap, va: u64) -> Option<u64> {
-        let pml4e: u64 = mem.read_obj(GuestAddress(layout::PML4 + ((va >> 39) & 511) * 8)).ok()?;
+        let pml4e: u64 = mem
+            .read_obj(GuestAddress(layout::PML4 + ((va >> 39) & 511) * 8))
+            .ok()?;
         if pml4e & PTE_PRESENT == 0 {
             return None;
         }
-        let pdpte: u64 = mem.read_obj(GuestAddress((pml4e & !0xfff) + ((va >> 30) & 511) * 8)).ok()?;
+        let pdpte: u64 = mem
+            .read_obj(GuestAddress((pml4e & !0xfff) + ((va >> 30) & 511) * 8))
+            .ok()?;
         if pdpte & PTE_PRESENT == 0 {
             return None;
         }
-        let pde: u64 = mem.read_obj(GuestAddress((pdpte & !0xfff) + ((va >> 21) & 511) * 8)).ok()?;
+        let pde: u64 = mem
+            .read_obj(GuestAddress((pdpte & !0xfff) + ((va >> 21) & 511) * 8))
+            .ok()?;
         if pde & PTE_PRESENT == 0 {
             return None;
         }
         if pde & PTE_HUGE != 0 {
             return Some((pde & !0x1f_ffff & !(1 << 63)) + (va & 0x1f_ffff));
         }
-        let pte: u64 = mem.read_obj(GuestAddress((pde & !0xfff) + ((va >> 12) & 511) * 8)).ok()?;
+        let pte: u64 = mem
+            .read_obj(GuestAddress((pde & !0xfff) + ((va >> 12) & 511) * 8))
+            .ok()?;
         (pte & PTE_PRESENT != 0).then_some((pte & !0xfff) + (va & 0xfff))
     }
 
@@ -209,7 +223,10 @@ mod tests {
         assert_eq!(translate(&mem, 0x20_0123), Some(0x20_0123));
         assert_eq!(translate(&mem, (64 << 20) - 8), Some((64 << 20) - 8));
         assert_eq!(translate(&mem, 64 << 20), None, "nothing past RAM");
-        assert_eq!(translate(&mem, layout::MMIO_BASE + 0x1018), Some(layout::MMIO_BASE + 0x1018));
+        assert_eq!(
+            translate(&mem, layout::MMIO_BASE + 0x1018),
+            Some(layout::MMIO_BASE + 0x1018)
+        );
         assert_eq!(translate(&mem, 0x7f00_0000_0000), None);
     }
 

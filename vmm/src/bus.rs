@@ -73,7 +73,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::Empty(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let clash_below = self
             .ranges
             .range(..=base)
@@ -151,7 +153,8 @@ mod tests {
     #[test]
     fn test_misses_and_straddling_accesses_are_refused() {
         let mut bus = Bus::new();
-        bus.insert("rec", 0x100, 8, Arc::new(Recorder::default())).unwrap();
+        bus.insert("rec", 0x100, 8, Arc::new(Recorder::default()))
+            .unwrap();
         let mut data = [0u8; 4];
         assert!(!bus.read(0, 0xff, &mut data));
         assert_eq!(data, [0xff; 4]);

@@ -150,20 +150,62 @@ mod tests {
     fn test_each_rule_rejects() {
         let base = VmConfig::default();
         let cases = [
-            (VmConfig { vcpus: 0, ..base.clone() }, ConfigError::Vcpus(0)),
-            (VmConfig { vcpus: 1000, ..base.clone() }, ConfigError::Vcpus(1000)),
-            (VmConfig { mem_mib: 1, ..base.clone() }, ConfigError::Memory(1)),
-            (VmConfig { mem_mib: 1 << 20, ..base.clone() }, ConfigError::Memory(1 << 20)),
             (
-                VmConfig { duration: Some(Duration::ZERO), ..base.clone() },
+                VmConfig {
+                    vcpus: 0,
+                    ..base.clone()
+                },
+                ConfigError::Vcpus(0),
+            ),
+            (
+                VmConfig {
+                    vcpus: 1000,
+                    ..base.clone()
+                },
+                ConfigError::Vcpus(1000),
+            ),
+            (
+                VmConfig {
+                    mem_mib: 1,
+                    ..base.clone()
+                },
+                ConfigError::Memory(1),
+            ),
+            (
+                VmConfig {
+                    mem_mib: 1 << 20,
+                    ..base.clone()
+                },
+                ConfigError::Memory(1 << 20),
+            ),
+            (
+                VmConfig {
+                    duration: Some(Duration::ZERO),
+                    ..base.clone()
+                },
                 ConfigError::Duration(Duration::ZERO),
             ),
             (
-                VmConfig { timeout: Some(Duration::ZERO), ..base.clone() },
+                VmConfig {
+                    timeout: Some(Duration::ZERO),
+                    ..base.clone()
+                },
                 ConfigError::Timeout(Duration::ZERO),
             ),
-            (VmConfig { kick_stress_hz: Some(0), ..base.clone() }, ConfigError::StressRate(0)),
-            (VmConfig { hz: 0, ..base.clone() }, ConfigError::Hz(0)),
+            (
+                VmConfig {
+                    kick_stress_hz: Some(0),
+                    ..base.clone()
+                },
+                ConfigError::StressRate(0),
+            ),
+            (
+                VmConfig {
+                    hz: 0,
+                    ..base.clone()
+                },
+                ConfigError::Hz(0),
+            ),
         ];
         for (config, error) in cases {
             assert_eq!(config.validate(), Err(error));
@@ -173,7 +215,10 @@ mod tests {
     #[test]
     fn test_error_messages_name_the_rule() {
         let message = ConfigError::Vcpus(0).to_string();
-        assert!(message.contains("--vcpus 0") && message.contains("1 to 64"), "{message}");
+        assert!(
+            message.contains("--vcpus 0") && message.contains("1 to 64"),
+            "{message}"
+        );
         let message = ConfigError::Memory(1).to_string();
         assert!(message.contains("64 to 3072 MiB"), "{message}");
     }

@@ -19,7 +19,7 @@ use metronome_abi::{mmio, port, FaultReport, PanicReport};
 use vm_memory::{Bytes, GuestAddress};
 use vm_superio::{Serial, Trigger};
 
-use crate::bus::{Bus, BusError, BusDevice};
+use crate::bus::{Bus, BusDevice, BusError};
 use crate::shared::{VmExit, VmShared};
 
 /// Length of a banked or control MMIO page.
@@ -94,7 +94,9 @@ impl BusDevice for DebugExitDevice {
         let n = data.len().min(4);
         bytes[..n].copy_from_slice(&data[..n]);
         if offset == 0 {
-            self.0.request_exit(VmExit::Guest { code: u32::from_le_bytes(bytes) });
+            self.0.request_exit(VmExit::Guest {
+                code: u32::from_le_bytes(bytes),
+            });
         }
     }
 }
@@ -152,7 +154,11 @@ pub struct TimerDevice(Arc<VmShared>);
 impl BusDevice for TimerDevice {
     fn read(&self, vcpu: u32, offset: u64, data: &mut [u8]) {
         let now = self.0.now();
-        let value = self.0.vcpus[vcpu as usize].lock().timer.mmio_read(now, offset).unwrap_or(0);
+        let value = self.0.vcpus[vcpu as usize]
+            .lock()
+            .timer
+            .mmio_read(now, offset)
+            .unwrap_or(0);
         let bytes = value.to_le_bytes();
         let n = data.len().min(8);
         data[..n].copy_from_slice(&bytes[..n]);
@@ -185,7 +191,10 @@ pub struct ControlDevice {
 impl ControlDevice {
     fn read_report<T: Copy + Default>(&self, addr: u64) -> Option<T> {
         let mut bytes = vec![0u8; std::mem::size_of::<T>()];
-        self.shared.mem.read_slice(&mut bytes, GuestAddress(addr)).ok()?;
+        self.shared
+            .mem
+            .read_slice(&mut bytes, GuestAddress(addr))
+            .ok()?;
         // SAFETY: only instantiated with the abi report structs, which are
         // #[repr(C)] structs of u64 fields: every bit pattern is a valid value,
         // and `bytes` holds exactly size_of::<T>() bytes.
@@ -219,7 +228,10 @@ impl BusDevice for ControlDevice {
                     .read_report::<PanicReport>(addr)
                     .and_then(|r| {
                         let mut text = vec![0u8; r.message_len.min(MAX_PANIC_MESSAGE) as usize];
-                        self.shared.mem.read_slice(&mut text, GuestAddress(r.message_addr)).ok()?;
+                        self.shared
+                            .mem
+                            .read_slice(&mut text, GuestAddress(r.message_addr))
+                            .ok()?;
                         Some(String::from_utf8_lossy(&text).into_owned())
                     })
                     .unwrap_or_else(|| format!("(unreadable panic report at {addr:#x})"));
@@ -257,13 +269,39 @@ impl DeviceManager {
     pub fn new(shared: &Arc<VmShared>, console: Box<dyn Write + Send>) -> Result<Self, BusError> {
         let mut pio = Bus::new();
         let mut mmio_bus = Bus::new();
-        pio.insert("com1", Self::COM1, Self::COM1_LEN, Arc::new(SerialDevice::new(console)))?;
-        pio.insert("debug-exit", Self::DEBUG_EXIT, 4, Arc::new(DebugExitDevice(shared.clone())))?;
-        let vic = Arc::new(VicDevice { shared: shared.clone(), bad_accesses: AtomicU64::new(0) });
-        let control = Arc::new(ControlDevice { shared: shared.clone(), bad_reports: AtomicU64::new(0) });
+        pio.insert(
+            "com1",
+            Self::COM1,
+            Self::COM1_LEN,
+            Arc::new(SerialDevice::new(console)),
+        )?;
+        pio.insert(
+            "debug-exit",
+            Self::DEBUG_EXIT,
+            4,
+            Arc::new(DebugExitDevice(shared.clone())),
+        )?;
+        let vic = Arc::new(VicDevice {
+            shared: shared.clone(),
+            bad_accesses: AtomicU64::new(0),
+        });
+        let control = Arc::new(ControlDevice {
+            shared: shared.clone(),
+            bad_reports: AtomicU64::new(0),
+        });
         mmio_bus.insert("vic", mmio::VIC_BASE, MMIO_PAGE, vic.clone())?;
-        mmio_bus.insert("timer", mmio::TIMER_BASE, MMIO_PAGE, Arc::new(TimerDevice(shared.clone())))?;
+        mmio_bus.insert(
+            "timer",
+            mmio::TIMER_BASE,
+            MMIO_PAGE,
+            Arc::new(TimerDevice(shared.clone())),
+        )?;
         mmio_bus.insert("control", mmio::CTL_BASE, MMIO_PAGE, control.clone())?;
-        Ok(Self { pio, mmio: mmio_bus, vic, control })
+        Ok(Self {
+            pio,
+            mmio: mmio_bus,
+            vic,
+            control,
+        })
     }
 }

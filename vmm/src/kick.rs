@@ -55,7 +55,8 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Installs the handler for both signals (process-wide, once).
 pub fn install_handlers() -> io::Result<()> {
     for signal in [sig_kick(), sig_timer()] {
-        register_signal_handler(signal, handle_kick).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        register_signal_handler(signal, handle_kick)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
     }
     Ok(())
 }
@@ -83,7 +84,10 @@ pub fn kick_thread(thread: libc::pthread_t) {
 
 /// Reads CLOCK_MONOTONIC in nanoseconds.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -122,7 +126,10 @@ impl HostTimer {
         if ret != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { id, armed_for: None })
+        Ok(Self {
+            id,
+            armed_for: None,
+        })
     }
 
     /// Arms the timer for the absolute CLOCK_MONOTONIC time `deadline_ns`, or
@@ -134,15 +141,19 @@ impl HostTimer {
         // A zero it_value disarms; an absolute time in the past fires at once.
         let value = deadline_ns.map_or(0, |d| d.max(1));
         let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
             it_value: libc::timespec {
                 tv_sec: (value / 1_000_000_000) as libc::time_t,
                 tv_nsec: (value % 1_000_000_000) as libc::c_long,
             },
         };
         // SAFETY: the timer id is ours; the spec is valid.
-        let ret =
-            unsafe { libc::timer_settime(self.id, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut()) };
+        let ret = unsafe {
+            libc::timer_settime(self.id, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut())
+        };
         if ret != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -174,7 +185,10 @@ mod tests {
             // Wait for the signal; each sleep is cut short by it (EINTR) or ends.
             let start = monotonic_ns();
             while flag.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                assert!(monotonic_ns() - start < 5_000_000_000, "timer signal never arrived");
+                assert!(
+                    monotonic_ns() - start < 5_000_000_000,
+                    "timer signal never arrived"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             unbind_current_thread();

@@ -71,25 +71,38 @@ fn segments(image: &[u8]) -> Result<(LoadedKernel, Vec<Segment>), LoadKernelErro
     let elf = Elf::parse(image).map_err(|e| LoadKernelError::Malformed(e.to_string()))?;
     if elf.header.e_machine != header::EM_X86_64 {
         let name = header::machine_to_str(elf.header.e_machine);
-        return Err(LoadKernelError::WrongArch(format!("{name} (e_machine {})", elf.header.e_machine)));
+        return Err(LoadKernelError::WrongArch(format!(
+            "{name} (e_machine {})",
+            elf.header.e_machine
+        )));
     }
     if !elf.is_64 || !elf.little_endian {
         return Err(LoadKernelError::WrongClass);
     }
     if elf.header.e_type != header::ET_EXEC {
-        return Err(LoadKernelError::NotExecutable(header::et_to_str(elf.header.e_type).to_string()));
+        return Err(LoadKernelError::NotExecutable(
+            header::et_to_str(elf.header.e_type).to_string(),
+        ));
     }
     let mut out = Vec::new();
     let mut end = KERNEL_BASE;
     let mut entry_ok = false;
-    for ph in elf.program_headers.iter().filter(|ph| ph.p_type == program_header::PT_LOAD) {
+    for ph in elf
+        .program_headers
+        .iter()
+        .filter(|ph| ph.p_type == program_header::PT_LOAD)
+    {
         let start = ph.p_paddr;
-        let seg_end = start.checked_add(ph.p_memsz).unwrap_or(u64::MAX);
+        let seg_end = start.saturating_add(ph.p_memsz);
         if start < KERNEL_BASE || seg_end > KERNEL_LIMIT || ph.p_filesz > ph.p_memsz {
-            return Err(LoadKernelError::SegmentOutOfRange { start, end: seg_end });
+            return Err(LoadKernelError::SegmentOutOfRange {
+                start,
+                end: seg_end,
+            });
         }
         let file_start = usize::try_from(ph.p_offset).unwrap_or(usize::MAX);
-        let file_end = file_start.saturating_add(usize::try_from(ph.p_filesz).unwrap_or(usize::MAX));
+        let file_end =
+            file_start.saturating_add(usize::try_from(ph.p_filesz).unwrap_or(usize::MAX));
         if file_end > image.len() {
             return Err(LoadKernelError::Malformed(format!(
                 "segment at {start:#x} extends past the end of the file"
@@ -97,7 +110,10 @@ fn segments(image: &[u8]) -> Result<(LoadedKernel, Vec<Segment>), LoadKernelErro
         }
         entry_ok |= (start..seg_end).contains(&elf.entry);
         end = end.max(seg_end);
-        out.push(Segment { addr: start, file_range: file_start..file_end });
+        out.push(Segment {
+            addr: start,
+            file_range: file_start..file_end,
+        });
     }
     if out.is_empty() {
         return Err(LoadKernelError::NoSegments);
@@ -106,7 +122,13 @@ fn segments(image: &[u8]) -> Result<(LoadedKernel, Vec<Segment>), LoadKernelErro
         return Err(LoadKernelError::BadEntry(elf.entry));
     }
     let end = end.next_multiple_of(4096);
-    Ok((LoadedKernel { entry: elf.entry, end }, out))
+    Ok((
+        LoadedKernel {
+            entry: elf.entry,
+            end,
+        },
+        out,
+    ))
 }
 
 /// Checks that `image` is a kernel this VMM can load, without loading it.
@@ -139,7 +161,10 @@ mod tests {
 
     #[test]
     fn test_not_elf_is_rejected() {
-        assert!(matches!(check(b"hello world"), Err(LoadKernelError::NotElf)));
+        assert!(matches!(
+            check(b"hello world"),
+            Err(LoadKernelError::NotElf)
+        ));
         assert!(matches!(check(b""), Err(LoadKernelError::NotElf)));
     }
 

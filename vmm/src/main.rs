@@ -43,10 +43,10 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// Guest workload time in seconds; the guest then exits 0.
-    #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_seconds, allow_negative_numbers = true)]
     duration: Duration,
     /// Host wall-clock limit in seconds; a guest still running then is stopped.
-    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds, allow_negative_numbers = true)]
     timeout: Option<Duration>,
     /// Write the guest console to FILE instead of standard output.
     #[arg(long, value_name = "FILE")]
@@ -98,9 +98,13 @@ impl From<WorkloadArg> for Workload {
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text.parse().map_err(|_| format!("'{text}' is not a number of seconds"))?;
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("'{text}' is not a number of seconds"))?;
     if !(secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("{secs} s is out of range: more than 0 and at most 86400"));
+        return Err(format!(
+            "{secs} s is out of range: more than 0 and at most 86400"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -110,10 +114,16 @@ impl RunArgs {
         VmConfig {
             vcpus: self.vcpus,
             mem_mib: self.mem_mib,
-            kernel: self.kernel.clone().map_or(KernelSource::Embedded, KernelSource::File),
+            kernel: self
+                .kernel
+                .clone()
+                .map_or(KernelSource::Embedded, KernelSource::File),
             duration: Some(self.duration),
             timeout: self.timeout,
-            console: self.console.clone().map_or(ConsoleSink::Stdout, ConsoleSink::File),
+            console: self
+                .console
+                .clone()
+                .map_or(ConsoleSink::Stdout, ConsoleSink::File),
             workload: if self.kick_stress_hz.is_some() && self.workload == WorkloadArg::Demo {
                 Workload::KickStress
             } else {
@@ -178,7 +188,10 @@ fn main() -> ExitCode {
     if let Some(path) = &args.summary_json {
         let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
         if let Err(e) = std::fs::write(path, json + "\n") {
-            eprintln!("metronome: error: cannot write summary to '{}': {e}", path.display());
+            eprintln!(
+                "metronome: error: cannot write summary to '{}': {e}",
+                path.display()
+            );
             return ExitCode::from(exit::VMM_HOST_ERROR as u8);
         }
     }

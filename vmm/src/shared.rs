@@ -84,7 +84,9 @@ impl VcpuSlot {
     /// Locks the interrupt state. A poisoned lock (a panicking vCPU thread) is
     /// taken over: the state is plain counters and bitmaps, valid at any point.
     pub fn lock(&self) -> MutexGuard<'_, IrqState> {
-        self.irq.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.irq
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -153,11 +155,18 @@ impl std::fmt::Display for VmExit {
                 }
                 Ok(())
             }
-            Self::Panic { vcpu, message } => write!(f, "guest kernel panic on vCPU {vcpu}: {message}"),
-            Self::TripleFault { vcpu, rip } => {
-                write!(f, "vCPU {vcpu} triple-faulted (KVM shutdown exit) at RIP {rip:#x}")
+            Self::Panic { vcpu, message } => {
+                write!(f, "guest kernel panic on vCPU {vcpu}: {message}")
             }
-            Self::Emulation { vcpu, detail } => write!(f, "KVM could not run vCPU {vcpu}: {detail}"),
+            Self::TripleFault { vcpu, rip } => {
+                write!(
+                    f,
+                    "vCPU {vcpu} triple-faulted (KVM shutdown exit) at RIP {rip:#x}"
+                )
+            }
+            Self::Emulation { vcpu, detail } => {
+                write!(f, "KVM could not run vCPU {vcpu}: {detail}")
+            }
             Self::Timeout { limit_ms } => write!(
                 f,
                 "timeout: the guest did not exit within {}.{:03} s (--timeout); the VM was stopped",
@@ -250,7 +259,9 @@ impl VmShared {
 
     /// Wakes vCPU `id` whether it is parked or running.
     pub fn wake(&self, id: u32) {
-        let Some(slot) = self.vcpus.get(id as usize) else { return };
+        let Some(slot) = self.vcpus.get(id as usize) else {
+            return;
+        };
         let parked = slot.lock().parked;
         if parked {
             slot.wake.notify_one();

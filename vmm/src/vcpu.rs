@@ -77,15 +77,27 @@ pub struct VcpuRunner {
 
 impl std::fmt::Debug for VcpuRunner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VcpuRunner").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("VcpuRunner")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
 impl VcpuRunner {
     /// A runner for vCPU `id`.
     pub fn new(id: u32, fd: VcpuFd, shared: Arc<VmShared>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
-        let stats = VcpuRunStats { id, ..Default::default() };
-        Self { id, fd, shared, pio, mmio, stats }
+        let stats = VcpuRunStats {
+            id,
+            ..Default::default()
+        };
+        Self {
+            id,
+            fd,
+            shared,
+            pio,
+            mmio,
+            stats,
+        }
     }
 
     /// Runs the vCPU until the VM stops. Any failure ends the VM through
@@ -97,7 +109,9 @@ impl VcpuRunner {
         // binding: we unbind before returning (and so before the fd is dropped).
         unsafe { kick::bind_current_thread(std::ptr::addr_of_mut!((*run).immediate_exit)) };
         // SAFETY: pthread_self has no preconditions.
-        let _ = self.shared.vcpus[self.id as usize].thread.set(unsafe { libc::pthread_self() });
+        let _ = self.shared.vcpus[self.id as usize]
+            .thread
+            .set(unsafe { libc::pthread_self() });
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         match HostTimer::for_current_thread() {
@@ -106,7 +120,9 @@ impl VcpuRunner {
                     self.shared.request_exit(message);
                 }
             }
-            Err(e) => self.shared.request_exit(VmExit::Host(format!("vCPU {}: timer_create: {e}", self.id))),
+            Err(e) => self
+                .shared
+                .request_exit(VmExit::Host(format!("vCPU {}: timer_create: {e}", self.id))),
         }
         kick::unbind_current_thread();
         let regs = self.fd.sync_regs();
@@ -181,7 +197,8 @@ impl VcpuRunner {
                 Ok(VcpuExit::InternalError) => {
                     self.count("internal_error");
                     // SAFETY: the exit reason says the `internal` union member is valid.
-                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     let rip = self.fd.sync_regs().regs.rip;
                     return Err(VmExit::Emulation {
                         vcpu: id,
@@ -219,11 +236,17 @@ impl VcpuRunner {
             run.request_interrupt_window = 1;
             return Ok(());
         }
-        let request = kvm_interrupt { irq: u32::from(vector) };
+        let request = kvm_interrupt {
+            irq: u32::from(vector),
+        };
         // SAFETY: KVM_INTERRUPT on our own vCPU fd with a valid kvm_interrupt.
         let ret = unsafe { ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &request) };
         if ret != 0 {
-            return Err(VmExit::Host(format!("vCPU {}: KVM_INTERRUPT: {}", self.id, errno::Error::last())));
+            return Err(VmExit::Host(format!(
+                "vCPU {}: KVM_INTERRUPT: {}",
+                self.id,
+                errno::Error::last()
+            )));
         }
         irq.vic.acknowledge(vector);
         match vector {

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use metronome_abi::{layout, BootInfo, GuestReport, VcpuShared, Vector, Workload, BOOT_MAGIC, BOOT_VERSION};
+use metronome_abi::{
+    layout, BootInfo, GuestReport, VcpuShared, Vector, Workload, BOOT_MAGIC, BOOT_VERSION,
+};
 use metronome_devices::Raise;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -30,7 +32,9 @@ use crate::devices::DeviceManager;
 use crate::kick;
 use crate::loader::{self, LoadKernelError};
 use crate::shared::{VmExit, VmShared};
-use crate::summary::{GuestVcpuSummary, Percentiles, StressSummary, Summary, TimerSummary, VcpuSummary};
+use crate::summary::{
+    GuestVcpuSummary, Percentiles, StressSummary, Summary, TimerSummary, VcpuSummary,
+};
 use crate::vcpu::{VcpuRunStats, VcpuRunner};
 
 /// How long the stress drain may take before the VM is stopped anyway.
@@ -104,14 +108,23 @@ pub enum BuildVmError {
 /// Reads and checks the kernel image the configuration names, without KVM.
 pub fn kernel_image(config: &VmConfig) -> Result<(Vec<u8>, String), BuildVmError> {
     let (image, name) = match &config.kernel {
-        KernelSource::Embedded => (metronome_resources::GUEST_KERNEL.to_vec(), "embedded".to_string()),
+        KernelSource::Embedded => (
+            metronome_resources::GUEST_KERNEL.to_vec(),
+            "embedded".to_string(),
+        ),
         KernelSource::File(path) => {
             let name = path.display().to_string();
-            let image = std::fs::read(path).map_err(|source| BuildVmError::ReadKernel { path: name.clone(), source })?;
+            let image = std::fs::read(path).map_err(|source| BuildVmError::ReadKernel {
+                path: name.clone(),
+                source,
+            })?;
             (image, name)
         }
     };
-    loader::check(&image).map_err(|source| BuildVmError::Kernel { path: name.clone(), source })?;
+    loader::check(&image).map_err(|source| BuildVmError::Kernel {
+        path: name.clone(),
+        source,
+    })?;
     Ok((image, name))
 }
 
@@ -128,7 +141,9 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -140,9 +155,14 @@ impl Vm {
         let console: Box<dyn Write + Send> = match &config.console {
             ConsoleSink::Stdout => Box::new(std::io::stdout()),
             ConsoleSink::Null => Box::new(std::io::sink()),
-            ConsoleSink::File(path) => Box::new(std::fs::File::create(path).map_err(|source| {
-                BuildVmError::Console { path: path.display().to_string(), source }
-            })?),
+            ConsoleSink::File(path) => {
+                Box::new(
+                    std::fs::File::create(path).map_err(|source| BuildVmError::Console {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+                )
+            }
         };
 
         let kvm = Kvm::new().map_err(BuildVmError::OpenKvm)?;
@@ -157,7 +177,9 @@ impl Vm {
         let mem_bytes = config.mem_bytes();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_bytes as usize)])
             .map_err(|e| BuildVmError::GuestMemory(config.mem_mib, e))?;
-        let host_addr = mem.get_host_address(GuestAddress(0)).map_err(BuildVmError::WriteBoot)?;
+        let host_addr = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(BuildVmError::WriteBoot)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             guest_phys_addr: 0,
@@ -169,19 +191,25 @@ impl Vm {
         // long as the VM fd (both are owned by this Vm and dropped together).
         unsafe { vm.set_user_memory_region(region) }.map_err(BuildVmError::RegisterMemory)?;
 
-        let kernel = loader::load(&image, &mem).map_err(|source| BuildVmError::Kernel { path: name, source })?;
+        let kernel = loader::load(&image, &mem)
+            .map_err(|source| BuildVmError::Kernel { path: name, source })?;
         crate::arch::write_page_tables(&mem, mem_bytes).map_err(BuildVmError::WriteBoot)?;
         crate::arch::write_gdt(&mem, config.vcpus).map_err(BuildVmError::WriteBoot)?;
 
         let mut vcpus = Vec::new();
         let mut tsc_khz = 0;
         for id in 0..config.vcpus {
-            let vcpu = vm.create_vcpu(u64::from(id)).map_err(|e| BuildVmError::CreateVcpu(id, e))?;
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| BuildVmError::CreateVcpu(id, e))?;
             let cpuid = kvm
                 .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                 .map_err(|e| BuildVmError::SetRegisters(id, e))?;
-            vcpu.set_cpuid2(&cpuid).map_err(|e| BuildVmError::SetRegisters(id, e))?;
-            let sregs = vcpu.get_sregs().map_err(|e| BuildVmError::SetRegisters(id, e))?;
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(|e| BuildVmError::SetRegisters(id, e))?;
+            let sregs = vcpu
+                .get_sregs()
+                .map_err(|e| BuildVmError::SetRegisters(id, e))?;
             vcpu.set_sregs(&crate::arch::long_mode_sregs(id, sregs))
                 .map_err(|e| BuildVmError::SetRegisters(id, e))?;
             vcpu.set_regs(&crate::arch::entry_regs(id, kernel.entry))
@@ -202,7 +230,9 @@ impl Vm {
             heap_base: layout::HEAP_BASE,
             heap_end: mem_bytes,
             tsc_khz: u64::from(tsc_khz),
-            duration_ns: config.duration.map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
+            duration_ns: config
+                .duration
+                .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
             workload: config.workload as u32,
             workload_arg: config.workload_arg,
             hz: config.hz,
@@ -214,7 +244,14 @@ impl Vm {
 
         let shared = Arc::new(VmShared::new(mem, config.vcpus).map_err(BuildVmError::Host)?);
         let devices = DeviceManager::new(&shared, console)?;
-        Ok(Self { config, _kvm: kvm, _vm: vm, vcpus, shared, devices })
+        Ok(Self {
+            config,
+            _kvm: kvm,
+            _vm: vm,
+            vcpus,
+            shared,
+            devices,
+        })
     }
 
     /// Runs the VM until it ends; `process_start` anchors the wall-clock figures.
@@ -229,18 +266,25 @@ impl Vm {
             let mmio = Arc::new(std::mem::take(&mut self.devices.mmio));
             let mut threads: Vec<JoinHandle<VcpuRunStats>> = Vec::new();
             for (id, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-                let runner = VcpuRunner::new(id as u32, fd, shared.clone(), pio.clone(), mmio.clone());
+                let runner =
+                    VcpuRunner::new(id as u32, fd, shared.clone(), pio.clone(), mmio.clone());
                 let handle = std::thread::Builder::new()
                     .name(format!("vcpu{id}"))
                     .spawn(move || runner.run())
                     .map_err(|e| VmExit::Host(format!("spawning vCPU thread: {e}")))?;
                 threads.push(handle);
             }
-            let stress = self.config.kick_stress_hz.map(|hz| StressGenerator::start(shared.clone(), hz));
+            let stress = self
+                .config
+                .kick_stress_hz
+                .map(|hz| StressGenerator::start(shared.clone(), hz));
 
             let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
                 EventManager::new().map_err(|e| VmExit::Host(format!("event manager: {e}")))?;
-            let exit_watch = Arc::new(Mutex::new(ExitSubscriber { shared: shared.clone(), fired: false }));
+            let exit_watch = Arc::new(Mutex::new(ExitSubscriber {
+                shared: shared.clone(),
+                fired: false,
+            }));
             manager.add_subscriber(exit_watch.clone());
             manager.add_subscriber(Arc::new(Mutex::new(signals)));
             if let Some(limit) = self.config.timeout {
@@ -260,7 +304,10 @@ impl Vm {
                 drain_stress(&shared);
             }
             shared.stop_all();
-            Ok(threads.into_iter().map(|t| t.join().unwrap_or_default()).collect())
+            Ok(threads
+                .into_iter()
+                .map(|t| t.join().unwrap_or_default())
+                .collect())
         })();
         let stats = match result {
             Ok(stats) => stats,
@@ -276,7 +323,9 @@ impl Vm {
 
     fn summarize(&self, stats: Vec<VcpuRunStats>, wall: Duration, exit_wall: Duration) -> Summary {
         let shared = &self.shared;
-        let reason = shared.exit_reason().unwrap_or(VmExit::Host("no exit reason".into()));
+        let reason = shared
+            .exit_reason()
+            .unwrap_or(VmExit::Host("no exit reason".into()));
         let (outcome, exit_code) = outcome_of(&reason);
         let mut message = reason.to_string();
         if matches!(reason, VmExit::Timeout { .. }) {
@@ -286,7 +335,11 @@ impl Vm {
                     s.id,
                     s.last_rip,
                     s.last_cs & 3,
-                    if s.last_rflags & 0x200 != 0 { "on" } else { "off" }
+                    if s.last_rflags & 0x200 != 0 {
+                        "on"
+                    } else {
+                        "off"
+                    }
                 ));
             }
         }
@@ -297,9 +350,16 @@ impl Vm {
             .collect();
         let vcpus = (0..self.config.vcpus)
             .map(|id| {
-                let guest: VcpuShared =
-                    read_plain(&shared.mem, layout::percpu_region(id) + layout::PERCPU_SHARED).unwrap_or_default();
-                let run = stats.iter().find(|s| s.id == id).cloned().unwrap_or_default();
+                let guest: VcpuShared = read_plain(
+                    &shared.mem,
+                    layout::percpu_region(id) + layout::PERCPU_SHARED,
+                )
+                .unwrap_or_default();
+                let run = stats
+                    .iter()
+                    .find(|s| s.id == id)
+                    .cloned()
+                    .unwrap_or_default();
                 let slot = &shared.vcpus[id as usize];
                 let irq = slot.lock();
                 let t = irq.timer.counters();
@@ -415,10 +475,15 @@ unsafe impl Plain for VcpuShared {}
 // SAFETY: as above.
 unsafe impl Plain for GuestReport {}
 
-fn write_plain<T: Plain>(mem: &GuestMemoryMmap, addr: u64, value: &T) -> Result<(), vm_memory::GuestMemoryError> {
+fn write_plain<T: Plain>(
+    mem: &GuestMemoryMmap,
+    addr: u64,
+    value: &T,
+) -> Result<(), vm_memory::GuestMemoryError> {
     // SAFETY: T is plain data (see `Plain`), so its bytes are initialised.
-    let bytes =
-        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) };
+    let bytes = unsafe {
+        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
+    };
     mem.write_slice(bytes, GuestAddress(addr))
 }
 
@@ -496,7 +561,14 @@ fn sleep_until(deadline_ns: u64) {
     };
     // SAFETY: valid clock id and timespec; a signal may cut it short, which only
     // shortens one period.
-    unsafe { libc::clock_nanosleep(libc::CLOCK_MONOTONIC, libc::TIMER_ABSTIME, &ts, std::ptr::null_mut()) };
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
 }
 
 /// Watches the exit eventfd; marks the loop done.
@@ -513,7 +585,8 @@ impl MutEventSubscriber for ExitSubscriber {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.shared.exit_evt, EventSet::IN)) {
-            self.shared.request_exit(VmExit::Host(format!("watching exit eventfd: {e}")));
+            self.shared
+                .request_exit(VmExit::Host(format!("watching exit eventfd: {e}")));
             self.fired = true;
         }
     }
@@ -543,7 +616,10 @@ impl SignalSubscriber {
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(Self { shared, fd: OwnedFd::from_raw_fd(fd) })
+            Ok(Self {
+                shared,
+                fd: OwnedFd::from_raw_fd(fd),
+            })
         }
     }
 }
@@ -554,15 +630,23 @@ impl MutEventSubscriber for SignalSubscriber {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading into a buffer of exactly one record from our own fd.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
         if n == size as isize {
-            self.shared.request_exit(VmExit::Signal(info.ssi_signo as i32));
+            self.shared
+                .request_exit(VmExit::Signal(info.ssi_signo as i32));
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
-            self.shared.request_exit(VmExit::Host(format!("watching signalfd: {e}")));
+            self.shared
+                .request_exit(VmExit::Host(format!("watching signalfd: {e}")));
         }
     }
 }
@@ -577,7 +661,8 @@ struct TimeoutSubscriber {
 impl TimeoutSubscriber {
     fn new(shared: Arc<VmShared>, limit: Duration) -> std::io::Result<Self> {
         let mut fd = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        fd.reset(limit, None).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        fd.reset(limit, None)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         Ok(Self { shared, fd, limit })
     }
 }
@@ -585,12 +670,15 @@ impl TimeoutSubscriber {
 impl MutEventSubscriber for TimeoutSubscriber {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.fd.wait();
-        self.shared.request_exit(VmExit::Timeout { limit_ms: self.limit.as_millis() as u64 });
+        self.shared.request_exit(VmExit::Timeout {
+            limit_ms: self.limit.as_millis() as u64,
+        });
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
-            self.shared.request_exit(VmExit::Host(format!("watching timerfd: {e}")));
+            self.shared
+                .request_exit(VmExit::Host(format!("watching timerfd: {e}")));
         }
     }
 }

@@ -196,7 +196,7 @@ pub mod exception {
             19 => "#XM SIMD floating point",
             20 => "#VE virtualization",
             21 => "#CP control protection",
-            0..=31 => "reserved exception",
+            22..=31 | 9 | 15 => "reserved exception",
             _ => "unexpected interrupt",
         }
     }
@@ -417,26 +417,23 @@ pub mod report_key {
     pub const DEMO_WORK: u64 = 3;
 }
 
+// The layout is checked when this crate compiles, for both the guest and the VMM.
+const _: () = {
+    assert!(layout::PT0 + 0x1000 <= layout::KERNEL_BASE);
+    assert!(layout::TSS + layout::TSS_STRIDE * MAX_VCPUS as u64 <= layout::GUEST_REPORT);
+    assert!(core::mem::size_of::<GuestReport>() as u64 <= layout::PML4 - layout::GUEST_REPORT);
+    assert!(layout::KERNEL_LIMIT <= layout::PERCPU_BASE);
+    assert!(layout::percpu_region(MAX_VCPUS) <= layout::HEAP_BASE);
+    assert!(layout::MAX_MEM_MIB << 20 <= layout::MMIO_BASE);
+    assert!(
+        layout::PERCPU_SHARED + core::mem::size_of::<VcpuShared>() as u64 <= layout::PERCPU_PRIVATE
+    );
+    assert!(gdt::tss_selector(MAX_VCPUS) as u64 <= 0x1000);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_layout_regions_do_not_overlap() {
-        assert!(layout::PT0 + 0x1000 <= layout::KERNEL_BASE);
-        assert!(layout::TSS + layout::TSS_STRIDE * MAX_VCPUS as u64 <= layout::GUEST_REPORT);
-        assert!(core::mem::size_of::<GuestReport>() as u64 <= layout::PML4 - layout::GUEST_REPORT);
-        assert!(layout::KERNEL_LIMIT <= layout::PERCPU_BASE);
-        assert!(layout::percpu_region(MAX_VCPUS) <= layout::HEAP_BASE);
-        assert!(layout::MAX_MEM_MIB << 20 <= layout::MMIO_BASE);
-        assert!(layout::PERCPU_SHARED + core::mem::size_of::<VcpuShared>() as u64 <= layout::PERCPU_PRIVATE);
-    }
-
-    #[test]
-    fn test_gdt_fits_all_tss_descriptors() {
-        let end = gdt::tss_selector(MAX_VCPUS) as u64;
-        assert!(end <= 0x1000);
-    }
 
     #[test]
     fn test_workload_round_trip() {
