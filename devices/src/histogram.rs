@@ -1,16 +1,59 @@
 //! A fixed-size log-linear histogram of nanosecond values.
 //!
-//! Values below 16 ns have a bucket each; above, every power of two is split
-//! into [`SUB_BUCKETS`] equal buckets, so a bucket's width is at most 1/8 of
-//! its lower bound (12.5 % resolution). No allocation; recording is O(1).
+//! Values 0 to 7 each have a bucket of their own. Above, every power of two
+//! `[2^e, 2^(e+1))` is split into [`SUB_BUCKETS`] equal buckets of width
+//! `2^(e-3)`, so a bucket is at most 1/8 (12.5 %) as wide as its lower bound
+//! (the `HdrHistogram` idea with one significant octal digit). The 496 buckets
+//! cover all of `u64` in a fixed array: recording is O(1) and never allocates.
 
-/// Sub-buckets per power of two.
+/// Sub-buckets per power of two: the histogram's relative resolution is
+/// `1 / SUB_BUCKETS`.
 pub const SUB_BUCKETS: usize = 8;
-const SUB_BITS: u32 = 3;
-const LINEAR: u64 = 16;
-const BUCKETS: usize = LINEAR as usize + (64 - 4) * SUB_BUCKETS;
+/// `log2(SUB_BUCKETS)`.
+const SUB_BITS: u32 = SUB_BUCKETS.trailing_zeros();
+/// Exact buckets for 0..8, then 8 sub-buckets for each exponent 3..=63.
+const BUCKETS: usize = SUB_BUCKETS + (64 - SUB_BITS as usize) * SUB_BUCKETS;
 
-/// A latency histogram.
+/// The bucket holding `value`.
+fn bucket_of(value: u64) -> usize {
+    if value < SUB_BUCKETS as u64 {
+        // Lossless: value < 8.
+        return value as usize;
+    }
+    let exp = value.ilog2(); // >= SUB_BITS
+                             // The top SUB_BITS + 1 bits are 1xxx: keep the xxx.
+    let sub = (value >> (exp - SUB_BITS)) as usize & (SUB_BUCKETS - 1);
+    SUB_BUCKETS + (exp - SUB_BITS) as usize * SUB_BUCKETS + sub
+}
+
+/// The largest value that falls in bucket `index`.
+fn upper_bound(index: usize) -> u64 {
+    if index < SUB_BUCKETS {
+        return index as u64;
+    }
+    let shift = (index - SUB_BUCKETS) / SUB_BUCKETS; // exp - SUB_BITS
+    let mantissa = (SUB_BUCKETS + index % SUB_BUCKETS) as u64; // 8..=15
+                                                               // For the last bucket, (15 << 60) + (1 << 60) - 1 == u64::MAX: no overflow.
+    (mantissa << shift) + ((1u64 << shift) - 1)
+}
+
+/// A histogram of latencies in ns, with 12.5 % resolution.
+///
+/// # Example
+///
+/// ```
+/// use metronome_devices::LatencyHistogram;
+///
+/// let mut lateness = LatencyHistogram::new();
+/// for ns in [1_000, 2_000, 3_000, 40_000] {
+///     lateness.record(ns);
+/// }
+/// assert_eq!(lateness.count(), 4);
+/// assert_eq!(lateness.max(), 40_000);
+/// // The median lies in the bucket [1792, 2047].
+/// assert_eq!(lateness.percentile(50.0), 2_047);
+/// assert_eq!(lateness.percentile(100.0), 40_000);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LatencyHistogram {
     counts: [u64; BUCKETS],
@@ -28,72 +71,59 @@ impl Default for LatencyHistogram {
     }
 }
 
-fn bucket_of(value: u64) -> usize {
-    if value < LINEAR {
-        return value as usize;
-    }
-    let exp = 63 - value.leading_zeros(); // >= 4
-    let sub = (value >> (exp - SUB_BITS)) as usize & (SUB_BUCKETS - 1);
-    LINEAR as usize + (exp as usize - 4) * SUB_BUCKETS + sub
-}
-
-/// The largest value that falls in bucket `index`.
-fn upper_bound(index: usize) -> u64 {
-    if index < LINEAR as usize {
-        return index as u64;
-    }
-    let exp = (index - LINEAR as usize) / SUB_BUCKETS + 4;
-    let sub = ((index - LINEAR as usize) % SUB_BUCKETS) as u64;
-    let width = 1u64 << (exp - SUB_BITS as usize);
-    (1u64 << exp) + sub * width + (width - 1)
-}
-
 impl LatencyHistogram {
     /// An empty histogram.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Records one value.
-    pub fn record(&mut self, value: u64) {
-        self.counts[bucket_of(value)] += 1;
+    /// Records one value in ns.
+    pub fn record(&mut self, ns: u64) {
+        self.counts[bucket_of(ns)] += 1;
         self.count += 1;
-        self.max = self.max.max(value);
+        self.max = self.max.max(ns);
     }
 
-    /// Number of values recorded.
+    /// The number of values recorded.
     pub fn count(&self) -> u64 {
         self.count
     }
 
-    /// The largest value recorded (0 when empty).
+    /// The largest value recorded, exactly; 0 when empty.
     pub fn max(&self) -> u64 {
         self.max
     }
 
-    /// The value at percentile `p` (0..=100): the upper bound of the bucket that
-    /// holds it, capped at the maximum. 0 when empty.
+    /// The `p`-th percentile (`p` in 0..=100, clamped; NaN counts as 0): the
+    /// upper bound of the bucket holding the value of rank `ceil(p% * count)`,
+    /// capped at [`max`](Self::max). It is at most 12.5 % above the true value
+    /// and never below it. 0 when empty.
     pub fn percentile(&self, p: f64) -> u64 {
         if self.count == 0 {
             return 0;
         }
-        let rank = ((p.clamp(0.0, 100.0) / 100.0) * self.count as f64)
-            .ceil()
-            .max(1.0) as u64;
-        let mut seen = 0;
+        let fraction = if p.is_nan() {
+            0.0
+        } else {
+            p.clamp(0.0, 100.0) / 100.0
+        };
+        // Float-to-int `as` saturates; the clamp keeps the rank in 1..=count.
+        let rank = ((fraction * self.count as f64).ceil() as u64).clamp(1, self.count);
+        let mut seen = 0u64;
         for (index, &n) in self.counts.iter().enumerate() {
             seen += n;
             if seen >= rank {
                 return upper_bound(index).min(self.max);
             }
         }
+        // Unreachable while the bucket counts sum to `count`.
         self.max
     }
 
-    /// Adds another histogram's values.
+    /// Adds all of `other`'s values to this histogram.
     pub fn merge(&mut self, other: &Self) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
-            *a += b;
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
         }
         self.count += other.count;
         self.max = self.max.max(other.max);
@@ -104,46 +134,123 @@ impl LatencyHistogram {
 mod tests {
     use super::*;
 
+    /// Asserts that `reported` is within the histogram's resolution above `exact`.
+    fn assert_close(reported: u64, exact: u64) {
+        assert!(reported >= exact, "{reported} below {exact}");
+        let error = (reported - exact) as f64 / exact as f64;
+        assert!(error <= 0.125, "{reported} is {error:.3} above {exact}");
+    }
+
     #[test]
-    fn test_buckets_cover_their_values() {
-        for value in (0..100_000u64).chain([u64::MAX, u64::MAX / 3, 1 << 40]) {
+    fn test_bucket_count_covers_u64() {
+        assert_eq!(BUCKETS, 496);
+        assert_eq!(bucket_of(u64::MAX), BUCKETS - 1);
+        assert_eq!(upper_bound(BUCKETS - 1), u64::MAX);
+    }
+
+    #[test]
+    fn test_buckets_are_contiguous_and_cover_their_values() {
+        let edges = (0..64).flat_map(|e| {
+            let p = 1u64 << e;
+            [p - 1, p, p + 1]
+        });
+        for value in (0..100_000u64).chain(edges).chain([u64::MAX, u64::MAX / 3]) {
             let b = bucket_of(value);
             assert!(upper_bound(b) >= value, "{value} above its bucket {b}");
             if b > 0 {
                 assert!(
                     upper_bound(b - 1) < value,
-                    "{value} belongs to an earlier bucket"
+                    "{value} belongs below bucket {b}"
                 );
             }
         }
     }
 
     #[test]
-    fn test_percentiles_of_a_uniform_distribution() {
+    fn test_bucket_width_within_resolution() {
+        for b in SUB_BUCKETS..BUCKETS {
+            let lower = upper_bound(b - 1) + 1;
+            let width = upper_bound(b) - lower + 1;
+            assert!(
+                width <= lower / 8,
+                "bucket {b}: width {width}, lower {lower}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_small_values_exact() {
+        let mut h = LatencyHistogram::new();
+        for v in 0..8 {
+            h.record(v);
+        }
+        assert_eq!(h.percentile(0.0), 0);
+        assert_eq!(h.percentile(50.0), 3);
+        assert_eq!(h.percentile(100.0), 7);
+    }
+
+    #[test]
+    fn test_percentiles_of_uniform_distribution() {
         let mut h = LatencyHistogram::new();
         for v in 1..=10_000u64 {
             h.record(v * 100);
         }
-        let p50 = h.percentile(50.0) as f64;
-        let p99 = h.percentile(99.0) as f64;
-        assert!((p50 - 500_000.0).abs() / 500_000.0 <= 0.125, "p50 {p50}");
-        assert!((p99 - 990_000.0).abs() / 990_000.0 <= 0.125, "p99 {p99}");
-        assert_eq!(h.max(), 1_000_000);
-        assert_eq!(h.percentile(100.0), 1_000_000);
         assert_eq!(h.count(), 10_000);
+        assert_eq!(h.max(), 1_000_000);
+        assert_close(h.percentile(50.0), 500_000);
+        assert_close(h.percentile(90.0), 900_000);
+        assert_close(h.percentile(99.0), 990_000);
+        assert_close(h.percentile(0.0), 100);
+        assert_eq!(h.percentile(100.0), 1_000_000);
     }
 
     #[test]
-    fn test_empty_and_merge() {
+    fn test_percentiles_of_skewed_distribution() {
+        // 99 % fast deliveries (about 2 us), 1 % slow ones (about 5 ms).
+        let mut h = LatencyHistogram::new();
+        for i in 0..99_000u64 {
+            h.record(2_000 + i % 100);
+        }
+        for i in 0..1_000u64 {
+            h.record(5_000_000 + i);
+        }
+        assert_close(h.percentile(50.0), 2_049);
+        assert_close(h.percentile(98.9), 2_099);
+        assert_close(h.percentile(99.5), 5_000_499);
+        assert_eq!(h.percentile(100.0), 5_000_999);
+    }
+
+    #[test]
+    fn test_percentile_argument_clamped() {
+        let mut h = LatencyHistogram::new();
+        h.record(10);
+        h.record(1_000);
+        assert_eq!(h.percentile(-5.0), h.percentile(0.0));
+        assert_eq!(h.percentile(f64::NAN), h.percentile(0.0));
+        assert_eq!(h.percentile(500.0), 1_000);
+    }
+
+    #[test]
+    fn test_empty_histogram() {
+        let h = LatencyHistogram::new();
+        assert_eq!((h.count(), h.max(), h.percentile(50.0)), (0, 0, 0));
+    }
+
+    #[test]
+    fn test_merge_equals_recording_both() {
         let mut a = LatencyHistogram::new();
-        assert_eq!(a.percentile(50.0), 0);
         let mut b = LatencyHistogram::new();
-        b.record(7);
-        b.record(9);
-        a.record(1_000);
+        let mut both = LatencyHistogram::new();
+        for v in [1, 7, 9, 1_000, 77_777] {
+            a.record(v);
+            both.record(v);
+        }
+        for v in [3, 12_345, 1 << 40] {
+            b.record(v);
+            both.record(v);
+        }
         a.merge(&b);
-        assert_eq!(a.count(), 3);
-        assert_eq!(a.max(), 1_000);
-        assert_eq!(a.percentile(50.0), 9);
+        assert_eq!(a, both);
+        assert_eq!(a.max(), 1 << 40);
     }
 }

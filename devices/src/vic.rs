@@ -58,7 +58,7 @@ impl VectorSet {
         // Word index (< 4) times 64 plus a bit index (< 64) is at most 255.
         (0..4u8).rev().find_map(|word| {
             let bits = self.0[usize::from(word)];
-            (bits != 0).then(|| word * 64 + (63 - bits.leading_zeros() as u8))
+            (bits != 0).then(|| word * 64 + bits.ilog2() as u8)
         })
     }
 }
