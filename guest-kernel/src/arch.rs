@@ -351,6 +351,14 @@ pub fn pause() {
     core::hint::spin_loop();
 }
 
+/// Whether interrupts are enabled (RFLAGS.IF).
+pub fn interrupts_enabled() -> bool {
+    let flags: u64;
+    // SAFETY: pushfq/pop only reads RFLAGS through the stack.
+    unsafe { asm!("pushfq", "pop {}", out(reg) flags, options(nomem, preserves_flags)) };
+    flags & 0x200 != 0
+}
+
 /// Disables interrupts.
 pub fn cli() {
     // SAFETY: masking interrupts is always sound at CPL0.

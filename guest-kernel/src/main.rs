@@ -52,6 +52,7 @@ extern "C" fn kmain(vcpu_id: u64, _boot: u64) -> ! {
         }
         // SAFETY: only the bootstrap vCPU runs this, before BOOT_READY releases the others.
         unsafe { arch::build_idt() };
+        clock::init_global();
         BOOT_READY.store(true, Ordering::Release);
     } else {
         while !BOOT_READY.load(Ordering::Acquire) {

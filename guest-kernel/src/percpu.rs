@@ -11,6 +11,7 @@ use metronome_abi::layout::{self, PERCPU_BASE, PERCPU_STRIDE};
 use metronome_abi::{VcpuShared, SHARED_MAGIC};
 
 use crate::arch::{Frame, FxArea};
+use crate::clock::TimerDevice;
 use crate::sched::RunQueue;
 
 /// The scheduler's per-vCPU state.
@@ -29,10 +30,18 @@ pub struct PerCpu {
     pub idle_frame: Frame,
     /// The saved idle floating-point state (unused by idle code, kept valid).
     pub idle_fx: FxArea,
-    /// The hardclock period in ns.
-    pub tick_period_ns: u64,
-    /// The next tick deadline on the device clock.
-    pub next_tick_ns: u64,
+    /// This vCPU's clockintr queue.
+    pub queue: clockintr::ClockQueue<TimerDevice>,
+    /// hardclocks left until the next round-robin preemption.
+    pub rr_ticks: u32,
+    /// The deadline this vCPU last programmed (None after a trigger).
+    pub programmed_deadline: Option<u64>,
+    /// statclock calls left before the next accounting tick while profiling (spc_pscnt).
+    pub pscnt: u32,
+    /// statclock ticks, for the statclock-driven schedclock when schedhz is 0.
+    pub schedticks: u32,
+    /// The next prompt dispatch is the first since clockintr_cpu_init.
+    pub first_since_init: bool,
     /// The guest asked to exit: stop scheduling, idle until the VMM stops us.
     pub exiting: bool,
 }
@@ -69,6 +78,10 @@ pub fn init(id: u32) {
     cpu.owned_len = 0;
     cpu.idle_fx = FxArea::initial();
     cpu.exiting = false;
+    cpu.rr_ticks = 1;
+    cpu.pscnt = 1;
+    cpu.programmed_deadline = None;
+    cpu.first_since_init = false;
     let shared = shared(id);
     shared.vcpu_id = id;
     shared.current_state = metronome_abi::thread_state::IDLE;

@@ -15,10 +15,19 @@
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use metronome_abi::gdt::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
-use metronome_abi::{layout, thread_state, MAX_THREADS};
+use metronome_abi::{layout, thread_state, ThreadInfo, MAX_THREADS};
 
 use crate::arch::{self, Frame, FxArea};
 use crate::percpu;
+
+/// cp_time indices (OpenBSD CP_USER, CP_SYS, CP_INTR, CP_IDLE; no CP_NICE/CP_SPIN).
+const CP_USER: usize = 0;
+const CP_INTR: usize = 2;
+const CP_IDLE: usize = 3;
+/// Base user priority and limits of OpenBSD's resetpriority().
+const PUSER: u64 = 50;
+const MAXPRI: u64 = 127;
+const ESTCPULIM: u64 = 255;
 
 /// Bytes of user stack per thread.
 const STACK_SIZE: u64 = 64 * 1024;
@@ -83,6 +92,18 @@ static mut THREADS: [Thread; MAX_THREADS] = [const {
 }; MAX_THREADS];
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 static NEXT_STACK: AtomicUsize = AtomicUsize::new(0);
+
+/// The thread table the VMM reads: slot `i` describes thread slot `i`.
+fn info(slot: usize) -> &'static mut ThreadInfo {
+    // SAFETY: the table is a fixed, identity-mapped page array of MAX_THREADS
+    // entries; slot ownership is as for THREADS (see `thread`).
+    unsafe { &mut *((layout::THREAD_TABLE as *mut ThreadInfo).add(slot)) }
+}
+
+fn set_state(slot: usize, state: u32) {
+    thread(slot).state = state;
+    info(slot).state = u64::from(state);
+}
 
 fn thread(slot: usize) -> &'static mut Thread {
     // SAFETY: slots are handed out once by NEXT_SLOT; after that only the owning
@@ -166,6 +187,14 @@ pub fn spawn(id: u32, name: &[u8], entry: Entry, arg: u64) -> Option<u32> {
         ..Frame::default()
     };
     t.fx = FxArea::initial();
+    *info(slot) = ThreadInfo {
+        tid: u64::from(t.tid),
+        vcpu: u64::from(id),
+        state: u64::from(thread_state::RUNNABLE),
+        name: t.name,
+        priority: PUSER,
+        ..ThreadInfo::default()
+    };
     let cpu = percpu::get(id);
     cpu.owned[cpu.owned_len] = slot as u16;
     cpu.owned_len += 1;
@@ -213,8 +242,9 @@ fn load(cpu: &mut percpu::PerCpu, frame: &mut Frame, next: Option<usize>) {
     cpu.current = next;
     match next {
         Some(slot) => {
+            set_state(slot, thread_state::RUNNING);
+            info(slot).switches += 1;
             let t = thread(slot);
-            t.state = thread_state::RUNNING;
             if !t.has_run {
                 t.has_run = true;
                 shared.user_threads_run += 1;
@@ -251,8 +281,10 @@ fn reschedule(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
     load(cpu, frame, next);
 }
 
-/// The scheduler tick: wake sleepers, then round-robin preemption.
-pub fn tick(id: u32, frame: &mut Frame, now: u64) {
+/// After a dispatch that ran hardclock: wake sleepers, run the workload's
+/// tick hook, and preempt when round-robin asked for it (or when idle and a
+/// thread became runnable).
+pub fn hardclock_tick(id: u32, frame: &mut Frame, now: u64, need_resched: bool) {
     let cpu = percpu::get(id);
     if cpu.exiting {
         return;
@@ -262,7 +294,7 @@ pub fn tick(id: u32, frame: &mut Frame, now: u64) {
     if cpu.exiting {
         // The workload decided to end the VM: park in idle until the VMM stops us.
         if let Some(slot) = cpu.current {
-            thread(slot).state = thread_state::RUNNABLE;
+            set_state(slot, thread_state::RUNNABLE);
         }
         save_current(cpu, frame);
         load(cpu, frame, None);
@@ -272,18 +304,57 @@ pub fn tick(id: u32, frame: &mut Frame, now: u64) {
         let slot = cpu.owned[i] as usize;
         let t = thread(slot);
         if t.state == thread_state::WAITING && t.wake_at <= now {
-            t.state = thread_state::RUNNABLE;
+            set_state(slot, thread_state::RUNNABLE);
             cpu.runq.push(slot);
         }
     }
-    if cpu.runq.is_empty() {
+    if cpu.runq.is_empty() || (cpu.current.is_some() && !need_resched) {
         return;
     }
     if let Some(slot) = cpu.current {
-        thread(slot).state = thread_state::RUNNABLE;
+        set_state(slot, thread_state::RUNNABLE);
         cpu.runq.push(slot);
     }
     reschedule(cpu, frame);
+}
+
+/// Statclock accounting (kern_clock.c `statclock`): a tick of user time, of
+/// system or interrupt time for the current thread, or of idle time.
+pub fn charge_stat_tick(id: u32, user: bool) {
+    let shared = percpu::shared(id);
+    match percpu::get(id).current {
+        Some(slot) => {
+            let i = info(slot);
+            if user {
+                shared.cp_time[CP_USER] += 1;
+                i.user_ticks += 1;
+            } else {
+                // Threads only enter the kernel with interrupts off, so a tick
+                // that finds a thread in kernel mode is interrupt time.
+                shared.cp_time[CP_INTR] += 1;
+                i.intr_ticks += 1;
+            }
+            // With schedhz == 0, statclock drives schedclock every 4th tick, as
+            // OpenBSD does (those calls are not counted as schedclock events).
+            if crate::clock::CLOCKINTR.schedclock_period() == 0 {
+                let cpu = percpu::get(id);
+                cpu.schedticks = cpu.schedticks.wrapping_add(1);
+                if cpu.schedticks & 3 == 0 {
+                    schedclock(id);
+                }
+            }
+        }
+        None => shared.cp_time[CP_IDLE] += 1,
+    }
+}
+
+/// schedclock(p): raise the current thread's estcpu and recompute its priority.
+pub fn schedclock(id: u32) {
+    if let Some(slot) = percpu::get(id).current {
+        let i = info(slot);
+        i.estcpu = (i.estcpu + 1).min(ESTCPULIM);
+        i.priority = (PUSER + i.estcpu / 4).min(MAXPRI);
+    }
 }
 
 /// System call: give up the CPU to the next runnable thread.
@@ -293,7 +364,7 @@ pub fn yield_now(id: u32, frame: &mut Frame) {
         return;
     }
     if let Some(slot) = cpu.current {
-        thread(slot).state = thread_state::RUNNABLE;
+        set_state(slot, thread_state::RUNNABLE);
         cpu.runq.push(slot);
     }
     reschedule(cpu, frame);
@@ -303,9 +374,8 @@ pub fn yield_now(id: u32, frame: &mut Frame) {
 pub fn sleep_until(id: u32, frame: &mut Frame, wake_at: u64) {
     let cpu = percpu::get(id);
     if let Some(slot) = cpu.current {
-        let t = thread(slot);
-        t.state = thread_state::WAITING;
-        t.wake_at = wake_at;
+        set_state(slot, thread_state::WAITING);
+        thread(slot).wake_at = wake_at;
     }
     reschedule_or_idle(cpu, frame);
 }
@@ -314,7 +384,7 @@ pub fn sleep_until(id: u32, frame: &mut Frame, wake_at: u64) {
 pub fn exit_current(id: u32, frame: &mut Frame) {
     let cpu = percpu::get(id);
     if let Some(slot) = cpu.current {
-        thread(slot).state = thread_state::EXITED;
+        set_state(slot, thread_state::EXITED);
     }
     reschedule_or_idle(cpu, frame);
 }

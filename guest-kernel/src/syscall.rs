@@ -32,6 +32,8 @@ pub const SYS_WRITE: u64 = 3;
 pub const SYS_REPORT: u64 = 4;
 /// Return the uptime in ns.
 pub const SYS_UPTIME: u64 = 5;
+/// Switch statclock profiling on (`rdi` = 1) or off (0) for the caller (startprofclock/stopprofclock).
+pub const SYS_PROFIL: u64 = 6;
 
 /// Result of an invalid system call.
 pub const EINVAL: u64 = u64::MAX;
@@ -70,6 +72,10 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
         }
         SYS_REPORT => frame.rax = if report(a, b) { 0 } else { EINVAL },
         SYS_UPTIME => frame.rax = clock::uptime_ns(),
+        SYS_PROFIL => {
+            clock::set_profiling(a != 0);
+            frame.rax = 0;
+        }
         _ => frame.rax = EINVAL,
     }
 }
@@ -127,6 +133,11 @@ pub fn write(bytes: &[u8]) {
 /// User side: report a value to the VMM.
 pub fn report_value(key: u64, value: u64) {
     call(SYS_REPORT, key, value);
+}
+
+/// User side: switch statclock profiling on or off.
+pub fn profil(on: bool) {
+    call(SYS_PROFIL, u64::from(on), 0);
 }
 
 /// User side: uptime in ns.

@@ -13,6 +13,7 @@ use crate::arch::{self, Frame};
 use crate::{clock, percpu, sched, syscall, workloads};
 
 const TIMER: u64 = Vector::Timer as u64;
+const TIMER_RESUME: u64 = Vector::TimerResume as u64;
 const IPI: u64 = Vector::Ipi as u64;
 const STRESS: u64 = Vector::Stress as u64;
 
@@ -33,6 +34,10 @@ pub extern "C" fn trap(frame: &mut Frame) {
         TIMER => {
             eoi();
             clock::interrupt(id, frame);
+        }
+        TIMER_RESUME => {
+            eoi();
+            clock::resume(id);
         }
         IPI => {
             eoi();
@@ -106,10 +111,9 @@ pub fn report_panic(info: &core::panic::PanicInfo) -> ! {
             &mut *core::ptr::addr_of_mut!(PANIC_TEXT[id]),
         )
     };
-    match info.message().as_str() {
-        Some(message) => text.push(message.as_bytes()),
-        None => text.push(b"panic"),
-    };
+    // Kernel panics pass static strings only: formatting them is a plain copy
+    // (core's number formatting uses SSE, which CPL0 code cannot run here).
+    let _ = core::fmt::Write::write_fmt(text, format_args!("{}", info.message()));
     if let Some(location) = info.location() {
         text.push(b" at ")
             .push(location.file().as_bytes())

@@ -7,7 +7,7 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use metronome_abi::mmio::{VIC_BASE, VIC_IPI};
-use metronome_abi::{exit, layout, port, report_key, GuestReport, Vector, Workload};
+use metronome_abi::{boot_flags, exit, layout, port, report_key, GuestReport, Vector, Workload};
 
 use crate::console::Buf;
 use crate::{arch, percpu, sched, syscall};
@@ -53,6 +53,9 @@ fn spawn_demo(id: u32) {
     spawn(id, b"spin", spinner, u64::from(id));
     spawn(id, b"sleep", sleeper, u64::from(id));
     spawn(id, b"mix", mixer, u64::from(id));
+    if id == 0 && crate::boot_info().flags & boot_flags::PROFILE_MIDDLE_THIRD != 0 {
+        spawn(id, b"profil", profiler, crate::boot_info().duration_ns);
+    }
 }
 
 /// Kernel hook on every scheduler tick of vCPU `id`.
@@ -162,6 +165,23 @@ extern "C" fn mixer(_vcpu: u64) -> ! {
         work(50);
         syscall::yield_now();
     }
+}
+
+/// Switches statclock profiling on for the middle third of the run.
+extern "C" fn profiler(duration_ns: u64) -> ! {
+    let sleep_until = |t: u64| {
+        let now = syscall::uptime_ns();
+        if t > now {
+            syscall::sleep_ns(t - now);
+        }
+    };
+    sleep_until(duration_ns / 3);
+    syscall::profil(true);
+    syscall::report_value(report_key::PROFIL_ON_NS, syscall::uptime_ns());
+    sleep_until(2 * duration_ns / 3);
+    syscall::profil(false);
+    syscall::report_value(report_key::PROFIL_OFF_NS, syscall::uptime_ns());
+    syscall::exit()
 }
 
 /// The address the fault workload reads: canonical, user range, never mapped.

@@ -50,8 +50,12 @@ pub struct VmConfig {
     pub workload_arg: u64,
     /// Send stress interrupts to every vCPU at this rate (Hz) while the guest runs.
     pub kick_stress_hz: Option<u32>,
-    /// The guest's hardclock frequency.
-    pub hz: u32,
+    /// The guest's clockintr frequencies and flags (validated by clockintr itself).
+    pub clock: clockintr::Config,
+    /// Seed of the guest's statclock generator.
+    pub stat_seed: u64,
+    /// A guest thread switches statclock profiling on for the middle third of the run.
+    pub profile_middle_third: bool,
 }
 
 impl Default for VmConfig {
@@ -66,7 +70,9 @@ impl Default for VmConfig {
             workload: Workload::Demo,
             workload_arg: 1000,
             kick_stress_hz: None,
-            hz: 100,
+            clock: clockintr::Config::openbsd_amd64(),
+            stat_seed: 1,
+            profile_middle_third: false,
         }
     }
 }
@@ -93,9 +99,12 @@ pub enum ConfigError {
     /// Stress rate out of range.
     #[error("--kick-stress-hz {0} is out of range: 1 to 100000")]
     StressRate(u32),
-    /// hz out of range.
-    #[error("--hz {0} is out of range: 1 to 10000")]
-    Hz(u32),
+    /// A clock configuration clockintr_init would reject (CI-INIT-3, AMB-4).
+    #[error("invalid clock configuration: {0}")]
+    Clock(clockintr::Error),
+    /// hz beyond what this VMM can deliver.
+    #[error("--hz {0} is too high for this VMM: at most 10000")]
+    HzTooHigh(u32),
 }
 
 /// Longest duration or timeout accepted.
@@ -125,8 +134,9 @@ impl VmConfig {
                 return Err(ConfigError::StressRate(rate));
             }
         }
-        if self.hz == 0 || self.hz > 10_000 {
-            return Err(ConfigError::Hz(self.hz));
+        self.clock.validate().map_err(ConfigError::Clock)?;
+        if self.clock.hz > 10_000 {
+            return Err(ConfigError::HzTooHigh(self.clock.hz));
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use metronome_abi::{mmio, port, FaultReport, PanicReport};
 use vm_memory::{Bytes, GuestAddress};
+
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::{Bus, BusDevice, BusError};
@@ -189,16 +190,8 @@ pub struct ControlDevice {
 }
 
 impl ControlDevice {
-    fn read_report<T: Copy + Default>(&self, addr: u64) -> Option<T> {
-        let mut bytes = vec![0u8; std::mem::size_of::<T>()];
-        self.shared
-            .mem
-            .read_slice(&mut bytes, GuestAddress(addr))
-            .ok()?;
-        // SAFETY: only instantiated with the abi report structs, which are
-        // #[repr(C)] structs of u64 fields: every bit pattern is a valid value,
-        // and `bytes` holds exactly size_of::<T>() bytes.
-        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    fn read_report<T: crate::guestmem::Plain>(&self, addr: u64) -> Option<T> {
+        crate::guestmem::read_plain(&self.shared.mem, addr)
     }
 }
 

@@ -93,6 +93,24 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Sleeps until the absolute CLOCK_MONOTONIC time `deadline_ns` (a signal may
+/// cut the sleep short; callers re-check their condition).
+pub fn sleep_until_monotonic(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: valid clock id and timespec; no remainder is requested.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
+}
+
 /// Sets this thread's timer slack to 1 ns, so that its timers and timed waits
 /// are not deferred by the default 50 us slack.
 pub fn set_min_timer_slack() {

@@ -19,6 +19,8 @@ pub mod arch;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod dump;
+pub mod guestmem;
 pub mod kick;
 pub mod loader;
 pub mod shared;
@@ -28,4 +30,4 @@ pub mod vm;
 
 pub use config::{ConsoleSink, KernelSource, VmConfig};
 pub use summary::Summary;
-pub use vm::{BuildVmError, Vm};
+pub use vm::{BuildVmError, ControlError, ResumeMode, RunningVm, Vm, VmController};

@@ -63,9 +63,38 @@ struct RunArgs {
     /// Send stress interrupts to every vCPU at this rate while the guest runs.
     #[arg(long, value_name = "HZ")]
     kick_stress_hz: Option<u32>,
-    /// Guest hardclock frequency.
+    /// hardclock frequency (OpenBSD amd64 default 100).
     #[arg(long, value_name = "HZ", default_value_t = 100)]
     hz: u32,
+    /// statclock frequency [default: hz].
+    #[arg(long, value_name = "HZ")]
+    stathz: Option<u32>,
+    /// statclock frequency while profiling [default: 10 * stathz].
+    #[arg(long, value_name = "HZ")]
+    profhz: Option<u32>,
+    /// schedclock frequency; 0 = no schedclock event.
+    #[arg(
+        long,
+        value_name = "HZ",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    schedhz: i64,
+    /// Randomize the statclock (CL_RNDSTAT; the default).
+    #[arg(long, overrides_with = "no_rndstat")]
+    rndstat: bool,
+    /// Use a fixed statclock period.
+    #[arg(long)]
+    no_rndstat: bool,
+    /// Seed of the guest's statclock generator.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    stat_seed: u64,
+    /// A guest thread switches statclock profiling on for the middle third of the run.
+    #[arg(long)]
+    profile_middle_third: bool,
+    /// Print every vCPU's pending clockintr events when the VM ends.
+    #[arg(long)]
+    dump_clockintr: bool,
     /// Print no human summary.
     #[arg(long)]
     quiet: bool,
@@ -131,7 +160,22 @@ impl RunArgs {
             },
             workload_arg: self.rounds,
             kick_stress_hz: self.kick_stress_hz,
-            hz: self.hz,
+            clock: {
+                let stathz = self.stathz.unwrap_or(self.hz);
+                clockintr::Config {
+                    hz: self.hz,
+                    stathz,
+                    profhz: self.profhz.unwrap_or(stathz.saturating_mul(10)),
+                    schedhz: self.schedhz,
+                    flags: if self.no_rndstat {
+                        0
+                    } else {
+                        clockintr::CL_RNDSTAT
+                    },
+                }
+            },
+            stat_seed: self.stat_seed,
+            profile_middle_third: self.profile_middle_third,
         }
     }
 }
@@ -184,7 +228,21 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let summary = vm.run(process_start);
+    let summary = match vm.start(process_start) {
+        Ok(running) => {
+            let controller = running.controller();
+            let summary = running.wait();
+            if args.dump_clockintr {
+                print!("{}", controller.dump_clockintr());
+            }
+            summary
+        }
+        Err((vm, reason)) => {
+            eprintln!("metronome: error: {reason}");
+            drop(vm);
+            return ExitCode::from(exit::VMM_HOST_ERROR as u8);
+        }
+    };
     if let Some(path) = &args.summary_json {
         let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
         if let Err(e) = std::fs::write(path, json + "\n") {

@@ -70,6 +70,8 @@ pub struct IrqState {
 /// Per-vCPU shared handle.
 #[derive(Debug, Default)]
 pub struct VcpuSlot {
+    /// Device time until which the vCPU thread stays out of the guest (0 = no hold).
+    pub hold_until: AtomicU64,
     /// Interrupt state.
     pub irq: Mutex<IrqState>,
     /// Wakes the vCPU thread parked on HLT.
@@ -128,6 +130,8 @@ pub enum VmExit {
     },
     /// SIGINT or SIGTERM.
     Signal(i32),
+    /// Stopped through the VMM's own API.
+    Stopped,
     /// A host-side failure.
     Host(String),
 }
@@ -174,14 +178,33 @@ impl std::fmt::Display for VmExit {
                 limit_ms % 1000
             ),
             Self::Signal(signal) => write!(f, "stopped by signal {signal}"),
+            Self::Stopped => f.write_str("stopped by the host"),
             Self::Host(message) => write!(f, "host error: {message}"),
         }
     }
 }
 
+/// The pause protocol: the controller sets `paused`; every vCPU thread parks
+/// at its loop top and counts itself in `parked`.
+#[derive(Debug, Default)]
+pub struct PauseState {
+    /// vCPUs must stay out of the guest.
+    pub paused: bool,
+    /// vCPU threads parked because of the pause.
+    pub parked: u32,
+    /// Resumes with re-initialisation so far (the timer device's TIMER_RESUMES).
+    pub reinit_resumes: u64,
+}
+
 /// State shared by every thread of a running VM.
 #[derive(Debug)]
 pub struct VmShared {
+    /// Pause state (see [`PauseState`]).
+    pub pause: Mutex<PauseState>,
+    /// Signalled when `pause` changes.
+    pub pause_cv: Condvar,
+    /// Mirrors `pause.paused` for the vCPU loop's lock-free check.
+    paused_flag: AtomicBool,
     /// Guest memory.
     pub mem: GuestMemoryMmap,
     /// One slot per vCPU.
@@ -199,6 +222,9 @@ impl VmShared {
     /// Shared state for `vcpus` vCPUs; the device clock starts now.
     pub fn new(mem: GuestMemoryMmap, vcpus: u32) -> std::io::Result<Self> {
         Ok(Self {
+            pause: Mutex::new(PauseState::default()),
+            pause_cv: Condvar::new(),
+            paused_flag: AtomicBool::new(false),
             mem,
             vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
             epoch_ns: kick::monotonic_ns(),
@@ -243,9 +269,27 @@ impl VmShared {
     /// Makes every vCPU thread return: sets the stop flag, wakes and kicks them.
     pub fn stop_all(&self) {
         self.stop.store(true, Ordering::Release);
+        self.pause_cv.notify_all();
         for id in 0..self.vcpus.len() as u32 {
             self.wake(id);
         }
+    }
+
+    /// Whether a pause is in force (read at every vCPU loop top).
+    pub fn pausing(&self) -> bool {
+        self.paused_flag.load(Ordering::Acquire)
+    }
+
+    /// Locks the pause state.
+    pub fn pause_state(&self) -> MutexGuard<'_, PauseState> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the pause flag (with the pause state locked by the caller).
+    pub fn set_paused(&self, state: &mut PauseState, paused: bool) {
+        state.paused = paused;
+        self.paused_flag.store(paused, Ordering::Release);
+        self.pause_cv.notify_all();
     }
 
     /// Raises `vector` on vCPU `target` and makes sure it notices: a parked

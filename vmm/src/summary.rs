@@ -72,6 +72,112 @@ pub struct GuestVcpuSummary {
     pub pingpong: u64,
 }
 
+/// clockintr statistics (`struct clockintr_stat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClockintrSummary {
+    /// ns spent dispatching.
+    pub dispatched_ns: u64,
+    /// Early dispatches.
+    pub early: u64,
+    /// ns of earliness.
+    pub earliness_ns: u64,
+    /// ns of lateness.
+    pub lateness_ns: u64,
+    /// Prompt dispatches.
+    pub prompt: u64,
+    /// Callbacks run.
+    pub run: u64,
+    /// Spurious dispatches.
+    pub spurious: u64,
+}
+
+impl ClockintrSummary {
+    /// Field-wise sum, spurious included (OpenBSD 7.4; 7.3 reported 0 there).
+    pub fn add(&mut self, o: &Self) {
+        self.dispatched_ns += o.dispatched_ns;
+        self.early += o.early;
+        self.earliness_ns += o.earliness_ns;
+        self.lateness_ns += o.lateness_ns;
+        self.prompt += o.prompt;
+        self.run += o.run;
+        self.spurious += o.spurious;
+    }
+}
+
+/// Statclock ticks by state (OpenBSD's cp_time; no nice or spin states).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CpTime {
+    /// User mode.
+    pub user: u64,
+    /// Kernel on behalf of a thread.
+    pub system: u64,
+    /// Interrupt context.
+    pub interrupt: u64,
+    /// Idle.
+    pub idle: u64,
+}
+
+/// One guest thread's statclock accounting.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ThreadSummary {
+    /// Thread id.
+    pub tid: u64,
+    /// Name.
+    pub name: String,
+    /// Statclock ticks by state.
+    pub user: u64,
+    /// System ticks.
+    pub system: u64,
+    /// Interrupt ticks.
+    pub interrupt: u64,
+    /// estcpu after schedclock.
+    pub estcpu: u64,
+    /// Priority after schedclock.
+    pub priority: u64,
+    /// Context switches onto it.
+    pub switches: u64,
+}
+
+/// Randomized statclock intervals drawn on one vCPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IntervalSummary {
+    /// Intervals drawn.
+    pub count: u64,
+    /// Sum, ns.
+    pub sum_ns: u64,
+    /// Smallest.
+    pub min_ns: u64,
+    /// Largest.
+    pub max_ns: u64,
+    /// The first ones, in order.
+    pub first: Vec<u64>,
+}
+
+/// The clock configuration in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClockConfigSummary {
+    /// hardclock frequency.
+    pub hz: u32,
+    /// statclock frequency.
+    pub stathz: u32,
+    /// profiling statclock frequency.
+    pub profhz: u32,
+    /// schedclock frequency.
+    pub schedhz: i64,
+    /// Randomized statclock.
+    pub rndstat: bool,
+    /// statclock generator seed.
+    pub stat_seed: u64,
+    /// hardclock period, ns.
+    pub hardclock_period_ns: u64,
+    /// Randomized statclock parameters at stathz: avg, min, mask.
+    pub statclock_avg_ns: u32,
+    /// min.
+    pub statclock_min_ns: u32,
+    /// mask.
+    pub statclock_mask: u32,
+}
+
 /// One vCPU.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct VcpuSummary {
@@ -99,6 +205,36 @@ pub struct VcpuSummary {
     pub stress: StressSummary,
     /// The guest's own counters.
     pub guest: GuestVcpuSummary,
+    /// hardclock() calls.
+    pub hardclock: u64,
+    /// statclock() calls.
+    pub statclock: u64,
+    /// schedclock() calls by the schedclock event.
+    pub schedclock: u64,
+    /// profclock() calls.
+    pub profclock: u64,
+    /// clockintr statistics.
+    pub clockintr: ClockintrSummary,
+    /// Guest-measured lateness: dispatch entry minus the deadline the guest programmed.
+    pub guest_lateness_ns: Percentiles,
+    /// Statclock ticks by state.
+    pub cp_time: CpTime,
+    /// The threads of this vCPU with their statclock ticks by state.
+    pub threads: Vec<ThreadSummary>,
+    /// Randomized statclock intervals.
+    pub statclock_intervals: IntervalSummary,
+    /// Most hardclock() calls in one dispatch.
+    pub max_hardclock_batch: u64,
+    /// hardclock() calls of the first dispatch after the last clockintr_cpu_init.
+    pub resume_first_batch: u64,
+    /// hardclock() calls of the first dispatch after boot.
+    pub first_dispatch_hardclocks: u64,
+    /// clockintr_cpu_init calls.
+    pub cpu_inits: u64,
+    /// Pending hardclock expiration modulo the period (the stagger), ns.
+    pub hardclock_phase_ns: u64,
+    /// Uptime at the end of the last dispatch.
+    pub last_dispatch_ns: u64,
 }
 
 /// The whole run.
@@ -129,6 +265,10 @@ pub struct Summary {
     pub vcpus: Vec<VcpuSummary>,
     /// The process exit code the VMM uses for this outcome.
     pub exit_code: i32,
+    /// The clock configuration in force.
+    pub config: ClockConfigSummary,
+    /// clockintr statistics summed over vCPUs (kern.clockintr.stats; spurious included, AMB-5).
+    pub clockintr_total: ClockintrSummary,
 }
 
 impl Summary {

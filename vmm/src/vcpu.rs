@@ -145,6 +145,16 @@ impl VcpuRunner {
             if shared.stopping() {
                 return Ok(());
             }
+            if shared.pausing() {
+                self.pause_park();
+                continue;
+            }
+            let hold_until = slot.hold_until.swap(0, std::sync::atomic::Ordering::AcqRel);
+            if hold_until > shared.now() {
+                // Held by the host (VmController::hold_vcpu): the guest clock keeps running.
+                kick::sleep_until_monotonic(shared.to_monotonic(hold_until));
+                continue;
+            }
             {
                 let now = shared.now();
                 let mut irq = slot.lock();
@@ -266,6 +276,22 @@ impl VcpuRunner {
         Ok(())
     }
 
+    /// Pause: stay out of the guest until resumed or stopped.
+    fn pause_park(&mut self) {
+        let shared = self.shared.clone();
+        let mut state = shared.pause_state();
+        state.parked += 1;
+        shared.pause_cv.notify_all();
+        while state.paused && !shared.stopping() {
+            state = shared
+                .pause_cv
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        state.parked -= 1;
+        shared.pause_cv.notify_all();
+    }
+
     /// HLT: park the thread until an interrupt is deliverable or the VM stops.
     fn park(&mut self) -> Result<(), VmExit> {
         let shared = self.shared.clone();
@@ -276,7 +302,7 @@ impl VcpuRunner {
         }
         let mut irq = slot.lock();
         loop {
-            if shared.stopping() {
+            if shared.stopping() || shared.pausing() {
                 return Ok(());
             }
             let now = shared.now();

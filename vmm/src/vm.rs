@@ -20,7 +20,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use metronome_abi::{
-    layout, BootInfo, GuestReport, VcpuShared, Vector, Workload, BOOT_MAGIC, BOOT_VERSION,
+    hist, layout, BootInfo, GuestReport, ThreadInfo, VcpuShared, Vector, Workload, BOOT_MAGIC,
+    BOOT_VERSION,
 };
 use metronome_devices::Raise;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -29,11 +30,13 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::{ConsoleSink, KernelSource, VmConfig};
 use crate::devices::DeviceManager;
+use crate::guestmem::{read_plain, write_plain};
 use crate::kick;
 use crate::loader::{self, LoadKernelError};
 use crate::shared::{VmExit, VmShared};
 use crate::summary::{
-    GuestVcpuSummary, Percentiles, StressSummary, Summary, TimerSummary, VcpuSummary,
+    ClockConfigSummary, ClockintrSummary, CpTime, GuestVcpuSummary, IntervalSummary, Percentiles,
+    StressSummary, Summary, ThreadSummary, TimerSummary, VcpuSummary,
 };
 use crate::vcpu::{VcpuRunStats, VcpuRunner};
 
@@ -235,9 +238,18 @@ impl Vm {
                 .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
             workload: config.workload as u32,
             workload_arg: config.workload_arg,
-            hz: config.hz,
-            stathz: config.hz,
-            profhz: config.hz * 10,
+            flags: if config.profile_middle_third {
+                metronome_abi::boot_flags::PROFILE_MIDDLE_THIRD
+            } else {
+                0
+            },
+            hz: config.clock.hz,
+            stathz: config.clock.stathz,
+            profhz: config.clock.profhz,
+            // Validated: 0..=10^9.
+            schedhz: config.clock.schedhz as u32,
+            clock_flags: config.clock.flags,
+            stat_seed: config.stat_seed,
             ..Default::default()
         };
         write_plain(&mem, layout::BOOT_INFO, &boot).map_err(BuildVmError::WriteBoot)?;
@@ -255,72 +267,57 @@ impl Vm {
     }
 
     /// Runs the VM until it ends; `process_start` anchors the wall-clock figures.
-    pub fn run(mut self, process_start: Instant) -> Summary {
-        let shared = self.shared.clone();
-        let mut exit_wall: Option<Duration> = None;
-        let result = (|| -> Result<Vec<VcpuRunStats>, VmExit> {
-            kick::install_handlers().map_err(|e| VmExit::Host(format!("signal handlers: {e}")))?;
-            let signals = SignalSubscriber::new(shared.clone())
-                .map_err(|e| VmExit::Host(format!("signalfd: {e}")))?;
-            let pio = Arc::new(std::mem::take(&mut self.devices.pio));
-            let mmio = Arc::new(std::mem::take(&mut self.devices.mmio));
-            let mut threads: Vec<JoinHandle<VcpuRunStats>> = Vec::new();
-            for (id, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-                let runner =
-                    VcpuRunner::new(id as u32, fd, shared.clone(), pio.clone(), mmio.clone());
-                let handle = std::thread::Builder::new()
-                    .name(format!("vcpu{id}"))
-                    .spawn(move || runner.run())
-                    .map_err(|e| VmExit::Host(format!("spawning vCPU thread: {e}")))?;
-                threads.push(handle);
+    pub fn run(self, process_start: Instant) -> Summary {
+        match self.start(process_start) {
+            Ok(running) => running.wait(),
+            Err((vm, reason)) => {
+                vm.shared.request_exit(reason);
+                vm.summarize(Vec::new(), process_start.elapsed(), process_start.elapsed())
             }
-            let stress = self
-                .config
-                .kick_stress_hz
-                .map(|hz| StressGenerator::start(shared.clone(), hz));
+        }
+    }
 
-            let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-                EventManager::new().map_err(|e| VmExit::Host(format!("event manager: {e}")))?;
-            let exit_watch = Arc::new(Mutex::new(ExitSubscriber {
-                shared: shared.clone(),
-                fired: false,
-            }));
-            manager.add_subscriber(exit_watch.clone());
-            manager.add_subscriber(Arc::new(Mutex::new(signals)));
-            if let Some(limit) = self.config.timeout {
-                let timeout = TimeoutSubscriber::new(shared.clone(), limit)
-                    .map_err(|e| VmExit::Host(format!("timerfd: {e}")))?;
-                manager.add_subscriber(Arc::new(Mutex::new(timeout)));
-            }
-            while !exit_watch.lock().unwrap_or_else(|p| p.into_inner()).fired {
-                if let Err(e) = manager.run() {
-                    shared.request_exit(VmExit::Host(format!("event loop: {e}")));
+    /// Starts the vCPU threads (and the stress generator, if configured). The
+    /// calling thread must then [`RunningVm::wait`]; a [`VmController`] from
+    /// [`RunningVm::controller`] drives the VM from other threads meanwhile.
+    #[allow(clippy::result_large_err)]
+    pub fn start(mut self, process_start: Instant) -> Result<RunningVm, (Vm, VmExit)> {
+        let shared = self.shared.clone();
+        if let Err(e) = kick::install_handlers() {
+            return Err((self, VmExit::Host(format!("signal handlers: {e}"))));
+        }
+        let signals = match SignalSubscriber::new(shared.clone()) {
+            Ok(s) => s,
+            Err(e) => return Err((self, VmExit::Host(format!("signalfd: {e}")))),
+        };
+        let pio = Arc::new(std::mem::take(&mut self.devices.pio));
+        let mmio = Arc::new(std::mem::take(&mut self.devices.mmio));
+        let mut threads: Vec<JoinHandle<VcpuRunStats>> = Vec::new();
+        for (id, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let runner = VcpuRunner::new(id as u32, fd, shared.clone(), pio.clone(), mmio.clone());
+            match std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || runner.run())
+            {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    shared.request_exit(VmExit::Host(format!("spawning vCPU thread: {e}")));
                     break;
                 }
             }
-            exit_wall = Some(process_start.elapsed());
-            if let Some(stress) = stress {
-                stress.stop();
-                drain_stress(&shared);
-            }
-            shared.stop_all();
-            Ok(threads
-                .into_iter()
-                .map(|t| t.join().unwrap_or_default())
-                .collect())
-        })();
-        let stats = match result {
-            Ok(stats) => stats,
-            Err(reason) => {
-                shared.request_exit(reason);
-                shared.stop_all();
-                Vec::new()
-            }
-        };
-        let wall = process_start.elapsed();
-        self.summarize(stats, wall, exit_wall.unwrap_or(wall))
+        }
+        let stress = self
+            .config
+            .kick_stress_hz
+            .map(|hz| StressGenerator::start(shared.clone(), hz));
+        Ok(RunningVm {
+            vm: self,
+            threads,
+            stress,
+            signals: Some(signals),
+            process_start,
+        })
     }
-
     fn summarize(&self, stats: Vec<VcpuRunStats>, wall: Duration, exit_wall: Duration) -> Summary {
         let shared = &self.shared;
         let reason = shared
@@ -347,6 +344,16 @@ impl Vm {
         let reports = report.reports[..(report.report_count as usize).min(report.reports.len())]
             .iter()
             .map(|[k, v]| (report_key_name(*k), *v))
+            .collect();
+        let clock = self.config.clock;
+        let period = 1_000_000_000 / u64::from(clock.hz.max(1));
+        let threads: Vec<ThreadInfo> = (0..metronome_abi::MAX_THREADS)
+            .filter_map(|i| {
+                read_plain(
+                    &shared.mem,
+                    layout::THREAD_TABLE + (i * std::mem::size_of::<ThreadInfo>()) as u64,
+                )
+            })
             .collect();
         let vcpus = (0..self.config.vcpus)
             .map(|id| {
@@ -402,9 +409,72 @@ impl Vm {
                         syscalls: guest.syscalls,
                         pingpong: guest.pingpong,
                     },
+                    hardclock: guest.hardclock,
+                    statclock: guest.statclock,
+                    schedclock: guest.schedclock,
+                    profclock: guest.profclock,
+                    clockintr: ClockintrSummary {
+                        dispatched_ns: guest.clockintr.dispatched_ns,
+                        early: guest.clockintr.early,
+                        earliness_ns: guest.clockintr.earliness_ns,
+                        lateness_ns: guest.clockintr.lateness_ns,
+                        prompt: guest.clockintr.prompt,
+                        run: guest.clockintr.run,
+                        spurious: guest.clockintr.spurious,
+                    },
+                    guest_lateness_ns: Percentiles {
+                        p50: hist::percentile(&guest.lateness_hist, guest.lateness_max, 50),
+                        p99: hist::percentile(&guest.lateness_hist, guest.lateness_max, 99),
+                        max: guest.lateness_max,
+                        count: guest.lateness_hist.0.iter().sum(),
+                    },
+                    cp_time: CpTime {
+                        user: guest.cp_time[0],
+                        system: guest.cp_time[1],
+                        interrupt: guest.cp_time[2],
+                        idle: guest.cp_time[3],
+                    },
+                    threads: threads
+                        .iter()
+                        .filter(|t| t.tid != 0 && t.vcpu == u64::from(id))
+                        .map(|t| ThreadSummary {
+                            tid: t.tid,
+                            name: String::from_utf8_lossy(&t.name)
+                                .trim_end_matches('\0')
+                                .to_string(),
+                            user: t.user_ticks,
+                            system: t.sys_ticks,
+                            interrupt: t.intr_ticks,
+                            estcpu: t.estcpu,
+                            priority: t.priority,
+                            switches: t.switches,
+                        })
+                        .collect(),
+                    statclock_intervals: IntervalSummary {
+                        count: guest.stat_interval_count,
+                        sum_ns: guest.stat_interval_sum,
+                        min_ns: guest.stat_interval_min,
+                        max_ns: guest.stat_interval_max,
+                        first: guest.stat_intervals[..(guest.stat_interval_count as usize)
+                            .min(metronome_abi::STAT_INTERVALS)]
+                            .to_vec(),
+                    },
+                    max_hardclock_batch: guest.max_hardclock_batch,
+                    resume_first_batch: guest.resume_first_batch,
+                    first_dispatch_hardclocks: guest.first_dispatch_hardclocks,
+                    cpu_inits: guest.cpu_inits,
+                    hardclock_phase_ns: guest.pending[..guest.pending_count.min(3) as usize]
+                        .iter()
+                        .find(|e| e.kind == metronome_abi::event_kind::HARDCLOCK)
+                        .map_or(0, |e| e.expiration % period.max(1)),
+                    last_dispatch_ns: guest.last_dispatch_ns,
                 }
             })
-            .collect();
+            .collect::<Vec<VcpuSummary>>();
+        let mut clockintr_total = ClockintrSummary::default();
+        for v in &vcpus {
+            clockintr_total.add(&v.clockintr);
+        }
         Summary {
             outcome: outcome.to_string(),
             message,
@@ -421,7 +491,215 @@ impl Vm {
             reports,
             vcpus,
             exit_code,
+            config: ClockConfigSummary {
+                hz: clock.hz,
+                stathz: clock.stathz,
+                profhz: clock.profhz,
+                schedhz: clock.schedhz,
+                rndstat: clock.flags & clockintr::CL_RNDSTAT != 0,
+                stat_seed: self.config.stat_seed,
+                hardclock_period_ns: period,
+                statclock_avg_ns: clockintr::StatVar::new(clock.stathz.max(1)).avg,
+                statclock_min_ns: clockintr::StatVar::new(clock.stathz.max(1)).min,
+                statclock_mask: clockintr::StatVar::new(clock.stathz.max(1)).mask,
+            },
+            clockintr_total,
         }
+    }
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    vm: Vm,
+    threads: Vec<JoinHandle<VcpuRunStats>>,
+    stress: Option<StressGenerator>,
+    signals: Option<SignalSubscriber>,
+    process_start: Instant,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningVm {
+    /// A handle to drive the VM from other threads.
+    pub fn controller(&self) -> VmController {
+        VmController {
+            shared: self.vm.shared.clone(),
+        }
+    }
+
+    /// Runs the event loop until the VM ends (guest exit, fault, signal,
+    /// timeout, or [`VmController::stop`]), stops and joins the vCPUs, and
+    /// returns the summary.
+    pub fn wait(mut self) -> Summary {
+        let shared = self.vm.shared.clone();
+        let exit_wall = match self.event_loop() {
+            Ok(()) => self.process_start.elapsed(),
+            Err(reason) => {
+                shared.request_exit(reason);
+                self.process_start.elapsed()
+            }
+        };
+        if let Some(stress) = self.stress.take() {
+            stress.stop();
+            drain_stress(&shared);
+        }
+        shared.stop_all();
+        let stats = std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|t| t.join().unwrap_or_default())
+            .collect();
+        self.vm
+            .summarize(stats, self.process_start.elapsed(), exit_wall)
+    }
+
+    fn event_loop(&mut self) -> Result<(), VmExit> {
+        let shared = self.vm.shared.clone();
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| VmExit::Host(format!("event manager: {e}")))?;
+        let exit_watch = Arc::new(Mutex::new(ExitSubscriber {
+            shared: shared.clone(),
+            fired: false,
+        }));
+        manager.add_subscriber(exit_watch.clone());
+        if let Some(signals) = self.signals.take() {
+            manager.add_subscriber(Arc::new(Mutex::new(signals)));
+        }
+        if let Some(limit) = self.vm.config.timeout {
+            let timeout = TimeoutSubscriber::new(shared.clone(), limit)
+                .map_err(|e| VmExit::Host(format!("timerfd: {e}")))?;
+            manager.add_subscriber(Arc::new(Mutex::new(timeout)));
+        }
+        while !exit_watch.lock().unwrap_or_else(|p| p.into_inner()).fired {
+            manager
+                .run()
+                .map_err(|e| VmExit::Host(format!("event loop: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a control operation was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The VM has ended or is ending.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// pause while paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// resume while running.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// No such vCPU.
+    #[error("there is no vCPU {0}")]
+    NoSuchVcpu(u32),
+}
+
+/// How a paused VM resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeMode {
+    /// Just continue: the guest finds that its clock jumped.
+    Continue,
+    /// Tell the guest through the timer device (TIMER_RESUMES and a
+    /// TimerResume interrupt on every vCPU) so that it re-runs clockintr_cpu_init.
+    Reinit,
+}
+
+/// Drives a running VM from any thread: pause, resume, hold a vCPU, stop.
+/// The guest clock keeps running while vCPUs are paused or held (spec AMB-6).
+#[derive(Clone, Debug)]
+pub struct VmController {
+    shared: Arc<VmShared>,
+}
+
+impl VmController {
+    /// The guest clock (device time) in ns.
+    pub fn uptime_ns(&self) -> u64 {
+        self.shared.now()
+    }
+
+    /// Whether the VM has ended or is ending.
+    pub fn ended(&self) -> bool {
+        self.shared.exit_reason().is_some()
+    }
+
+    /// Stops every vCPU out of the guest and returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let shared = &self.shared;
+        let mut state = shared.pause_state();
+        if self.ended() {
+            return Err(ControlError::NotRunning);
+        }
+        if state.paused {
+            return Err(ControlError::AlreadyPaused);
+        }
+        shared.set_paused(&mut state, true);
+        drop(state);
+        for id in 0..shared.vcpus.len() as u32 {
+            shared.wake(id);
+        }
+        let mut state = shared.pause_state();
+        while (state.parked as usize) < shared.vcpus.len() && !shared.stopping() && !self.ended() {
+            state = shared
+                .pause_cv
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            // Kick again: a vCPU may have re-entered the guest before seeing the flag.
+            for id in 0..shared.vcpus.len() as u32 {
+                shared.wake(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self, mode: ResumeMode) -> Result<(), ControlError> {
+        let shared = &self.shared;
+        let mut state = shared.pause_state();
+        if !state.paused {
+            return Err(ControlError::NotPaused);
+        }
+        if mode == ResumeMode::Reinit {
+            state.reinit_resumes += 1;
+            for slot in &shared.vcpus {
+                slot.lock().vic.raise(Vector::TimerResume as u8);
+            }
+        }
+        shared.set_paused(&mut state, false);
+        Ok(())
+    }
+
+    /// Keeps vCPU `id` out of the guest for `duration` (the guest clock runs on).
+    pub fn hold_vcpu(&self, id: u32, duration: Duration) -> Result<(), ControlError> {
+        let slot = self
+            .shared
+            .vcpus
+            .get(id as usize)
+            .ok_or(ControlError::NoSuchVcpu(id))?;
+        if self.ended() {
+            return Err(ControlError::NotRunning);
+        }
+        let until = self.shared.now() + duration.as_nanos() as u64;
+        slot.hold_until.store(until, Ordering::Release);
+        self.shared.wake(id);
+        Ok(())
+    }
+
+    /// Ends the VM from the host.
+    pub fn stop(&self) {
+        self.shared.request_exit(VmExit::Stopped);
+    }
+
+    /// Every vCPU's pending clockintr events, like ddb's `show all clockintr`.
+    pub fn dump_clockintr(&self) -> String {
+        crate::dump::clockintr(&self.shared)
     }
 }
 
@@ -436,6 +714,7 @@ fn outcome_of(reason: &VmExit) -> (&'static str, i32) {
         VmExit::Emulation { .. } => ("emulation", VMM_GUEST_FAULT),
         VmExit::Timeout { .. } => ("timeout", VMM_TIMEOUT),
         VmExit::Signal(_) => ("signal", VMM_SIGNALLED),
+        VmExit::Stopped => ("stopped", VMM_SIGNALLED),
         VmExit::Host(_) => ("host_error", VMM_HOST_ERROR),
     }
 }
@@ -456,42 +735,12 @@ fn report_key_name(key: u64) -> String {
     use metronome_abi::report_key::*;
     match key {
         PINGPONG_ROUNDS => "pingpong_rounds".into(),
+        PROFIL_ON_NS => "profil_on_ns".into(),
+        PROFIL_OFF_NS => "profil_off_ns".into(),
         STRESS_RECEIVED => "stress_received".into(),
         DEMO_WORK => "demo_work".into(),
         other => format!("key_{other}"),
     }
-}
-
-/// Plain-data structures of the guest ABI that may be copied to and from guest memory.
-///
-/// # Safety
-/// Implementors are `#[repr(C)]` structs of integer fields without padding, so
-/// every bit pattern is a valid value.
-unsafe trait Plain: Copy + Default {}
-// SAFETY: repr(C), integer fields only, no padding (checked by the abi layout).
-unsafe impl Plain for BootInfo {}
-// SAFETY: as above.
-unsafe impl Plain for VcpuShared {}
-// SAFETY: as above.
-unsafe impl Plain for GuestReport {}
-
-fn write_plain<T: Plain>(
-    mem: &GuestMemoryMmap,
-    addr: u64,
-    value: &T,
-) -> Result<(), vm_memory::GuestMemoryError> {
-    // SAFETY: T is plain data (see `Plain`), so its bytes are initialised.
-    let bytes = unsafe {
-        std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
-    };
-    mem.write_slice(bytes, GuestAddress(addr))
-}
-
-fn read_plain<T: Plain>(mem: &GuestMemoryMmap, addr: u64) -> Option<T> {
-    let mut bytes = vec![0u8; std::mem::size_of::<T>()];
-    mem.read_slice(&mut bytes, GuestAddress(addr)).ok()?;
-    // SAFETY: T is plain data, and `bytes` holds size_of::<T>() bytes.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 /// Waits until no stress interrupt is pending or in service on any vCPU, for
@@ -542,7 +791,7 @@ impl StressGenerator {
                     drop(irq);
                     shared.wake(id as u32);
                 }
-                sleep_until(next);
+                kick::sleep_until_monotonic(next);
             }
         });
         Self { stop, thread }
@@ -552,23 +801,6 @@ impl StressGenerator {
         self.stop.store(true, Ordering::Release);
         let _ = self.thread.join();
     }
-}
-
-fn sleep_until(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: valid clock id and timespec; a signal may cut it short, which only
-    // shortens one period.
-    unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &ts,
-            std::ptr::null_mut(),
-        )
-    };
 }
 
 /// Watches the exit eventfd; marks the loop done.

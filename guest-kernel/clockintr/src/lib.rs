@@ -101,6 +101,38 @@ pub enum Error {
     RateBeforeInit,
 }
 
+impl Error {
+    /// A fixed message for the error, without its values: for kernels that
+    /// must not run `core::fmt` number formatting (the guest's CPL0 code).
+    pub const fn message(&self) -> &'static str {
+        match self {
+            Self::Hz(_) => "clockintr_init: hz out of range (CI-INIT-3)",
+            Self::Stathz(_) => "clockintr_init: stathz out of range (CI-INIT-3)",
+            Self::ProfhzRange { .. } => "clockintr_init: profhz out of range (CI-INIT-3)",
+            Self::ProfhzMultiple { .. } => {
+                "clockintr_init: profhz not a multiple of stathz (CI-INIT-3)"
+            }
+            Self::Schedhz(_) => "clockintr_init: schedhz out of range (CI-INIT-3)",
+            Self::Flags(_) => "clockintr_init: unknown flags (CI-INIT-3)",
+            Self::RndstatTooFast(_) => "clockintr_init: statclock too fast to randomize (AMB-4)",
+            Self::InitNotPrimary => "clockintr_init: not called on the primary CPU (CI-INIT-3)",
+            Self::InitTwice => "clockintr_init: already initialized (CI-INIT-3)",
+            Self::CpuInitBeforeInit => "clockintr_cpu_init: clockintr_init has not run (CI-CPU-7)",
+            Self::CpuNotInitialized => {
+                "clockintr: this CPU has not run clockintr_cpu_init (CI-CPU-7)"
+            }
+            Self::RecursiveDispatch => "clockintr_dispatch: recursive dispatch (CI-D-1)",
+            Self::NotAtClockIpl => "clockintr_dispatch: not at clock interrupt priority (CI-D-2)",
+            Self::StatclockRate { .. } => {
+                "clockintr_setstatclockrate: frequency is not stathz or profhz (CI-RATE-1)"
+            }
+            Self::RateBeforeInit => {
+                "clockintr_setstatclockrate: clockintr_init has not run (CI-RATE-1)"
+            }
+        }
+    }
+}
+
 impl core::fmt::Display for Error {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
@@ -169,7 +201,13 @@ impl Config {
     /// OpenBSD 7.3 on amd64: hz 100, stathz = hz, profhz = 10 * stathz,
     /// schedhz 0, randomized statclock (CI-RND-6).
     pub const fn openbsd_amd64() -> Self {
-        Self { hz: 100, stathz: 100, profhz: 1000, schedhz: 0, flags: CL_RNDSTAT }
+        Self {
+            hz: 100,
+            stathz: 100,
+            profhz: 1000,
+            schedhz: 0,
+            flags: CL_RNDSTAT,
+        }
     }
 
     /// Checks every frequency and flag precondition of `clockintr_init`
@@ -186,10 +224,16 @@ impl Config {
             return Err(Error::Stathz(self.stathz));
         }
         if self.profhz < self.stathz || self.profhz > MAX {
-            return Err(Error::ProfhzRange { profhz: self.profhz, stathz: self.stathz });
+            return Err(Error::ProfhzRange {
+                profhz: self.profhz,
+                stathz: self.stathz,
+            });
         }
         if self.profhz % self.stathz != 0 {
-            return Err(Error::ProfhzMultiple { profhz: self.profhz, stathz: self.stathz });
+            return Err(Error::ProfhzMultiple {
+                profhz: self.profhz,
+                stathz: self.stathz,
+            });
         }
         if !(0..=i64::from(MAX)).contains(&self.schedhz) {
             return Err(Error::Schedhz(self.schedhz));
@@ -226,7 +270,11 @@ impl StatVar {
             var /= 2;
         }
         // For avg < 2, var reaches 0 and the mask wraps: AMB-4 rejects such rates.
-        Self { avg, min: avg - var / 2, mask: var.wrapping_sub(1) }
+        Self {
+            avg,
+            min: avg - var / 2,
+            mask: var.wrapping_sub(1),
+        }
     }
 }
 
@@ -297,9 +345,15 @@ impl ClockIntr {
         self.stathz.store(config.stathz, Ordering::Relaxed);
         self.profhz.store(config.profhz, Ordering::Relaxed);
         self.schedhz.store(config.schedhz as u64, Ordering::Relaxed);
-        self.hardclock_period.store(NSEC_PER_SEC / u64::from(config.hz), Ordering::Relaxed);
-        let sched_period = if config.schedhz == 0 { 0 } else { NSEC_PER_SEC / config.schedhz as u64 };
-        self.schedclock_period.store(sched_period, Ordering::Relaxed);
+        self.hardclock_period
+            .store(NSEC_PER_SEC / u64::from(config.hz), Ordering::Relaxed);
+        let sched_period = if config.schedhz == 0 {
+            0
+        } else {
+            NSEC_PER_SEC / config.schedhz as u64
+        };
+        self.schedclock_period
+            .store(sched_period, Ordering::Relaxed);
         store3(&self.stat, StatVar::new(config.stathz));
         store3(&self.prof, StatVar::new(config.profhz));
         store3(&self.active, StatVar::new(config.stathz));
@@ -361,12 +415,17 @@ impl ClockIntr {
         } else if freq == profhz {
             &self.prof
         } else {
-            return Err(Error::StatclockRate { freq, stathz, profhz });
+            return Err(Error::StatclockRate {
+                freq,
+                stathz,
+                profhz,
+            });
         };
         let ogen = self.active_gen.load(Ordering::Relaxed);
         self.active_gen.store(0, Ordering::Release);
         store3(&self.active, load3(source));
-        self.active_gen.store(ogen.wrapping_add(1).max(1), Ordering::Release);
+        self.active_gen
+            .store(ogen.wrapping_add(1).max(1), Ordering::Release);
         Ok(())
     }
 
@@ -601,15 +660,28 @@ impl<I: IntrClock> ClockQueue<I> {
         }
         let first = !self.initialized;
         if first {
-            self.events[HARDCLOCK] = Some(Event { kind: EventKind::Hardclock, expiration: 0 });
-            self.events[STATCLOCK] = Some(Event { kind: EventKind::Statclock, expiration: 0 });
+            self.events[HARDCLOCK] = Some(Event {
+                kind: EventKind::Hardclock,
+                expiration: 0,
+            });
+            self.events[STATCLOCK] = Some(Event {
+                kind: EventKind::Statclock,
+                expiration: 0,
+            });
             if global.schedclock_period() != 0 {
-                self.events[SCHEDCLOCK] = Some(Event { kind: EventKind::Schedclock, expiration: 0 });
+                self.events[SCHEDCLOCK] = Some(Event {
+                    kind: EventKind::Schedclock,
+                    expiration: 0,
+                });
             }
             self.intrclock = ic;
         }
         // Stagger: secondary CPUs with an intrclock use their unit number (CI-CPU-4).
-        let multiplier = if !self.primary && self.intrclock.is_some() { u64::from(self.unit) } else { 0 };
+        let multiplier = if !self.primary && self.intrclock.is_some() {
+            u64::from(self.unit)
+        } else {
+            0
+        };
         let ncpus = u64::from(self.ncpus.max(1));
         self.uptime = machine.nsecuptime();
 
@@ -633,7 +705,9 @@ impl<I: IntrClock> ClockQueue<I> {
 
     /// Places event `slot` at `expiration`, moving it behind equal peers (CI-Q-1, CI-Q-2).
     fn schedule(&mut self, slot: usize, expiration: u64) {
-        let Some(event) = self.events[slot].as_mut() else { return };
+        let Some(event) = self.events[slot].as_mut() else {
+            return;
+        };
         event.expiration = expiration;
         self.unlink(slot);
         let at = self.pend[..self.npend]
@@ -660,7 +734,9 @@ impl<I: IntrClock> ClockQueue<I> {
     /// `clockintr_advance`: reschedule `slot` a whole number of periods past the
     /// cached uptime; returns how many periods.
     fn advance(&mut self, slot: usize, period: u64) -> u64 {
-        let Some(event) = self.events[slot] else { return 0 };
+        let Some(event) = self.events[slot] else {
+            return 0;
+        };
         let mut expiration = event.expiration;
         let count = nsec_advance(&mut expiration, period, self.uptime);
         self.schedule(slot, expiration);
@@ -668,7 +744,9 @@ impl<I: IntrClock> ClockQueue<I> {
     }
 
     fn head(&self) -> Option<Event> {
-        (self.npend > 0).then(|| self.events[self.pend[0]]).flatten()
+        (self.npend > 0)
+            .then(|| self.events[self.pend[0]])
+            .flatten()
     }
 
     /// `clockintr_dispatch(frame)` (CI-D-1..7, CI-EV-1..4). Returns whether any
@@ -702,7 +780,10 @@ impl<I: IntrClock> ClockQueue<I> {
         }
         let start = machine.nsecuptime();
         self.uptime = start;
-        let mut report = DispatchReport { start, ..Default::default() };
+        let mut report = DispatchReport {
+            start,
+            ..Default::default()
+        };
         let mut run = 0u64;
         let mut lateness = 0;
         if let Some(head) = self.head() {
@@ -761,7 +842,9 @@ impl<I: IntrClock> ClockQueue<I> {
         sink: &mut dyn IntervalSink,
         calls: &mut Calls,
     ) {
-        let Some(event) = self.events[slot] else { return };
+        let Some(event) = self.events[slot] else {
+            return;
+        };
         match event.kind {
             EventKind::Hardclock => {
                 let count = self.advance(slot, global.hardclock_period());
@@ -840,12 +923,16 @@ impl<I: IntrClock> ClockQueue<I> {
 
     /// The pending events in queue order (TR-C-4).
     pub fn pending(&self) -> impl Iterator<Item = Event> + '_ {
-        self.pend[..self.npend].iter().filter_map(|&i| self.events[i])
+        self.pend[..self.npend]
+            .iter()
+            .filter_map(|&i| self.events[i])
     }
 
     /// Established events that are not pending (ddb's "est").
     pub fn idle_events(&self) -> impl Iterator<Item = Event> + '_ {
-        (0..MAX_EVENTS).filter(|&i| !self.pending[i]).filter_map(|i| self.events[i])
+        (0..MAX_EVENTS)
+            .filter(|&i| !self.pending[i])
+            .filter_map(|i| self.events[i])
     }
 
     /// The event whose callback is running, if any.

@@ -38,6 +38,8 @@ pub mod layout {
     pub const TSS_STRIDE: u64 = 128;
     /// The guest-wide report page ([`crate::GuestReport`]), written by the guest, read by the VMM.
     pub const GUEST_REPORT: u64 = 0x5000;
+    /// The guest thread table ([`crate::ThreadInfo`] x [`crate::MAX_THREADS`]), written by the guest.
+    pub const THREAD_TABLE: u64 = 0x6000;
     /// Top-level page table (PML4).
     pub const PML4: u64 = 0x8000;
     /// The one page-directory-pointer table.
@@ -63,7 +65,7 @@ pub mod layout {
     /// Offset in a per-vCPU region of the [`crate::VcpuShared`] page.
     pub const PERCPU_SHARED: u64 = 0x3_0000;
     /// Offset in a per-vCPU region of the guest kernel's private per-vCPU data.
-    pub const PERCPU_PRIVATE: u64 = 0x3_1000;
+    pub const PERCPU_PRIVATE: u64 = 0x3_2000;
     /// Start of the guest heap (thread stacks and other run-time allocations).
     pub const HEAP_BASE: u64 = 0x200_0000;
     /// Base of the paravirtual MMIO window (see [`crate::mmio`]); never backed by RAM.
@@ -137,6 +139,9 @@ pub mod mmio {
     pub const TIMER_FREQ_HZ: u64 = 0x20;
     /// Read: the pending deadline in device ticks, or `u64::MAX` when none.
     pub const TIMER_DEADLINE: u64 = 0x28;
+    /// Read: how many times the VM was resumed with re-initialisation. Each such
+    /// resume also raises [`crate::Vector::TimerResume`] on every vCPU.
+    pub const TIMER_RESUMES: u64 = 0x30;
 
     /// Base of the control page (not banked).
     pub const CTL_BASE: u64 = MMIO_BASE + 0x2000;
@@ -157,6 +162,9 @@ pub mod mmio {
 pub enum Vector {
     /// The per-vCPU timer.
     Timer = 0xf0,
+    /// The timer device says the clock jumped (the VM was paused and resumed
+    /// with re-initialisation): re-run `clockintr_cpu_init`.
+    TimerResume = 0xf8,
     /// Inter-processor interrupt.
     Ipi = 0xe0,
     /// Interrupts the VMM's kick stress test sends.
@@ -281,8 +289,8 @@ pub struct BootInfo {
     pub duration_ns: u64,
     /// The [`Workload`] to run.
     pub workload: u32,
-    /// Reserved, zero.
-    pub reserved0: u32,
+    /// Test and feature flags ([`boot_flags`]).
+    pub flags: u32,
     /// Workload parameter (ping-pong round trips).
     pub workload_arg: u64,
     /// hardclock frequency.
@@ -300,6 +308,117 @@ pub struct BootInfo {
     /// Seed of the statclock pseudo-random generator.
     pub stat_seed: u64,
 }
+
+/// Bits of [`BootInfo::flags`].
+pub mod boot_flags {
+    /// A thread switches statclock profiling on for the middle third of the duration.
+    pub const PROFILE_MIDDLE_THIRD: u32 = 1 << 0;
+}
+
+/// A small log-linear histogram the guest fills and the VMM reads: buckets
+/// 0..16 hold one value each; above, each power of two up to 2^36 ns has 8
+/// buckets (12.5 % resolution); larger values land in the last bucket.
+pub mod hist {
+    /// Number of buckets.
+    pub const BUCKETS: usize = 16 + 32 * 8;
+
+    /// Bucket counts.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Counts(pub [u64; BUCKETS]);
+
+    impl Default for Counts {
+        fn default() -> Self {
+            Self([0; BUCKETS])
+        }
+    }
+
+    /// The bucket of `value`.
+    pub const fn bucket(value: u64) -> usize {
+        if value < 16 {
+            return value as usize;
+        }
+        let exp = 63 - value.leading_zeros() as usize;
+        if exp >= 36 {
+            return BUCKETS - 1;
+        }
+        16 + (exp - 4) * 8 + ((value >> (exp - 3)) & 7) as usize
+    }
+
+    /// The largest value in bucket `index`.
+    pub const fn upper(index: usize) -> u64 {
+        if index < 16 {
+            return index as u64;
+        }
+        let exp = (index - 16) / 8 + 4;
+        let sub = ((index - 16) % 8) as u64;
+        let width = 1u64 << (exp - 3);
+        (1u64 << exp) + sub * width + width - 1
+    }
+
+    /// The value at percentile `p` (0..=100) of `counts`, capped at `max`.
+    pub fn percentile(counts: &Counts, max: u64, p: u64) -> u64 {
+        let total: u64 = counts.0.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = (total * p).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (i, n) in counts.0.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                let v = upper(i);
+                return if v < max { v } else { max };
+            }
+        }
+        max
+    }
+}
+
+/// The clockintr statistics of one CPU (`struct clockintr_stat`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockintrStat {
+    /// ns spent in dispatch.
+    pub dispatched_ns: u64,
+    /// Early dispatches.
+    pub early: u64,
+    /// ns of earliness.
+    pub earliness_ns: u64,
+    /// ns of lateness.
+    pub lateness_ns: u64,
+    /// Prompt dispatches.
+    pub prompt: u64,
+    /// Callbacks run.
+    pub run: u64,
+    /// Spurious dispatches.
+    pub spurious: u64,
+}
+
+/// Event kinds in [`PendingEvent::kind`].
+pub mod event_kind {
+    /// No event.
+    pub const NONE: u64 = 0;
+    /// clockintr_hardclock.
+    pub const HARDCLOCK: u64 = 1;
+    /// clockintr_statclock.
+    pub const STATCLOCK: u64 = 2;
+    /// clockintr_schedclock.
+    pub const SCHEDCLOCK: u64 = 3;
+}
+
+/// One clockintr event as the guest publishes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingEvent {
+    /// [`event_kind`].
+    pub kind: u64,
+    /// Absolute expiration, ns of uptime.
+    pub expiration: u64,
+}
+
+/// Number of statclock intervals the guest records verbatim per vCPU.
+pub const STAT_INTERVALS: usize = 32;
 
 /// Magic value at the start of a valid [`VcpuShared`] page ("VCPUSHRD").
 pub const SHARED_MAGIC: u64 = 0x4452_4853_5550_4356;
@@ -354,6 +473,76 @@ pub struct VcpuShared {
     pub idle_halts: u64,
     /// Ping-pong round trips completed (vCPU 0 counts replies; others count pings).
     pub pingpong: u64,
+    /// hardclock() calls.
+    pub hardclock: u64,
+    /// statclock() calls.
+    pub statclock: u64,
+    /// schedclock() calls.
+    pub schedclock: u64,
+    /// profclock() calls (statclock calls while profiling is on).
+    pub profclock: u64,
+    /// clockintr statistics of this vCPU.
+    pub clockintr: ClockintrStat,
+    /// Generation of `clockintr` and `pending`: 0 while the guest writes them.
+    pub clockintr_gen: u64,
+    /// clockintr_cpu_init calls.
+    pub cpu_inits: u64,
+    /// Most hardclock() calls made by one dispatch.
+    pub max_hardclock_batch: u64,
+    /// hardclock() calls of the first prompt dispatch after the last re-initialisation.
+    pub resume_first_batch: u64,
+    /// hardclock() calls of the first prompt dispatch after boot.
+    pub first_dispatch_hardclocks: u64,
+    /// Uptime at the end of the last dispatch.
+    pub last_dispatch_ns: u64,
+    /// Number of valid entries in `pending`.
+    pub pending_count: u64,
+    /// The pending events in queue order, then established idle ones (`kind` | 0x100).
+    pub pending: [PendingEvent; 3],
+    /// The running event kind (0 = none).
+    pub running: u64,
+    /// Statclock ticks charged to user, system, interrupt and idle time.
+    pub cp_time: [u64; 4],
+    /// Randomized statclock intervals: count, sum, min, max.
+    pub stat_interval_count: u64,
+    /// Sum of intervals, ns.
+    pub stat_interval_sum: u64,
+    /// Smallest interval, ns.
+    pub stat_interval_min: u64,
+    /// Largest interval, ns.
+    pub stat_interval_max: u64,
+    /// The first [`STAT_INTERVALS`] intervals drawn on this vCPU.
+    pub stat_intervals: [u64; STAT_INTERVALS],
+    /// Guest-measured timer lateness: uptime at dispatch entry minus the deadline it programmed.
+    pub lateness_hist: hist::Counts,
+    /// Largest guest-measured lateness.
+    pub lateness_max: u64,
+}
+
+/// What the guest publishes about each thread, at [`layout::THREAD_TABLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadInfo {
+    /// Thread id (0 = unused slot).
+    pub tid: u64,
+    /// Owning vCPU.
+    pub vcpu: u64,
+    /// [`thread_state`].
+    pub state: u64,
+    /// Name, NUL padded.
+    pub name: [u8; 16],
+    /// Statclock ticks in user mode.
+    pub user_ticks: u64,
+    /// Statclock ticks in the kernel on its behalf.
+    pub sys_ticks: u64,
+    /// Statclock ticks in interrupt context while it was current.
+    pub intr_ticks: u64,
+    /// Estimated CPU use, decayed by schedclock.
+    pub estcpu: u64,
+    /// Priority recomputed by schedclock.
+    pub priority: u64,
+    /// Context switches onto this thread.
+    pub switches: u64,
 }
 
 /// Largest number of key/value pairs in the [`GuestReport`].
@@ -415,6 +604,10 @@ pub mod report_key {
     pub const STRESS_RECEIVED: u64 = 2;
     /// Work units completed by the demo threads.
     pub const DEMO_WORK: u64 = 3;
+    /// Uptime (ns) when statclock profiling was switched on.
+    pub const PROFIL_ON_NS: u64 = 4;
+    /// Uptime (ns) when statclock profiling was switched off.
+    pub const PROFIL_OFF_NS: u64 = 5;
 }
 
 // The layout is checked when this crate compiles, for both the guest and the VMM.
@@ -427,6 +620,10 @@ const _: () = {
     assert!(layout::MAX_MEM_MIB << 20 <= layout::MMIO_BASE);
     assert!(
         layout::PERCPU_SHARED + core::mem::size_of::<VcpuShared>() as u64 <= layout::PERCPU_PRIVATE
+    );
+    assert!(
+        layout::THREAD_TABLE + (core::mem::size_of::<ThreadInfo>() * MAX_THREADS) as u64
+            <= layout::PML4
     );
     assert!(gdt::tss_selector(MAX_VCPUS) as u64 <= 0x1000);
 };
