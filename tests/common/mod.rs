@@ -62,8 +62,17 @@ impl Run {
     }
 }
 
+/// Serialises the VMs of one test binary: the machines have 2 cores, and the
+/// timing statistics some tests check assume the guest is not competing with
+/// several other guests. (Test binaries themselves run one after another.)
+pub fn kvm_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Runs `metronome run ARGS --summary-json F --console C --quiet` and parses the summary.
 pub fn run(args: &[&str]) -> Run {
+    let _serial = kvm_lock();
     let summary_path = scratch("summary.json");
     let console_path = scratch("console.txt");
     let output = metronome()

@@ -211,10 +211,23 @@ mod tests {
             ),
             (
                 VmConfig {
-                    hz: 0,
+                    clock: clockintr::Config {
+                        hz: 0,
+                        ..base.clock
+                    },
                     ..base.clone()
                 },
-                ConfigError::Hz(0),
+                ConfigError::Clock(clockintr::Error::Hz(0)),
+            ),
+            (
+                VmConfig {
+                    clock: clockintr::Config {
+                        hz: 20_000,
+                        ..base.clock
+                    },
+                    ..base.clone()
+                },
+                ConfigError::HzTooHigh(20_000),
             ),
         ];
         for (config, error) in cases {

@@ -149,9 +149,11 @@ impl VcpuRunner {
                 self.pause_park();
                 continue;
             }
-            let hold_until = slot.hold_until.swap(0, std::sync::atomic::Ordering::AcqRel);
+            let hold_until = slot.hold_until.load(std::sync::atomic::Ordering::Acquire);
             if hold_until > shared.now() {
-                // Held by the host (VmController::hold_vcpu): the guest clock keeps running.
+                // Held by the host (VmController::hold_vcpu): the guest clock keeps
+                // running. Signals (this vCPU's own timer) cut the sleep short, so
+                // the loop re-checks until the hold has passed.
                 kick::sleep_until_monotonic(shared.to_monotonic(hold_until));
                 continue;
             }

@@ -229,7 +229,7 @@ impl Config {
                 stathz: self.stathz,
             });
         }
-        if self.profhz % self.stathz != 0 {
+        if !self.profhz.is_multiple_of(self.stathz) {
             return Err(Error::ProfhzMultiple {
                 profhz: self.profhz,
                 stathz: self.stathz,

@@ -22,7 +22,9 @@ impl ParkMiller {
         Self::new(if mixed == 0 { 1 } else { mixed as u32 })
     }
 
-    /// The next value, in 1..=2^31 - 1 (as OpenBSD's `random()`).
+    /// The next value, in 1..=2^31 - 1 (as OpenBSD's `random()`). Named like
+    /// `Iterator::next` on purpose; the generator is not an iterator.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u32 {
         let x = i64::from(self.state);
         let hi = x / 127_773;
