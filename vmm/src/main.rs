@@ -84,7 +84,7 @@ struct RunArgs {
     #[arg(long, overrides_with = "no_rndstat")]
     rndstat: bool,
     /// Use a fixed statclock period.
-    #[arg(long)]
+    #[arg(long, overrides_with = "rndstat")]
     no_rndstat: bool,
     /// Seed of the guest's statclock generator.
     #[arg(long, value_name = "N", default_value_t = 1)]
