@@ -194,6 +194,8 @@ pub struct PauseState {
     pub parked: u32,
     /// Resumes with re-initialisation so far (the timer device's TIMER_RESUMES).
     pub reinit_resumes: u64,
+    /// Device time when the current pause began.
+    pub since_ns: u64,
 }
 
 /// State shared by every thread of a running VM.
@@ -288,6 +290,7 @@ impl VmShared {
     /// Sets the pause flag (with the pause state locked by the caller).
     pub fn set_paused(&self, state: &mut PauseState, paused: bool) {
         state.paused = paused;
+        state.since_ns = self.now();
         self.paused_flag.store(paused, Ordering::Release);
         self.pause_cv.notify_all();
     }

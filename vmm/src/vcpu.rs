@@ -44,6 +44,9 @@ use ioctls::KVM_INTERRUPT;
 /// (a safety net only: wake-ups are explicit).
 const PARK_SAFETY_NS: u64 = 100_000_000;
 
+/// How long a pause waits for a vCPU with interrupts disabled to enable them.
+const PAUSE_POINT_LIMIT_NS: u64 = 50_000_000;
+
 /// What one vCPU thread observed, returned when it finishes.
 #[derive(Clone, Debug, Default)]
 pub struct VcpuRunStats {
@@ -146,8 +149,14 @@ impl VcpuRunner {
                 return Ok(());
             }
             if shared.pausing() {
-                self.pause_park();
-                continue;
+                if self.at_pause_point() {
+                    self.pause_park();
+                    continue;
+                }
+                // The guest has interrupts disabled (in the middle of an
+                // interrupt handler, say): let it run to the point where it
+                // enables them, injecting nothing new.
+                self.fd.get_kvm_run().request_interrupt_window = 1;
             }
             let hold_until = slot.hold_until.load(std::sync::atomic::Ordering::Acquire);
             if hold_until > shared.now() {
@@ -157,7 +166,7 @@ impl VcpuRunner {
                 kick::sleep_until_monotonic(shared.to_monotonic(hold_until));
                 continue;
             }
-            {
+            if !shared.pausing() {
                 let now = shared.now();
                 let mut irq = slot.lock();
                 fire_timer(&mut irq, now);
@@ -276,6 +285,18 @@ impl VcpuRunner {
         let run = self.fd.get_kvm_run();
         run.request_interrupt_window = u8::from(irq.vic.deliverable().is_some());
         Ok(())
+    }
+
+    /// Whether this vCPU may park for a pause now: the guest is interruptible
+    /// (IF set at the last exit), or it has kept interrupts disabled for longer
+    /// than [`PAUSE_POINT_LIMIT_NS`] since the pause began (a guest spinning with
+    /// interrupts off must not block a pause forever).
+    fn at_pause_point(&mut self) -> bool {
+        if self.fd.get_kvm_run().if_flag != 0 {
+            return true;
+        }
+        let since = self.shared.pause_state().since_ns;
+        self.shared.now().saturating_sub(since) > PAUSE_POINT_LIMIT_NS
     }
 
     /// Pause: stay out of the guest until resumed or stopped.

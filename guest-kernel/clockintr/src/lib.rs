@@ -38,7 +38,7 @@ mod rng;
 #[cfg(test)]
 mod tests;
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 pub use rng::ParkMiller;
 
@@ -239,8 +239,10 @@ impl Config {
             return Err(Error::Schedhz(self.schedhz));
         }
         if self.flags & CL_RNDSTAT != 0 {
+            // floor(avg / 2) < 2 makes the mask 0 (endless redraw) or wrap to
+            // all ones (AMB-4): reject stathz or profhz above 250 MHz.
             for freq in [self.stathz, self.profhz] {
-                if StatVar::new(freq).mask == 0 {
+                if StatVar::new(freq).avg < 4 {
                     return Err(Error::RndstatTooFast(freq));
                 }
             }
@@ -394,7 +396,9 @@ impl ClockIntr {
         loop {
             let gen = self.active_gen.load(Ordering::Acquire);
             let value = load3(&self.active);
-            if gen != 0 && gen == self.active_gen.load(Ordering::Acquire) {
+            // membar_consumer(): the values are read before the generation is re-read.
+            fence(Ordering::Acquire);
+            if gen != 0 && gen == self.active_gen.load(Ordering::Relaxed) {
                 return value;
             }
             core::hint::spin_loop();
@@ -422,7 +426,9 @@ impl ClockIntr {
             });
         };
         let ogen = self.active_gen.load(Ordering::Relaxed);
-        self.active_gen.store(0, Ordering::Release);
+        self.active_gen.store(0, Ordering::Relaxed);
+        // membar_producer(): a reader that sees a new value also sees gen 0 or the new gen.
+        fence(Ordering::Release);
         store3(&self.active, load3(source));
         self.active_gen
             .store(ogen.wrapping_add(1).max(1), Ordering::Release);
