@@ -20,6 +20,7 @@ pub mod bus;
 pub mod config;
 pub mod devices;
 pub mod dump;
+pub mod guest_state;
 pub mod guestmem;
 pub mod kick;
 pub mod loader;
