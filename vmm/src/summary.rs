@@ -91,6 +91,20 @@ pub struct ClockintrSummary {
     pub spurious: u64,
 }
 
+impl From<metronome_abi::ClockintrStat> for ClockintrSummary {
+    fn from(s: metronome_abi::ClockintrStat) -> Self {
+        Self {
+            dispatched_ns: s.dispatched_ns,
+            early: s.early,
+            earliness_ns: s.earliness_ns,
+            lateness_ns: s.lateness_ns,
+            prompt: s.prompt,
+            run: s.run,
+            spurious: s.spurious,
+        }
+    }
+}
+
 impl ClockintrSummary {
     /// Field-wise sum, spurious included (OpenBSD 7.4; 7.3 reported 0 there).
     pub fn add(&mut self, o: &Self) {

@@ -413,15 +413,7 @@ impl Vm {
                     statclock: guest.statclock,
                     schedclock: guest.schedclock,
                     profclock: guest.profclock,
-                    clockintr: ClockintrSummary {
-                        dispatched_ns: guest.clockintr.dispatched_ns,
-                        early: guest.clockintr.early,
-                        earliness_ns: guest.clockintr.earliness_ns,
-                        lateness_ns: guest.clockintr.lateness_ns,
-                        prompt: guest.clockintr.prompt,
-                        run: guest.clockintr.run,
-                        spurious: guest.clockintr.spurious,
-                    },
+                    clockintr: guest.clockintr.into(),
                     guest_lateness_ns: Percentiles {
                         p50: hist::percentile(&guest.lateness_hist, guest.lateness_max, 50),
                         p99: hist::percentile(&guest.lateness_hist, guest.lateness_max, 99),
@@ -728,6 +720,7 @@ pub fn workload_name(workload: Workload) -> &'static str {
         Workload::SpinCpl0 => "spin-cpl0",
         Workload::ExitNow => "exit-now",
         Workload::KickStress => "kick-stress",
+        Workload::Profile => "profile",
     }
 }
 
