@@ -46,8 +46,11 @@ pub struct Thread {
     pub has_run: bool,
     /// Name, NUL padded.
     pub name: [u8; 16],
-    /// Uptime at which a sleeping thread becomes runnable.
+    /// Uptime at which a sleeping thread becomes runnable (u64::MAX while
+    /// blocked on a wait channel).
     pub wake_at: u64,
+    /// The address it waits on (0 = none).
+    pub wait_channel: u64,
     /// Saved registers while not running.
     pub frame: Frame,
     /// Saved x87/SSE state while not running.
@@ -63,6 +66,7 @@ static mut THREADS: [Thread; MAX_THREADS] = [const {
         has_run: false,
         name: [0; 16],
         wake_at: 0,
+        wait_channel: 0,
         frame: Frame {
             r15: 0,
             r14: 0,
@@ -378,6 +382,35 @@ pub fn sleep_until(id: u32, frame: &mut Frame, wake_at: u64) {
         thread(slot).wake_at = wake_at;
     }
     reschedule_or_idle(cpu, frame);
+}
+
+/// System call: block the current thread on `channel` until a wake on it.
+pub fn wait_on(id: u32, frame: &mut Frame, channel: u64) {
+    let cpu = percpu::get(id);
+    if let Some(slot) = cpu.current {
+        set_state(slot, thread_state::WAITING);
+        let t = thread(slot);
+        t.wake_at = u64::MAX;
+        t.wait_channel = channel;
+    }
+    reschedule_or_idle(cpu, frame);
+}
+
+/// System call: make every thread of this vCPU waiting on `channel` runnable.
+pub fn wake_all(id: u32, channel: u64) -> u64 {
+    let cpu = percpu::get(id);
+    let mut woken = 0;
+    for i in 0..cpu.owned_len {
+        let slot = cpu.owned[i] as usize;
+        let t = thread(slot);
+        if t.state == thread_state::WAITING && t.wait_channel == channel && channel != 0 {
+            t.wait_channel = 0;
+            set_state(slot, thread_state::RUNNABLE);
+            cpu.runq.push(slot);
+            woken += 1;
+        }
+    }
+    woken
 }
 
 /// System call: end the current thread.

@@ -34,6 +34,10 @@ pub const SYS_REPORT: u64 = 4;
 pub const SYS_UPTIME: u64 = 5;
 /// Switch statclock profiling on (`rdi` = 1) or off (0) for the caller (startprofclock/stopprofclock).
 pub const SYS_PROFIL: u64 = 6;
+/// Block while the u64 at `rdi` equals `rsi` (threads of the same vCPU only).
+pub const SYS_WAIT: u64 = 7;
+/// Wake the threads of this vCPU waiting on the u64 at `rdi`.
+pub const SYS_WAKE: u64 = 8;
 
 /// Result of an invalid system call.
 pub const EINVAL: u64 = u64::MAX;
@@ -76,6 +80,20 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
             clock::set_profiling(a != 0);
             frame.rax = 0;
         }
+        SYS_WAIT => {
+            let ok = a >= 0x1000 && a % 8 == 0 && a + 8 <= crate::boot_info().mem_bytes;
+            if !ok {
+                frame.rax = EINVAL;
+            } else {
+                frame.rax = 0;
+                // SAFETY: the address was checked to be an aligned u64 inside guest RAM.
+                let current = unsafe { core::ptr::read_volatile(a as *const u64) };
+                if current == b {
+                    sched::wait_on(id, frame, a);
+                }
+            }
+        }
+        SYS_WAKE => frame.rax = sched::wake_all(id, a),
         _ => frame.rax = EINVAL,
     }
 }
@@ -138,6 +156,16 @@ pub fn report_value(key: u64, value: u64) {
 /// User side: switch statclock profiling on or off.
 pub fn profil(on: bool) {
     call(SYS_PROFIL, u64::from(on), 0);
+}
+
+/// User side: block while `*word == expected` (same-vCPU threads only).
+pub fn wait(word: &core::sync::atomic::AtomicU64, expected: u64) {
+    call(SYS_WAIT, word.as_ptr() as u64, expected);
+}
+
+/// User side: wake this vCPU's threads waiting on `word`.
+pub fn wake(word: &core::sync::atomic::AtomicU64) {
+    call(SYS_WAKE, word.as_ptr() as u64, 0);
 }
 
 /// User side: uptime in ns.

@@ -36,6 +36,7 @@ pub fn start(id: u32) {
         Some(Workload::Fault) if id == 0 => {
             spawn(id, b"faulter", faulter, 0);
         }
+        Some(Workload::Profile) => spawn_profile(id),
         Some(_) => spawn_demo(id),
         None => panic!("unknown workload in boot-information block"),
     }
@@ -56,6 +57,13 @@ fn spawn_demo(id: u32) {
     if id == 0 && crate::boot_info().flags & boot_flags::PROFILE_MIDDLE_THIRD != 0 {
         spawn(id, b"profil", profiler, crate::boot_info().duration_ns);
     }
+}
+
+fn spawn_profile(id: u32) {
+    spawn(id, b"split", split_thread, 0);
+    spawn(id, b"sleepy", sleepy_thread, 0);
+    spawn(id, b"producer", producer_thread, u64::from(id));
+    spawn(id, b"consumer", consumer_thread, u64::from(id));
 }
 
 /// Kernel hook on every scheduler tick of vCPU `id`.
@@ -164,6 +172,95 @@ extern "C" fn mixer(_vcpu: u64) -> ! {
     loop {
         work(50);
         syscall::yield_now();
+    }
+}
+
+// --- The designed profile ------------------------------------------------------
+//
+// split_thread -> split_outer -> leaf_sixty            60 %
+//                             -> mid_thirty -> leaf_thirty   30 %
+//                             -> leaf_ten              10 %
+// Every leaf runs the same loop per unit, so time follows the unit counts.
+
+#[inline(never)]
+fn spin_units(units: u64) -> u64 {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in 0..units * 20_000 {
+        x = core::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    x
+}
+
+#[inline(never)]
+fn leaf_sixty(units: u64) -> u64 {
+    core::hint::black_box(spin_units_inline(units))
+}
+
+#[inline(never)]
+fn leaf_thirty(units: u64) -> u64 {
+    core::hint::black_box(spin_units_inline(units))
+}
+
+#[inline(never)]
+fn leaf_ten(units: u64) -> u64 {
+    core::hint::black_box(spin_units_inline(units))
+}
+
+/// The leaves' loop, inlined into each leaf so the leaf itself is the sampled function.
+#[inline(always)]
+fn spin_units_inline(units: u64) -> u64 {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in 0..units * 20_000 {
+        x = core::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    x
+}
+
+#[inline(never)]
+fn mid_thirty(units: u64) -> u64 {
+    core::hint::black_box(leaf_thirty(units))
+}
+
+#[inline(never)]
+fn split_outer() -> u64 {
+    leaf_sixty(6) ^ mid_thirty(3) ^ leaf_ten(1)
+}
+
+extern "C" fn split_thread(_arg: u64) -> ! {
+    loop {
+        core::hint::black_box(split_outer());
+    }
+}
+
+extern "C" fn sleepy_thread(_arg: u64) -> ! {
+    loop {
+        core::hint::black_box(spin_units(1));
+        syscall::sleep_ns(50_000_000);
+    }
+}
+
+/// Per-vCPU counters the producer bumps and the consumer waits on.
+static PRODUCED: [AtomicU64; metronome_abi::MAX_VCPUS as usize] =
+    [const { AtomicU64::new(0) }; metronome_abi::MAX_VCPUS as usize];
+
+extern "C" fn producer_thread(vcpu: u64) -> ! {
+    let word = &PRODUCED[vcpu as usize];
+    loop {
+        core::hint::black_box(spin_units(1));
+        word.fetch_add(1, Ordering::Release);
+        syscall::wake(word);
+        syscall::sleep_ns(20_000_000);
+    }
+}
+
+extern "C" fn consumer_thread(vcpu: u64) -> ! {
+    let word = &PRODUCED[vcpu as usize];
+    let mut seen = 0;
+    loop {
+        // Blocks on the producer: runs only after each of its wakes.
+        syscall::wait(word, seen);
+        seen = word.load(Ordering::Acquire);
+        core::hint::black_box(spin_units(1));
     }
 }
 

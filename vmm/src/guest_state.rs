@@ -56,7 +56,7 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<u64, WalkEr
 
 /// Reads a u64 at guest virtual `va`.
 pub fn read_u64(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<u64, WalkError> {
-    if va % 8 != 0 {
+    if !va.is_multiple_of(8) {
         return Err(WalkError::Misaligned(va));
     }
     let pa = translate(mem, cr3, va)?;

@@ -112,6 +112,9 @@ enum WorkloadArg {
     SpinCpl0,
     /// Exit right after boot (measures boot time).
     ExitNow,
+    /// Threads with a designed profile: a 60/30/10 split across three leaf
+    /// functions, a sleeper, a producer and a consumer blocked on it.
+    Profile,
 }
 
 impl From<WorkloadArg> for Workload {
@@ -122,6 +125,7 @@ impl From<WorkloadArg> for Workload {
             WorkloadArg::Fault => Workload::Fault,
             WorkloadArg::SpinCpl0 => Workload::SpinCpl0,
             WorkloadArg::ExitNow => Workload::ExitNow,
+            WorkloadArg::Profile => Workload::Profile,
         }
     }
 }

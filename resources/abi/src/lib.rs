@@ -248,6 +248,10 @@ pub enum Workload {
     ExitNow = 4,
     /// The demo threads, while the VMM sends stress interrupts; the guest counts them.
     KickStress = 5,
+    /// Threads with a designed profile: fixed call chains splitting their time
+    /// 60/30/10 across three leaf functions, a thread that mostly sleeps, and a
+    /// thread that blocks on another.
+    Profile = 6,
 }
 
 impl Workload {
@@ -260,6 +264,7 @@ impl Workload {
             3 => Self::SpinCpl0,
             4 => Self::ExitNow,
             5 => Self::KickStress,
+            6 => Self::Profile,
             _ => return None,
         })
     }
