@@ -76,7 +76,7 @@ pub struct Stack {
 }
 
 /// Walks the frame-pointer chain from (`rip`, `rbp`): each frame holds the
-/// caller's RBP at [rbp] and the return address at [rbp + 8]. A zero RBP or a
+/// caller's RBP at `[rbp]` and the return address at `[rbp + 8]`. A zero RBP or a
 /// zero return address ends the walk normally (thread entry).
 pub fn walk_stack(mem: &GuestMemoryMmap, cr3: u64, rip: u64, rbp: u64, depth: usize) -> Stack {
     let mut stack = Stack {

@@ -24,6 +24,7 @@ pub mod guest_state;
 pub mod guestmem;
 pub mod kick;
 pub mod loader;
+pub mod profile;
 pub mod sampler;
 pub mod shared;
 pub mod summary;

@@ -1,0 +1,395 @@
+//! Guest address to function, file and line, from the guest kernel ELF.
+//!
+//! Function names come from the ELF symbol table (the full, demangled Rust
+//! path of the function containing the address) and, for frames inlined into
+//! it, from the DWARF inline records (`debug = "line-tables-only"` keeps those,
+//! with the inlined function's short name). Files and lines come from the
+//! DWARF line tables.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+use gimli::{EndianArcSlice, RunTimeEndian};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
+
+use super::ProfileError;
+
+/// The DWARF reader: section data owned by the [`Symbolizer`].
+type Reader = EndianArcSlice<RunTimeEndian>;
+
+/// One source-level frame at a guest address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frame {
+    /// The function, demangled and without a trailing `::h<hash>`; `0x…` (the
+    /// address in hex) when the address is in no known function.
+    pub function: String,
+    /// The source file, when the line tables cover the address.
+    pub file: Option<String>,
+    /// The source line, when the line tables cover the address.
+    pub line: Option<u32>,
+    /// The address that was looked up, as given (a return address is given
+    /// unchanged here, though it is resolved at `addr - 1`).
+    pub addr: u64,
+}
+
+/// A function symbol from the ELF symbol table: `[start, end)`, demangled.
+#[derive(Debug)]
+struct FunctionSymbol {
+    start: u64,
+    end: u64,
+    name: String,
+}
+
+/// Resolves guest addresses in one ELF image to frames.
+///
+/// It is `Send` but not `Sync`: DWARF units are parsed lazily, on first
+/// lookup, behind unsynchronized cells.
+pub struct Symbolizer {
+    /// Function symbols sorted by start address.
+    symbols: Vec<FunctionSymbol>,
+    /// The DWARF lookup context (empty if the image has no debug information).
+    dwarf: addr2line::Context<Reader>,
+    /// The address ranges of the image's code sections, sorted: DWARF is only
+    /// consulted there, for the linker leaves the debug information of the
+    /// functions it discarded in place, at address 0.
+    code: Vec<(u64, u64)>,
+    /// The lowest and highest-plus-one addresses of the image's loadable
+    /// segments, if it has any.
+    image: Option<(u64, u64)>,
+    /// The image's GNU build id, if it has one.
+    build_id: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Symbolizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Symbolizer")
+            .field("symbols", &self.symbols.len())
+            .field("image", &self.image)
+            .field("build_id", &self.build_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Symbolizer {
+    /// Reads the symbol table and DWARF debug information of the ELF image
+    /// `elf` (a copy of what is needed is kept; `elf` may be dropped).
+    ///
+    /// An image without symbols or debug information is accepted: its
+    /// addresses then resolve to `0x…` frames or to bare function names.
+    pub fn new(elf: &[u8]) -> Result<Self, ProfileError> {
+        let file = object::File::parse(elf).map_err(ProfileError::Elf)?;
+        let endian = if file.is_little_endian() {
+            RunTimeEndian::Little
+        } else {
+            RunTimeEndian::Big
+        };
+
+        let mut symbols: Vec<FunctionSymbol> = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
+            .filter_map(|s| {
+                let name = s.name().ok()?;
+                Some(FunctionSymbol {
+                    start: s.address(),
+                    end: s.address().saturating_add(s.size()),
+                    name: demangle(name).into_owned(),
+                })
+            })
+            .collect();
+        // Larger symbols first among those at the same address, so that an
+        // alias with a size wins over a zero-sized label.
+        symbols.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
+        // A zero-sized symbol extends to the next symbol, as `nm`-based tools
+        // assume; the last one covers only its own address.
+        for i in 0..symbols.len() {
+            if symbols[i].end == symbols[i].start {
+                let next = symbols[i + 1..]
+                    .iter()
+                    .map(|s| s.start)
+                    .find(|&start| start > symbols[i].start);
+                symbols[i].end = next.unwrap_or(symbols[i].start + 1);
+            }
+        }
+
+        let load = |id: gimli::SectionId| -> Result<Reader, ProfileError> {
+            let data = match file.section_by_name(id.name()) {
+                Some(section) => section.uncompressed_data().map_err(ProfileError::Elf)?,
+                None => Cow::Borrowed(&[][..]),
+            };
+            Ok(EndianArcSlice::new(Arc::from(&*data), endian))
+        };
+        let dwarf = gimli::Dwarf::load(load)?;
+        let dwarf = addr2line::Context::from_dwarf(dwarf).map_err(ProfileError::Dwarf)?;
+
+        let mut code: Vec<(u64, u64)> = file
+            .sections()
+            .filter(|s| s.kind() == SectionKind::Text && s.size() > 0)
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
+            .collect();
+        code.sort_unstable();
+
+        let image = file
+            .segments()
+            .filter(|s| s.size() > 0)
+            .map(|s| (s.address(), s.address().saturating_add(s.size())))
+            .reduce(|(lo, hi), (start, end)| (lo.min(start), hi.max(end)));
+        let build_id = file.build_id().ok().flatten().map(<[u8]>::to_vec);
+
+        Ok(Symbolizer {
+            symbols,
+            dwarf,
+            code,
+            image,
+            build_id,
+        })
+    }
+
+    /// The frames at `addr`, innermost (inlined) first, the function that
+    /// contains `addr` last; never empty.
+    ///
+    /// `is_return_address` is for every stack element but the first: it is
+    /// looked up at `addr - 1`, inside the call instruction. An address in no
+    /// known function yields one frame named like `0x2001a3`.
+    pub fn frames(&self, addr: u64, is_return_address: bool) -> Vec<Frame> {
+        let probe = if is_return_address {
+            addr.saturating_sub(1)
+        } else {
+            addr
+        };
+        let mut frames = self.dwarf_frames(probe, addr);
+        let symbol = self.symbol(probe);
+        match (frames.last_mut(), symbol) {
+            // The symbol table has the function's full path; DWARF written
+            // with line tables only has its short name.
+            (Some(outer), Some(symbol)) => outer.function = symbol.name.clone(),
+            (None, Some(symbol)) => frames.push(Frame {
+                function: symbol.name.clone(),
+                file: None,
+                line: None,
+                addr,
+            }),
+            (None, None) => frames.push(Frame {
+                function: unknown(addr),
+                file: None,
+                line: None,
+                addr,
+            }),
+            (Some(_), None) => {}
+        }
+        frames
+    }
+
+    /// The name of the function symbol containing `addr`, demangled.
+    pub fn function_name(&self, addr: u64) -> Option<&str> {
+        self.symbol(addr).map(|s| s.name.as_str())
+    }
+
+    /// The lowest and highest-plus-one addresses of the image's loadable
+    /// segments.
+    pub fn image_range(&self) -> Option<(u64, u64)> {
+        self.image
+    }
+
+    /// The image's GNU build id, if it has one.
+    pub fn build_id(&self) -> Option<&[u8]> {
+        self.build_id.as_deref()
+    }
+
+    /// The function symbol containing `addr`.
+    fn symbol(&self, addr: u64) -> Option<&FunctionSymbol> {
+        let after = self.symbols.partition_point(|s| s.start <= addr);
+        // Overlapping symbols are rare; look back a few for one that contains
+        // `addr` rather than trusting the nearest start alone.
+        self.symbols[..after]
+            .iter()
+            .rev()
+            .take(8)
+            .find(|s| addr < s.end)
+    }
+
+    /// Whether `addr` is in one of the image's code sections.
+    fn in_code(&self, addr: u64) -> bool {
+        let after = self.code.partition_point(|&(start, _)| start <= addr);
+        self.code[..after]
+            .last()
+            .is_some_and(|&(_, end)| addr < end)
+    }
+
+    /// The DWARF frames at `probe`, innermost first; empty outside the code
+    /// sections and where DWARF does not cover `probe` (or is malformed there).
+    fn dwarf_frames(&self, probe: u64, addr: u64) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        if !self.in_code(probe) {
+            return frames;
+        }
+        let Ok(mut iter) = self.dwarf.find_frames(probe).skip_all_loads() else {
+            return frames;
+        };
+        while let Ok(Some(frame)) = iter.next() {
+            let function = frame
+                .function
+                .as_ref()
+                .and_then(|name| name.raw_name().ok())
+                .map(|name| demangle(&name).into_owned());
+            let (file, line) = match frame.location {
+                Some(location) => (location.file.map(str::to_owned), location.line),
+                None => (None, None),
+            };
+            frames.push(Frame {
+                function: function.unwrap_or_else(|| unknown(addr)),
+                file,
+                line,
+                addr,
+            });
+        }
+        frames
+    }
+}
+
+/// The name of a frame at an address in no known function.
+fn unknown(addr: u64) -> String {
+    format!("{addr:#x}")
+}
+
+/// Demangles a Rust symbol (legacy or v0 mangling) without its hash or crate
+/// disambiguators; returns any other name unchanged.
+pub(crate) fn demangle(name: &str) -> Cow<'_, str> {
+    match rustc_demangle::try_demangle(name) {
+        Ok(demangled) => Cow::Owned(format!("{demangled:#}")),
+        Err(_) => Cow::Borrowed(name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> Symbolizer {
+        Symbolizer::new(metronome_resources::GUEST_KERNEL).expect("the guest kernel parses")
+    }
+
+    #[test]
+    fn test_demangle_legacy_drops_hash() {
+        assert_eq!(
+            demangle("_ZN15metronome_guest9workloads7spinner17h13af0d74d18065a5E"),
+            "metronome_guest::workloads::spinner"
+        );
+    }
+
+    #[test]
+    fn test_demangle_v0_drops_disambiguators() {
+        assert_eq!(
+            demangle("_RNvNvNtCsgEmfK2I1SDS_4core9panicking18panic_nounwind_fmt7runtime"),
+            "core::panicking::panic_nounwind_fmt::runtime"
+        );
+    }
+
+    #[test]
+    fn test_demangle_leaves_plain_names() {
+        assert_eq!(demangle("memcpy"), "memcpy");
+        assert_eq!(demangle("new<64>"), "new<64>");
+    }
+
+    #[test]
+    fn test_unknown_address_is_hex() {
+        let s = kernel();
+        for is_return in [false, true] {
+            let frames = s.frames(0x10, is_return);
+            assert_eq!(
+                frames,
+                vec![Frame {
+                    function: "0x10".into(),
+                    file: None,
+                    line: None,
+                    addr: 0x10
+                }]
+            );
+        }
+        assert_eq!(s.frames(u64::MAX, false)[0].function, "0xffffffffffffffff");
+    }
+
+    /// The address of the first function symbol whose name ends with `::suffix`.
+    fn function(s: &Symbolizer, suffix: &str) -> (u64, u64) {
+        let sym = s
+            .symbols
+            .iter()
+            .find(|f| f.name.ends_with(&format!("::{suffix}")))
+            .unwrap_or_else(|| panic!("no function ::{suffix} in the guest kernel"));
+        (sym.start, sym.end)
+    }
+
+    #[test]
+    fn test_kernel_function_resolves_with_line() {
+        let s = kernel();
+        let (start, end) = function(&s, "spinner");
+        let frames = s.frames(start, false);
+        let outer = frames.last().expect("never empty");
+        assert_eq!(outer.function, "metronome_guest::workloads::spinner");
+        assert_eq!(outer.addr, start);
+        assert!(
+            outer.file.as_deref().is_some_and(|f| f.ends_with(".rs")),
+            "{frames:?}"
+        );
+        assert!(outer.line.is_some(), "{frames:?}");
+        // Every address inside the function resolves to it as the outer frame.
+        for addr in start..end {
+            let frames = s.frames(addr, false);
+            assert_eq!(
+                frames.last().map(|f| f.function.as_str()),
+                Some("metronome_guest::workloads::spinner"),
+                "{addr:#x}: {frames:?}"
+            );
+        }
+        assert_eq!(
+            s.function_name(start + 1),
+            Some("metronome_guest::workloads::spinner")
+        );
+    }
+
+    #[test]
+    fn test_return_address_is_looked_up_in_the_call() {
+        let s = kernel();
+        let (start, end) = function(&s, "spinner");
+        // The address just past the function, as a return address, is the
+        // function's last instruction (a call that never returns, say).
+        let frames = s.frames(end, true);
+        assert_eq!(
+            frames.last().map(|f| f.function.as_str()),
+            Some("metronome_guest::workloads::spinner"),
+            "{frames:?}"
+        );
+        assert_eq!(frames.last().map(|f| f.addr), Some(end));
+        // And as a sampled RIP it is not in the function.
+        let frames = s.frames(end, false);
+        assert_ne!(
+            frames.last().map(|f| f.function.as_str()),
+            Some("metronome_guest::workloads::spinner")
+        );
+        assert!(start < end);
+    }
+
+    #[test]
+    fn test_inlined_frames_are_innermost_first() {
+        let s = kernel();
+        // Find an address in the kernel with inlined frames; the outermost is
+        // always the symbol's full path and the inner ones DWARF names.
+        let (lo, hi) = s.image_range().expect("the kernel has segments");
+        let inlined = (lo..hi.min(lo + 0x8000))
+            .map(|a| s.frames(a, false))
+            .find(|f| f.len() > 1)
+            .expect("the kernel has inlined code");
+        let outer = inlined.last().expect("never empty");
+        assert!(outer.function.contains("::"), "{inlined:?}");
+        assert!(inlined.iter().all(|f| !f.function.is_empty()));
+        assert!(inlined[0].line.is_some(), "{inlined:?}");
+    }
+
+    #[test]
+    fn test_not_an_elf_is_an_error() {
+        assert!(matches!(
+            Symbolizer::new(b"not an elf"),
+            Err(ProfileError::Elf(_))
+        ));
+    }
+}

@@ -1,0 +1,755 @@
+//! The output formats of a [`Profile`]: folded stacks, an SVG flame graph and a
+//! gzipped pprof protocol buffer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use inferno::flamegraph::color::MultiPalette;
+use inferno::flamegraph::{self, Palette};
+use prost::Message;
+
+use super::{Frame, Profile, ProfileError, StackKey, Symbolizer};
+
+/// The folded-stacks file [`Profile::write_all`] writes.
+pub const FOLDED_FILE: &str = "profile.folded";
+/// The SVG flame graph file [`Profile::write_all`] writes.
+pub const SVG_FILE: &str = "profile.svg";
+/// The gzipped pprof file [`Profile::write_all`] writes.
+pub const PPROF_FILE: &str = "profile.pb.gz";
+/// The title of the SVG flame graph.
+pub const SVG_TITLE: &str = "Metronome guest profile";
+
+/// The suffix of kernel frames in folded stacks, as `perf script` and
+/// `stackcollapse-perf.pl --kernel` write it.
+const KERNEL_SUFFIX: &str = "_[k]";
+
+/// The file name recorded in the pprof mapping of the guest kernel image.
+const IMAGE_NAME: &str = "metronome-guest.elf";
+
+/// Symbolizes each (address, is return address) once.
+struct FrameCache<'a> {
+    symbolizer: &'a Symbolizer,
+    frames: HashMap<(u64, bool), Vec<Frame>>,
+}
+
+impl<'a> FrameCache<'a> {
+    fn new(symbolizer: &'a Symbolizer) -> Self {
+        FrameCache {
+            symbolizer,
+            frames: HashMap::new(),
+        }
+    }
+
+    /// The frames at `addr`, innermost first.
+    fn get(&mut self, addr: u64, is_return_address: bool) -> &[Frame] {
+        let symbolizer = self.symbolizer;
+        self.frames
+            .entry((addr, is_return_address))
+            .or_insert_with(|| symbolizer.frames(addr, is_return_address))
+    }
+}
+
+/// Appends `name` to a folded stack, with the characters that would break
+/// the format (the frame separator `;` and line breaks) replaced.
+fn push_frame(stack: &mut String, name: &str, suffix: &str) {
+    if !stack.is_empty() {
+        stack.push(';');
+    }
+    if name.is_empty() {
+        stack.push_str("[unknown]");
+    } else {
+        stack.extend(name.chars().map(|c| match c {
+            ';' => ',',
+            '\n' | '\r' => ' ',
+            c => c,
+        }));
+    }
+    stack.push_str(suffix);
+}
+
+/// The root frame of a sample: its thread's name, or its id if unnamed.
+fn thread_root(key: &StackKey) -> String {
+    if key.thread_name.is_empty() {
+        format!("[tid {}]", key.tid)
+    } else {
+        key.thread_name.clone()
+    }
+}
+
+impl Profile {
+    /// The profile in Brendan Gregg's folded format: one line per distinct
+    /// stack, `<thread name>;<outer fn>;…;<leaf fn> <count>`, sorted by stack.
+    ///
+    /// The root is the thread name, then the user stack's frames outermost
+    /// first, then the kernel stack's frames outermost first, each suffixed
+    /// `_[k]` as `perf` does. Inlined functions are frames of their own.
+    /// A `;` in a name is written as `,`.
+    pub fn folded(&self) -> String {
+        let mut cache = FrameCache::new(&self.symbolizer);
+        let mut lines: BTreeMap<String, u64> = BTreeMap::new();
+        for (key, weight) in self.weighted_stacks() {
+            let mut stack = String::new();
+            push_frame(&mut stack, &thread_root(key), "");
+            for (stack_addrs, suffix) in [(&key.user_stack, ""), (&key.kernel_stack, KERNEL_SUFFIX)]
+            {
+                for (i, &addr) in stack_addrs.iter().enumerate().rev() {
+                    for frame in cache.get(addr, i > 0).iter().rev() {
+                        push_frame(&mut stack, &frame.function, suffix);
+                    }
+                }
+            }
+            let count = lines.entry(stack).or_insert(0);
+            *count = count.saturating_add(weight);
+        }
+        let mut out = String::new();
+        for (stack, count) in lines {
+            // Cannot panic: writing to a String does not fail.
+            writeln!(out, "{stack} {count}").expect("writing to a String");
+        }
+        out
+    }
+
+    /// Writes an SVG flame graph of [`Profile::folded`], drawn by `inferno`,
+    /// titled [`SVG_TITLE`]; kernel frames are orange.
+    ///
+    /// Fails with [`ProfileError::Empty`], writing nothing, if the profile has
+    /// no samples.
+    pub fn write_svg(&self, out: impl Write) -> Result<(), ProfileError> {
+        let folded = self.folded();
+        if folded.is_empty() {
+            return Err(ProfileError::Empty);
+        }
+        let mut options = flamegraph::Options::default();
+        options.title = SVG_TITLE.to_owned();
+        // Colors from names, so that a profile always draws the same.
+        options.hash = true;
+        // Orange for `_[k]`, yellow for `::` paths, as `--colors java`.
+        options.colors = Palette::Multi(MultiPalette::Java);
+        flamegraph::from_lines(&mut options, folded.lines(), out)?;
+        Ok(())
+    }
+
+    /// Writes the profile as a gzipped `perftools.profiles.Profile`, as
+    /// `go tool pprof` reads it.
+    ///
+    /// One sample type, `samples`/`count`; one location per distinct address
+    /// (and lookup: leaf or return address) with a line per inlined frame,
+    /// innermost first; samples' locations leaf first (the kernel stack, then
+    /// the user stack), labelled with the string label `thread` and the
+    /// numeric labels `vcpu` and `tid`. With a period
+    /// ([`Profile::set_period_ns`]) the period type is `cpu`/`nanoseconds`.
+    pub fn write_pprof(&self, out: impl Write) -> Result<(), ProfileError> {
+        let bytes = self.pprof().encode_to_vec();
+        let mut gz = GzEncoder::new(out, Compression::default());
+        gz.write_all(&bytes)?;
+        gz.finish()?.flush()?;
+        Ok(())
+    }
+
+    /// Writes [`FOLDED_FILE`], [`SVG_FILE`] and [`PPROF_FILE`] into `dir`,
+    /// creating it if need be.
+    ///
+    /// Fails with [`ProfileError::Empty`], writing nothing, if the profile has
+    /// no samples.
+    pub fn write_all(&self, dir: &Path) -> Result<(), ProfileError> {
+        if self.weighted_stacks().next().is_none() {
+            return Err(ProfileError::Empty);
+        }
+        fs::create_dir_all(dir).map_err(|source| ProfileError::File {
+            path: dir.to_owned(),
+            source,
+        })?;
+        write_file(&dir.join(FOLDED_FILE), |w| {
+            w.write_all(self.folded().as_bytes())?;
+            Ok(())
+        })?;
+        write_file(&dir.join(SVG_FILE), |w| self.write_svg(w))?;
+        write_file(&dir.join(PPROF_FILE), |w| self.write_pprof(w))
+    }
+
+    /// The profile as a `perftools.profiles.Profile` message.
+    fn pprof(&self) -> pb::Profile {
+        let mut b = PprofBuilder::new(&self.symbolizer);
+        let samples_type = b.value_type("samples", "count");
+        b.profile.sample_type.push(samples_type);
+        if let Some(period) = self.period_ns {
+            b.profile.period_type = Some(b.value_type("cpu", "nanoseconds"));
+            b.profile.period = i64::try_from(period).unwrap_or(i64::MAX);
+        }
+        for (key, weight) in self.weighted_stacks() {
+            let mut location_id = Vec::with_capacity(key.kernel_stack.len() + key.user_stack.len());
+            for stack in [&key.kernel_stack, &key.user_stack] {
+                for (i, &addr) in stack.iter().enumerate() {
+                    location_id.push(b.location(addr, i > 0));
+                }
+            }
+            let label = vec![
+                pb::Label {
+                    key: b.string("thread"),
+                    str: b.string(&thread_root(key)),
+                    ..Default::default()
+                },
+                // A unit on numeric labels: pprof drops a numeric label
+                // whose value and unit are both 0, as vCPU 0's would be.
+                pb::Label {
+                    key: b.string("vcpu"),
+                    num: i64::from(key.vcpu),
+                    num_unit: b.string("vcpu"),
+                    ..Default::default()
+                },
+                pb::Label {
+                    key: b.string("tid"),
+                    num: i64::try_from(key.tid).unwrap_or(i64::MAX),
+                    num_unit: b.string("tid"),
+                    ..Default::default()
+                },
+            ];
+            b.profile.sample.push(pb::Sample {
+                location_id,
+                value: vec![i64::try_from(weight).unwrap_or(i64::MAX)],
+                label,
+            });
+        }
+        b.finish()
+    }
+}
+
+/// Creates `path` and writes it with `write`, naming `path` in any error.
+fn write_file(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> Result<(), ProfileError>,
+) -> Result<(), ProfileError> {
+    let in_file = |source| ProfileError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(in_file)?);
+    match write(&mut w) {
+        Ok(()) => {}
+        Err(ProfileError::Io(source)) => return Err(in_file(source)),
+        Err(e) => return Err(e),
+    }
+    w.flush().map_err(in_file)
+}
+
+/// Builds a pprof message: interns strings, functions and locations.
+struct PprofBuilder<'a> {
+    cache: FrameCache<'a>,
+    profile: pb::Profile,
+    strings: HashMap<String, i64>,
+    functions: HashMap<(String, Option<String>), u64>,
+    locations: HashMap<(u64, bool), u64>,
+    /// The guest image's address range, mapped as mapping 1.
+    image: Option<(u64, u64)>,
+}
+
+impl<'a> PprofBuilder<'a> {
+    fn new(symbolizer: &'a Symbolizer) -> Self {
+        let mut b = PprofBuilder {
+            cache: FrameCache::new(symbolizer),
+            profile: pb::Profile::default(),
+            strings: HashMap::new(),
+            functions: HashMap::new(),
+            locations: HashMap::new(),
+            image: symbolizer.image_range(),
+        };
+        // The string table starts with "".
+        b.string("");
+        if let Some((start, limit)) = b.image {
+            let build_id = symbolizer
+                .build_id()
+                .map(|id| {
+                    id.iter().fold(String::new(), |mut s, byte| {
+                        // Cannot panic: writing to a String does not fail.
+                        write!(s, "{byte:02x}").expect("writing to a String");
+                        s
+                    })
+                })
+                .unwrap_or_default();
+            let mapping = pb::Mapping {
+                id: 1,
+                memory_start: start,
+                memory_limit: limit,
+                file_offset: 0,
+                filename: b.string(IMAGE_NAME),
+                build_id: b.string(&build_id),
+                has_functions: true,
+                has_filenames: true,
+                has_line_numbers: true,
+                has_inline_frames: true,
+            };
+            b.profile.mapping.push(mapping);
+        }
+        b
+    }
+
+    /// The index of `s` in the string table.
+    fn string(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = i64::try_from(self.profile.string_table.len()).unwrap_or(i64::MAX);
+        self.profile.string_table.push(s.to_owned());
+        self.strings.insert(s.to_owned(), i);
+        i
+    }
+
+    fn value_type(&mut self, ty: &str, unit: &str) -> pb::ValueType {
+        pb::ValueType {
+            r#type: self.string(ty),
+            unit: self.string(unit),
+        }
+    }
+
+    /// The id of the function `name` in `file`.
+    fn function(&mut self, name: &str, file: Option<&str>) -> u64 {
+        let key = (name.to_owned(), file.map(str::to_owned));
+        if let Some(&id) = self.functions.get(&key) {
+            return id;
+        }
+        let id = self.profile.function.len() as u64 + 1;
+        let name = self.string(name);
+        let filename = self.string(file.unwrap_or(""));
+        self.profile.function.push(pb::Function {
+            id,
+            name,
+            system_name: name,
+            filename,
+            start_line: 0,
+        });
+        self.functions.insert(key, id);
+        id
+    }
+
+    /// The id of the location of `addr` (a return address or not).
+    fn location(&mut self, addr: u64, is_return_address: bool) -> u64 {
+        if let Some(&id) = self.locations.get(&(addr, is_return_address)) {
+            return id;
+        }
+        let id = self.profile.location.len() as u64 + 1;
+        let frames = self.cache.get(addr, is_return_address).to_vec();
+        let line = frames
+            .iter()
+            .map(|f| pb::Line {
+                function_id: self.function(&f.function, f.file.as_deref()),
+                line: f.line.map_or(0, i64::from),
+                column: 0,
+            })
+            .collect();
+        let mapping_id = match self.image {
+            Some((start, limit)) if (start..limit).contains(&addr) => 1,
+            _ => 0,
+        };
+        self.profile.location.push(pb::Location {
+            id,
+            mapping_id,
+            address: addr,
+            line,
+            is_folded: false,
+        });
+        self.locations.insert((addr, is_return_address), id);
+        id
+    }
+
+    fn finish(self) -> pb::Profile {
+        self.profile
+    }
+}
+
+/// `perftools.profiles` messages (github.com/google/pprof, `proto/profile.proto`),
+/// derived by hand for `prost`.
+pub(crate) mod pb {
+    /// `perftools.profiles.Profile`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(crate) struct Profile {
+        #[prost(message, repeated, tag = "1")]
+        pub sample_type: Vec<ValueType>,
+        #[prost(message, repeated, tag = "2")]
+        pub sample: Vec<Sample>,
+        #[prost(message, repeated, tag = "3")]
+        pub mapping: Vec<Mapping>,
+        #[prost(message, repeated, tag = "4")]
+        pub location: Vec<Location>,
+        #[prost(message, repeated, tag = "5")]
+        pub function: Vec<Function>,
+        #[prost(string, repeated, tag = "6")]
+        pub string_table: Vec<String>,
+        #[prost(int64, tag = "7")]
+        pub drop_frames: i64,
+        #[prost(int64, tag = "8")]
+        pub keep_frames: i64,
+        #[prost(int64, tag = "9")]
+        pub time_nanos: i64,
+        #[prost(int64, tag = "10")]
+        pub duration_nanos: i64,
+        #[prost(message, optional, tag = "11")]
+        pub period_type: Option<ValueType>,
+        #[prost(int64, tag = "12")]
+        pub period: i64,
+        #[prost(int64, repeated, tag = "13")]
+        pub comment: Vec<i64>,
+        #[prost(int64, tag = "14")]
+        pub default_sample_type: i64,
+    }
+
+    /// `perftools.profiles.ValueType`.
+    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+    pub(crate) struct ValueType {
+        #[prost(int64, tag = "1")]
+        pub r#type: i64,
+        #[prost(int64, tag = "2")]
+        pub unit: i64,
+    }
+
+    /// `perftools.profiles.Sample`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(crate) struct Sample {
+        #[prost(uint64, repeated, tag = "1")]
+        pub location_id: Vec<u64>,
+        #[prost(int64, repeated, tag = "2")]
+        pub value: Vec<i64>,
+        #[prost(message, repeated, tag = "3")]
+        pub label: Vec<Label>,
+    }
+
+    /// `perftools.profiles.Label`.
+    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+    pub(crate) struct Label {
+        #[prost(int64, tag = "1")]
+        pub key: i64,
+        #[prost(int64, tag = "2")]
+        pub str: i64,
+        #[prost(int64, tag = "3")]
+        pub num: i64,
+        #[prost(int64, tag = "4")]
+        pub num_unit: i64,
+    }
+
+    /// `perftools.profiles.Mapping`.
+    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+    pub(crate) struct Mapping {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(uint64, tag = "2")]
+        pub memory_start: u64,
+        #[prost(uint64, tag = "3")]
+        pub memory_limit: u64,
+        #[prost(uint64, tag = "4")]
+        pub file_offset: u64,
+        #[prost(int64, tag = "5")]
+        pub filename: i64,
+        #[prost(int64, tag = "6")]
+        pub build_id: i64,
+        #[prost(bool, tag = "7")]
+        pub has_functions: bool,
+        #[prost(bool, tag = "8")]
+        pub has_filenames: bool,
+        #[prost(bool, tag = "9")]
+        pub has_line_numbers: bool,
+        #[prost(bool, tag = "10")]
+        pub has_inline_frames: bool,
+    }
+
+    /// `perftools.profiles.Location`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(crate) struct Location {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(uint64, tag = "2")]
+        pub mapping_id: u64,
+        #[prost(uint64, tag = "3")]
+        pub address: u64,
+        #[prost(message, repeated, tag = "4")]
+        pub line: Vec<Line>,
+        #[prost(bool, tag = "5")]
+        pub is_folded: bool,
+    }
+
+    /// `perftools.profiles.Line`.
+    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+    pub(crate) struct Line {
+        #[prost(uint64, tag = "1")]
+        pub function_id: u64,
+        #[prost(int64, tag = "2")]
+        pub line: i64,
+        #[prost(int64, tag = "3")]
+        pub column: i64,
+    }
+
+    /// `perftools.profiles.Function`.
+    #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
+    pub(crate) struct Function {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(int64, tag = "2")]
+        pub name: i64,
+        #[prost(int64, tag = "3")]
+        pub system_name: i64,
+        #[prost(int64, tag = "4")]
+        pub filename: i64,
+        #[prost(int64, tag = "5")]
+        pub start_line: i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use flate2::read::GzDecoder;
+
+    use super::*;
+    use crate::profile::Sample;
+
+    fn profile() -> Profile {
+        let symbolizer =
+            Symbolizer::new(metronome_resources::GUEST_KERNEL).expect("the guest kernel parses");
+        Profile::new(symbolizer)
+    }
+
+    fn sample(thread: &str, user: &[u64], kernel: &[u64], weight: u64) -> Sample {
+        Sample {
+            vcpu: 1,
+            tid: 7,
+            thread_name: thread.into(),
+            user_stack: user.to_vec(),
+            kernel_stack: kernel.to_vec(),
+            weight,
+        }
+    }
+
+    /// The address of the kernel function whose demangled name ends `::suffix`.
+    fn function(p: &Profile, suffix: &str) -> u64 {
+        let symbolizer = p.symbolizer();
+        let (lo, hi) = symbolizer.image_range().expect("the kernel has segments");
+        (lo..hi)
+            .find(|&a| {
+                symbolizer
+                    .function_name(a)
+                    .is_some_and(|n| n.ends_with(&format!("::{suffix}")))
+            })
+            .unwrap_or_else(|| panic!("no ::{suffix} in the guest kernel"))
+    }
+
+    fn decode(p: &Profile) -> pb::Profile {
+        let mut gz = Vec::new();
+        p.write_pprof(&mut gz).expect("writes to a Vec");
+        assert_eq!(&gz[..2], &[0x1f, 0x8b], "gzip magic");
+        let mut raw = Vec::new();
+        GzDecoder::new(&gz[..])
+            .read_to_end(&mut raw)
+            .expect("valid gzip");
+        pb::Profile::decode(&raw[..]).expect("valid profile.proto")
+    }
+
+    #[test]
+    fn test_folded_aggregates_and_sorts() {
+        let mut p = profile();
+        // Unknown addresses: frames named by address, deterministic.
+        p.add(&sample("b/0", &[0x30, 0x20, 0x10], &[], 1));
+        p.add(&sample("b/0", &[0x30, 0x20, 0x10], &[], 2));
+        p.add(&sample("a/1", &[0x40], &[0x60, 0x50], 1));
+        p.add(&sample("a/1", &[0x40], &[], 4));
+        // The same folded stack from another vCPU is merged in the folded
+        // output.
+        p.add(&Sample {
+            vcpu: 3,
+            ..sample("a/1", &[0x40], &[], 1)
+        });
+        p.add(&sample("zero", &[0x40], &[], 0));
+        assert_eq!(p.sample_count(), 6);
+        assert_eq!(p.total_weight(), 9);
+        assert_eq!(
+            p.folded(),
+            "a/1;0x40 5\n\
+             a/1;0x40;0x50_[k];0x60_[k] 1\n\
+             b/0;0x10;0x20;0x30 3\n"
+        );
+    }
+
+    #[test]
+    fn test_folded_names_kernel_functions() {
+        let mut p = profile();
+        let spinner = function(&p, "spinner");
+        let work = function(&p, "work");
+        // A leaf in `work`, called from `spinner` (the return address is
+        // looked up one byte back).
+        p.add(&sample("spinner/0", &[work, spinner + 1], &[], 2));
+        p.add(&sample("", &[], &[work], 1));
+        assert_eq!(
+            p.folded(),
+            "[tid 7];metronome_guest::workloads::work_[k] 1\n\
+             spinner/0;metronome_guest::workloads::spinner;metronome_guest::workloads::work 2\n"
+        );
+    }
+
+    #[test]
+    fn test_push_frame_escapes_separators() {
+        let mut s = String::new();
+        push_frame(&mut s, "t", "");
+        push_frame(&mut s, "<[u8; 4] as X>::f\n", "_[k]");
+        push_frame(&mut s, "", "");
+        assert_eq!(s, "t;<[u8, 4] as X>::f _[k];[unknown]");
+    }
+
+    #[test]
+    fn test_empty_profile() {
+        let p = profile();
+        assert_eq!(p.folded(), "");
+        assert!(matches!(p.write_svg(Vec::new()), Err(ProfileError::Empty)));
+        let dir =
+            std::env::temp_dir().join(format!("metronome-profile-empty-{}", std::process::id()));
+        assert!(matches!(p.write_all(&dir), Err(ProfileError::Empty)));
+        assert!(!dir.exists());
+        // An empty pprof profile is still valid.
+        let decoded = decode(&p);
+        assert!(decoded.sample.is_empty());
+        assert_eq!(decoded.string_table[0], "");
+    }
+
+    #[test]
+    fn test_svg_has_title_and_frames() {
+        let mut p = profile();
+        let spinner = function(&p, "spinner");
+        p.add(&sample("spinner/0", &[spinner], &[0x10], 3));
+        let mut svg = Vec::new();
+        p.write_svg(&mut svg).expect("draws");
+        let svg = String::from_utf8(svg).expect("UTF-8");
+        assert!(svg.starts_with("<?xml"), "{svg:.100}");
+        assert!(svg.contains(SVG_TITLE));
+        assert!(svg.contains("metronome_guest::workloads::spinner"));
+        // inferno draws kernel frames without their `_[k]` annotation.
+        assert!(svg.contains("<title>0x10 (3 samples"), "{svg}");
+        assert!(svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn test_pprof_round_trip() {
+        let mut p = profile();
+        p.set_period_ns(1_000_000);
+        let spinner = function(&p, "spinner");
+        let work = function(&p, "work");
+        p.add(&sample("spinner/0", &[work, spinner + 1], &[], 2));
+        p.add(&sample("spinner/0", &[work, spinner + 1], &[], 1));
+        p.add(&Sample {
+            vcpu: 2,
+            tid: 9,
+            ..sample("sleeper/2", &[spinner + 1], &[0x10], 1)
+        });
+        let d = decode(&p);
+        let s = |i: i64| d.string_table[usize::try_from(i).expect("index")].as_str();
+
+        assert_eq!(d.string_table[0], "");
+        let mut unique = d.string_table.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), d.string_table.len(), "strings are interned");
+
+        assert_eq!(d.sample_type.len(), 1);
+        assert_eq!(s(d.sample_type[0].r#type), "samples");
+        assert_eq!(s(d.sample_type[0].unit), "count");
+        let period_type = d.period_type.expect("a period was set");
+        assert_eq!(
+            (s(period_type.r#type), s(period_type.unit)),
+            ("cpu", "nanoseconds")
+        );
+        assert_eq!(d.period, 1_000_000);
+
+        assert_eq!(d.mapping.len(), 1);
+        assert_eq!(s(d.mapping[0].filename), IMAGE_NAME);
+        assert!(d.mapping[0].has_functions && d.mapping[0].has_line_numbers);
+
+        // Locations: `work` (leaf), `spinner + 1` as a return address and as
+        // a leaf, and 0x10 (unknown, unmapped).
+        assert_eq!(d.location.len(), 4);
+        for (i, l) in d.location.iter().enumerate() {
+            assert_eq!(l.id, i as u64 + 1);
+            assert!(!l.line.is_empty());
+        }
+        let by_id = |id: u64| &d.location[usize::try_from(id - 1).expect("id")];
+        let outer_fn = |id: u64| {
+            let line = by_id(id).line.last().expect("a line");
+            let f = &d.function[usize::try_from(line.function_id - 1).expect("id")];
+            assert_eq!(f.name, f.system_name);
+            (s(f.name), s(f.filename), line.line)
+        };
+
+        assert_eq!(d.sample.len(), 2);
+        let (first, second) = (&d.sample[0], &d.sample[1]);
+        // Samples come in (thread name, ...) order: "sleeper/2" first.
+        assert_eq!(first.value, vec![1]);
+        assert_eq!(first.location_id.len(), 2);
+        assert_eq!(outer_fn(first.location_id[0]).0, "0x10");
+        assert_eq!(by_id(first.location_id[0]).mapping_id, 0);
+        assert_eq!(by_id(first.location_id[0]).address, 0x10);
+        let (name, file, line) = outer_fn(first.location_id[1]);
+        assert_eq!(name, "metronome_guest::workloads::spinner");
+        assert!(file.ends_with(".rs"), "{file}");
+        assert!(line > 0);
+        assert_eq!(by_id(first.location_id[1]).mapping_id, 1);
+        let labels: Vec<_> = first
+            .label
+            .iter()
+            .map(|l| (s(l.key), s(l.str), l.num, s(l.num_unit)))
+            .collect();
+        assert_eq!(
+            labels,
+            vec![
+                ("thread", "sleeper/2", 0, ""),
+                ("vcpu", "", 2, "vcpu"),
+                ("tid", "", 9, "tid")
+            ]
+        );
+
+        // Identical samples are aggregated.
+        assert_eq!(second.value, vec![3]);
+        assert_eq!(second.location_id.len(), 2);
+        assert_eq!(
+            outer_fn(second.location_id[0]).0,
+            "metronome_guest::workloads::work"
+        );
+        assert_eq!(by_id(second.location_id[0]).address, work);
+        assert_eq!(
+            outer_fn(second.location_id[1]).0,
+            "metronome_guest::workloads::spinner"
+        );
+        assert_eq!(by_id(second.location_id[1]).address, spinner + 1);
+        assert_ne!(
+            second.location_id[1], first.location_id[1],
+            "leaf and return lookups differ"
+        );
+        assert_eq!(s(second.label[0].str), "spinner/0");
+    }
+
+    #[test]
+    fn test_write_all_writes_three_files() {
+        let mut p = profile();
+        p.add(&sample("t", &[function(&p, "sleeper")], &[], 1));
+        let dir =
+            std::env::temp_dir().join(format!("metronome-profile-unit-{}", std::process::id()));
+        p.write_all(&dir).expect("writes");
+        let folded = fs::read_to_string(dir.join(FOLDED_FILE)).expect("folded");
+        assert_eq!(folded, "t;metronome_guest::workloads::sleeper 1\n");
+        assert!(fs::metadata(dir.join(SVG_FILE)).expect("svg").len() > 0);
+        assert!(fs::metadata(dir.join(PPROF_FILE)).expect("pprof").len() > 0);
+        fs::remove_dir_all(&dir).expect("cleans up");
+    }
+
+    #[test]
+    fn test_write_all_names_the_failing_path() {
+        let mut p = profile();
+        p.add(&sample("t", &[0x10], &[], 1));
+        let err = p
+            .write_all(Path::new("/proc/self/metronome-no-such-dir"))
+            .expect_err("cannot create a directory in /proc");
+        assert!(
+            matches!(&err, ProfileError::File { path, .. } if path.ends_with("metronome-no-such-dir")),
+            "{err:?}"
+        );
+    }
+}
