@@ -198,7 +198,9 @@ fn test_profile_formats_folded_svg_pprof() {
             assert!(png.len() > 8, "the PNG is empty");
             assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
         }
-        None if in_ci() => panic!("CI=true but rsvg-convert is not on PATH (apt-get install librsvg2-bin)"),
+        None if in_ci() => {
+            panic!("CI=true but rsvg-convert is not on PATH (apt-get install librsvg2-bin)")
+        }
         None => eprintln!("skip: rsvg-convert is not on PATH, the SVG was not rendered"),
     }
 

@@ -66,13 +66,16 @@ global_asm!(
     r#"
     .section .text.boot, "ax"
     .global _start
+    .type _start, @function
 _start:
     xor ebp, ebp
     call {kmain}
     ud2
+    .size _start, . - _start
 
     .text
     .global isr_common
+    .type isr_common, @function
 isr_common:
     push rax
     push rbx
@@ -91,6 +94,9 @@ isr_common:
     push r15
     mov rdi, rsp
     cld
+    // End the kernel's frame-pointer chain here: the interrupted context's
+    // frames are reached through the saved frame, not through RBP.
+    xor ebp, ebp
     call {trap}
     pop r15
     pop r14
@@ -109,19 +115,24 @@ isr_common:
     pop rax
     add rsp, 16
     iretq
+    .size isr_common, . - isr_common
 
     .global idle_loop
+    .type idle_loop, @function
 idle_loop:
     sti
     hlt
     cli
     jmp idle_loop
+    .size idle_loop, . - idle_loop
 
     .global halt_forever
+    .type halt_forever, @function
 halt_forever:
     cli
     hlt
     jmp halt_forever
+    .size halt_forever, . - halt_forever
 
     .macro isr_noerr n
 isr_\n:

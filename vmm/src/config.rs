@@ -56,6 +56,8 @@ pub struct VmConfig {
     pub stat_seed: u64,
     /// A guest thread switches statclock profiling on for the middle third of the run.
     pub profile_middle_third: bool,
+    /// Host-side sampling (kptimer), when wanted.
+    pub sampling: Option<crate::sampling::SamplingConfig>,
 }
 
 impl Default for VmConfig {
@@ -73,6 +75,7 @@ impl Default for VmConfig {
             clock: clockintr::Config::openbsd_amd64(),
             stat_seed: 1,
             profile_middle_third: false,
+            sampling: None,
         }
     }
 }
@@ -102,6 +105,12 @@ pub enum ConfigError {
     /// A clock configuration clockintr_init would reject (CI-INIT-3, AMB-4).
     #[error("invalid clock configuration: {0}")]
     Clock(clockintr::Error),
+    /// A sampling period out of range.
+    #[error("--sample-period-us {0} is out of range: 1 to 10000000 us (periods below 20 us are raised to 20 us, KT-MIN-1)")]
+    SamplePeriod(u64),
+    /// A sampler set kperf refuses.
+    #[error("--samplers {0:#x} is refused by kperf: {1} (CFG-A-3: pmc_thread and pmc_cpu exclude each other)")]
+    Samplers(u32, metronome_devices::kptimer::KperfError),
     /// hz beyond what this VMM can deliver.
     #[error("--hz {0} is too high for this VMM: at most 10000")]
     HzTooHigh(u32),
@@ -135,6 +144,14 @@ impl VmConfig {
             }
         }
         self.clock.validate().map_err(ConfigError::Clock)?;
+        if let Some(sampling) = &self.sampling {
+            if !(1_000..=10_000_000_000).contains(&sampling.period_ns) {
+                return Err(ConfigError::SamplePeriod(sampling.period_ns / 1_000));
+            }
+            if let Err(e) = crate::sampling::SamplingShared::new(sampling.clone(), 1) {
+                return Err(ConfigError::Samplers(sampling.samplers, e));
+            }
+        }
         if self.clock.hz > 10_000 {
             return Err(ConfigError::HzTooHigh(self.clock.hz));
         }

@@ -218,11 +218,17 @@ pub struct VmShared {
     exit: Mutex<Option<VmExit>>,
     /// Written when an exit is requested.
     pub exit_evt: EventFd,
+    /// Host-side sampling, when configured.
+    pub sampling: Option<crate::sampling::SamplingShared>,
 }
 
 impl VmShared {
     /// Shared state for `vcpus` vCPUs; the device clock starts now.
-    pub fn new(mem: GuestMemoryMmap, vcpus: u32) -> std::io::Result<Self> {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        vcpus: u32,
+        sampling: Option<crate::sampling::SamplingShared>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             pause: Mutex::new(PauseState::default()),
             pause_cv: Condvar::new(),
@@ -233,6 +239,7 @@ impl VmShared {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            sampling,
         })
     }
 

@@ -252,7 +252,7 @@ pub struct VcpuSummary {
 }
 
 /// The whole run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {
     /// How the run ended: `guest_exit`, `fault`, `panic`, `triple_fault`,
     /// `emulation`, `timeout`, `signal` or `host_error`.
@@ -283,6 +283,56 @@ pub struct Summary {
     pub config: ClockConfigSummary,
     /// clockintr statistics summed over vCPUs (kern.clockintr.stats; spurious included, AMB-5).
     pub clockintr_total: ClockintrSummary,
+    /// Host-side sampling, when configured.
+    pub sampling: Option<SamplingSummary>,
+    /// Problems that did not end the run (a profile that could not be written, say).
+    pub errors: Vec<String>,
+}
+
+/// Host-side sampling of one vCPU.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct VcpuSamplingSummary {
+    /// vCPU id.
+    pub id: u32,
+    /// Expiries of its kperf deadline that fired a timer.
+    pub timer_fires: u64,
+    /// Fires it led (`PERF_TM_FIRE`).
+    pub leader_fires: u64,
+    /// Samples taken.
+    pub samples: u64,
+    /// Samples not kept.
+    pub dropped: u64,
+    /// Stack walks that ended on a bad pointer.
+    pub walk_errors: u64,
+    /// Expiries that found sampling off (a stop racing them).
+    pub not_running: u64,
+    /// Samples per second of guest uptime.
+    pub achieved_hz: f64,
+}
+
+/// Host-side sampling.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SamplingSummary {
+    /// The timer period in force, ns (after the kptimer minimum).
+    pub period_ns: u64,
+    /// Sampler bits.
+    pub samplers: u32,
+    /// Samples, all vCPUs.
+    pub samples: u64,
+    /// `PERF_TM_FIRE` events, all vCPUs.
+    pub timer_fires: u64,
+    /// Samples not kept, all vCPUs.
+    pub dropped: u64,
+    /// Walk errors, all vCPUs.
+    pub walk_errors: u64,
+    /// Host cost per sample: deadline noticed to sample kept.
+    pub cost_per_sample_ns: Percentiles,
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuSamplingSummary>,
+    /// Files written.
+    pub files: Vec<String>,
+    /// Trace records not kept.
+    pub trace_dropped: u64,
 }
 
 impl Summary {

@@ -29,7 +29,10 @@ use vmm_sys_util::ioctl_iow_nr;
 
 use crate::bus::Bus;
 use crate::kick::{self, HostTimer};
+use crate::sampler::capture;
+use crate::sampling::{SamplingShared, TraceRecord, NO_DEADLINE, SAMPLE_LIMIT};
 use crate::shared::{IrqState, VmExit, VmShared};
+use metronome_devices::kptimer::{self, sampler, trace};
 
 /// kvm-ioctls has no wrapper for KVM_INTERRUPT (used without an in-kernel irqchip).
 mod ioctls {
@@ -66,6 +69,8 @@ pub struct VcpuRunStats {
     pub last_cs: u64,
     /// RFLAGS at the last exit.
     pub last_rflags: u64,
+    /// Host-side sampling on this vCPU.
+    pub sampling: crate::sampling::VcpuSampling,
 }
 
 /// Everything a vCPU thread needs.
@@ -76,6 +81,8 @@ pub struct VcpuRunner {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     stats: VcpuRunStats,
+    /// The kperf host deadline's POSIX timer (only with sampling).
+    sample_timer: Option<HostTimer>,
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -100,6 +107,7 @@ impl VcpuRunner {
             pio,
             mmio,
             stats,
+            sample_timer: None,
         }
     }
 
@@ -117,6 +125,14 @@ impl VcpuRunner {
             .set(unsafe { libc::pthread_self() });
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        if self.shared.sampling.is_some() {
+            match HostTimer::for_current_thread() {
+                Ok(timer) => self.sample_timer = Some(timer),
+                Err(e) => self
+                    .shared
+                    .request_exit(VmExit::Host(format!("vCPU {}: timer_create: {e}", self.id))),
+            }
+        }
         match HostTimer::for_current_thread() {
             Ok(timer) => {
                 if let Err(message) = self.run_loop(timer) {
@@ -148,6 +164,9 @@ impl VcpuRunner {
             if shared.stopping() {
                 return Ok(());
             }
+            if let Some(sampling) = &shared.sampling {
+                sampling.acknowledge(id);
+            }
             if shared.pausing() {
                 if self.at_pause_point() {
                     self.pause_park();
@@ -165,6 +184,14 @@ impl VcpuRunner {
                 // the loop re-checks until the hold has passed.
                 kick::sleep_until_monotonic(shared.to_monotonic(hold_until));
                 continue;
+            }
+            if let Some(sampling) = &shared.sampling {
+                let now = shared.now();
+                if sampling.deadlines[id as usize].load(std::sync::atomic::Ordering::Acquire) <= now
+                {
+                    self.sample_expiry(sampling, now);
+                }
+                self.program_sample_timer(sampling)?;
             }
             if !shared.pausing() {
                 let now = shared.now();
@@ -318,13 +345,36 @@ impl VcpuRunner {
     /// HLT: park the thread until an interrupt is deliverable or the VM stops.
     fn park(&mut self) -> Result<(), VmExit> {
         let shared = self.shared.clone();
-        let slot = &shared.vcpus[self.id as usize];
         let interrupts_off = self.fd.get_kvm_run().if_flag == 0;
         if interrupts_off {
             self.stats.dead_halts += 1;
         }
+        // A halted vCPU is idle for kperf: no sampling kicks until it wakes (KT-I-1).
+        if let Some(sampling) = &shared.sampling {
+            sampling.engine().cpu_idle(self.id as usize);
+            sampling.deadlines[self.id as usize]
+                .store(NO_DEADLINE, std::sync::atomic::Ordering::Release);
+            self.program_sample_timer(sampling)?;
+        }
+        let result = self.park_until_pending(interrupts_off);
+        if let Some(sampling) = &shared.sampling {
+            let deadline = sampling.engine().cpu_wake(self.id as usize, shared.now());
+            sampling.deadlines[self.id as usize].store(
+                deadline.unwrap_or(NO_DEADLINE),
+                std::sync::atomic::Ordering::Release,
+            );
+        }
+        result
+    }
+
+    fn park_until_pending(&mut self, interrupts_off: bool) -> Result<(), VmExit> {
+        let shared = self.shared.clone();
+        let slot = &shared.vcpus[self.id as usize];
         let mut irq = slot.lock();
         loop {
+            if let Some(sampling) = &shared.sampling {
+                sampling.acknowledge(self.id);
+            }
             if shared.stopping() || shared.pausing() {
                 return Ok(());
             }
@@ -344,6 +394,117 @@ impl VcpuRunner {
                 .unwrap_or_else(|p| p.into_inner());
             irq = guard;
             irq.parked = false;
+        }
+    }
+}
+
+impl VcpuRunner {
+    /// Programs the kperf POSIX timer from this vCPU's deadline.
+    fn program_sample_timer(&mut self, sampling: &SamplingShared) -> Result<(), VmExit> {
+        let deadline =
+            sampling.deadlines[self.id as usize].load(std::sync::atomic::Ordering::Acquire);
+        let at = (deadline != NO_DEADLINE).then(|| self.shared.to_monotonic(deadline));
+        if let Some(timer) = self.sample_timer.as_mut() {
+            timer
+                .program(at)
+                .map_err(|e| VmExit::Host(format!("vCPU {}: timer_settime: {e}", self.id)))?;
+        }
+        Ok(())
+    }
+
+    /// The kperf deadline passed: run the expiry (leader election under the
+    /// engine lock, `PERF_TM_FIRE` by the leader there), then take this vCPU's
+    /// own sample with the guest stopped (`PERF_TM_HNDLR` around it).
+    fn sample_expiry(&mut self, sampling: &SamplingShared, now: u64) {
+        let started = kick::monotonic_ns();
+        let id = self.id;
+        let mut requests = Vec::new();
+        {
+            let mut engine = sampling.engine();
+            match engine.expire(id as usize, now) {
+                kptimer::Expiry::Handled {
+                    fires,
+                    next_deadline,
+                } => {
+                    sampling.deadlines[id as usize].store(
+                        next_deadline.unwrap_or(NO_DEADLINE),
+                        std::sync::atomic::Ordering::Release,
+                    );
+                    if !fires.is_empty() {
+                        self.stats.sampling.timer_fires += 1;
+                    }
+                    for fire in &fires {
+                        if fire.leader {
+                            self.stats.sampling.leader_fires += 1;
+                            sampling.record(TraceRecord {
+                                time_ns: self.shared.now(),
+                                id: trace::TM_FIRE,
+                                vcpu: id,
+                                tid: 0,
+                                args: fire.tm_fire_args(),
+                            });
+                        }
+                        if let Some(request) = fire.sample {
+                            let samplers = engine.action_samplers(request.action).unwrap_or(0);
+                            let udepth =
+                                engine.action_ucallstack_depth(request.action).unwrap_or(0);
+                            let kdepth =
+                                engine.action_kcallstack_depth(request.action).unwrap_or(0);
+                            requests.push((request, samplers, udepth as usize, kdepth as usize));
+                        }
+                    }
+                }
+                kptimer::Expiry::NotRunning | kptimer::Expiry::NoSuchCpu => {
+                    self.stats.sampling.not_running += 1;
+                    sampling.deadlines[id as usize]
+                        .store(NO_DEADLINE, std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
+        for (request, samplers, udepth, kdepth) in requests {
+            let handler = |qualifier| TraceRecord {
+                time_ns: self.shared.now(),
+                id: trace::TM_HNDLR | qualifier,
+                vcpu: id,
+                tid: 0,
+                args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
+            };
+            sampling.record(handler(trace::DBG_FUNC_START));
+            let thread_samplers = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
+            if samplers & thread_samplers != 0 {
+                let regs = self.fd.sync_regs();
+                let mut raw = capture(
+                    &self.shared.mem,
+                    id,
+                    now,
+                    &regs.regs,
+                    &regs.sregs,
+                    udepth,
+                    kdepth,
+                );
+                if samplers & sampler::USTACK == 0 {
+                    raw.user_stack = Default::default();
+                }
+                if samplers & sampler::KSTACK == 0 {
+                    raw.kernel_stack = Default::default();
+                }
+                let v = &mut self.stats.sampling;
+                v.walk_errors += u64::from(raw.walk_error());
+                if v.raw.len() < SAMPLE_LIMIT {
+                    v.raw.push(raw);
+                } else {
+                    v.dropped += 1;
+                }
+            }
+            self.stats.sampling.samples += 1;
+            sampling
+                .samples_taken
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            sampling.record(handler(trace::DBG_FUNC_END));
+            self.stats
+                .sampling
+                .cost
+                .record(kick::monotonic_ns().saturating_sub(started));
         }
     }
 }

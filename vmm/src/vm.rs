@@ -140,6 +140,8 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     shared: Arc<VmShared>,
     devices: DeviceManager,
+    /// The kernel ELF, for symbolizing profiles.
+    kernel_image: Vec<u8>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -254,7 +256,17 @@ impl Vm {
         };
         write_plain(&mem, layout::BOOT_INFO, &boot).map_err(BuildVmError::WriteBoot)?;
 
-        let shared = Arc::new(VmShared::new(mem, config.vcpus).map_err(BuildVmError::Host)?);
+        let sampling = match &config.sampling {
+            // Validated with the same engine by `config.validate()`.
+            Some(c) => Some(
+                crate::sampling::SamplingShared::new(c.clone(), config.vcpus).map_err(|e| {
+                    BuildVmError::Config(crate::config::ConfigError::Samplers(c.samplers, e))
+                })?,
+            ),
+            None => None,
+        };
+        let shared =
+            Arc::new(VmShared::new(mem, config.vcpus, sampling).map_err(BuildVmError::Host)?);
         let devices = DeviceManager::new(&shared, console)?;
         Ok(Self {
             config,
@@ -263,6 +275,7 @@ impl Vm {
             vcpus,
             shared,
             devices,
+            kernel_image: image,
         })
     }
 
@@ -272,7 +285,7 @@ impl Vm {
             Ok(running) => running.wait(),
             Err((vm, reason)) => {
                 vm.shared.request_exit(reason);
-                vm.summarize(Vec::new(), process_start.elapsed(), process_start.elapsed())
+                vm.summarize(&[], process_start.elapsed(), process_start.elapsed())
             }
         }
     }
@@ -310,6 +323,14 @@ impl Vm {
             .config
             .kick_stress_hz
             .map(|hz| StressGenerator::start(shared.clone(), hz));
+        if shared.sampling.is_some() {
+            let controller = VmController {
+                shared: shared.clone(),
+            };
+            if let Err(e) = controller.sampling_start() {
+                shared.request_exit(VmExit::Host(format!("starting sampling: {e}")));
+            }
+        }
         Ok(RunningVm {
             vm: self,
             threads,
@@ -318,7 +339,7 @@ impl Vm {
             process_start,
         })
     }
-    fn summarize(&self, stats: Vec<VcpuRunStats>, wall: Duration, exit_wall: Duration) -> Summary {
+    fn summarize(&self, stats: &[VcpuRunStats], wall: Duration, exit_wall: Duration) -> Summary {
         let shared = &self.shared;
         let reason = shared
             .exit_reason()
@@ -326,7 +347,7 @@ impl Vm {
         let (outcome, exit_code) = outcome_of(&reason);
         let mut message = reason.to_string();
         if matches!(reason, VmExit::Timeout { .. }) {
-            for s in &stats {
+            for s in stats {
                 message.push_str(&format!(
                     "; vCPU {} was at RIP {:#x} (CPL{}, interrupts {})",
                     s.id,
@@ -496,6 +517,8 @@ impl Vm {
                 statclock_mask: clockintr::StatVar::new(clock.stathz.max(1)).mask,
             },
             clockintr_total,
+            sampling: None,
+            errors: Vec::new(),
         }
     }
 }
@@ -541,13 +564,29 @@ impl RunningVm {
             stress.stop();
             drain_stress(&shared);
         }
+        let controller = self.controller();
+        if shared.sampling.is_some() {
+            // An error here only means sampling was already off.
+            let _ = controller.sampling_stop();
+        }
         shared.stop_all();
-        let stats = std::mem::take(&mut self.threads)
+        let mut stats: Vec<VcpuRunStats> = std::mem::take(&mut self.threads)
             .into_iter()
             .map(|t| t.join().unwrap_or_default())
             .collect();
-        self.vm
-            .summarize(stats, self.process_start.elapsed(), exit_wall)
+        let mut summary = self
+            .vm
+            .summarize(&stats, self.process_start.elapsed(), exit_wall);
+        if let Some(sampling) = &shared.sampling {
+            summary.sampling = Some(crate::profiling::finish(
+                sampling,
+                &mut stats,
+                &self.vm.kernel_image,
+                summary.guest_uptime_ns,
+                &mut summary.errors,
+            ));
+        }
+        summary
     }
 
     fn event_loop(&mut self) -> Result<(), VmExit> {
@@ -591,6 +630,20 @@ pub enum ControlError {
     /// No such vCPU.
     #[error("there is no vCPU {0}")]
     NoSuchVcpu(u32),
+}
+
+/// Why a sampling operation was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SamplingError {
+    /// The VM was built without sampling.
+    #[error("sampling is not configured for this VM")]
+    NotConfigured,
+    /// The VM has ended.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The engine refused.
+    #[error("kperf refused: {0}")]
+    Kperf(metronome_devices::kptimer::KperfError),
 }
 
 /// How a paused VM resumes.
@@ -687,6 +740,48 @@ impl VmController {
     /// Ends the VM from the host.
     pub fn stop(&self) {
         self.shared.request_exit(VmExit::Stopped);
+    }
+
+    /// Starts host-side sampling (KT-ST-*): every vCPU gets its kperf deadline.
+    pub fn sampling_start(&self) -> Result<(), SamplingError> {
+        let sampling = self
+            .shared
+            .sampling
+            .as_ref()
+            .ok_or(SamplingError::NotConfigured)?;
+        if self.ended() {
+            return Err(SamplingError::NotRunning);
+        }
+        sampling
+            .start(self.shared.now())
+            .map_err(SamplingError::Kperf)?;
+        for id in 0..self.shared.vcpus.len() as u32 {
+            self.shared.wake(id);
+        }
+        Ok(())
+    }
+
+    /// Stops host-side sampling synchronously: when this returns, no vCPU
+    /// takes another sample (KT-SP-1, AMB-17).
+    pub fn sampling_stop(&self) -> Result<(), SamplingError> {
+        let sampling = self
+            .shared
+            .sampling
+            .as_ref()
+            .ok_or(SamplingError::NotConfigured)?;
+        let epoch = sampling
+            .begin_stop(self.shared.now())
+            .map_err(SamplingError::Kperf)?;
+        sampling.wait_for_acks(epoch, |id| self.shared.wake(id), || self.shared.stopping());
+        Ok(())
+    }
+
+    /// Samples taken so far, all vCPUs.
+    pub fn samples_taken(&self) -> u64 {
+        self.shared
+            .sampling
+            .as_ref()
+            .map_or(0, |s| s.samples_taken.load(Ordering::Acquire))
     }
 
     /// Every vCPU's pending clockintr events, like ddb's `show all clockintr`.

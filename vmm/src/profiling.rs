@@ -1,0 +1,122 @@
+//! The end of a sampled run: per-vCPU sampling figures, the symbolized profile
+//! files and the trace.
+
+use std::io::Write;
+
+use crate::profile::{Profile, Sample, Symbolizer};
+use crate::sampling::{SamplingShared, TraceRecord};
+use crate::summary::{Percentiles, SamplingSummary, VcpuSamplingSummary};
+use crate::vcpu::VcpuRunStats;
+
+/// Builds the sampling summary and writes the files the configuration asks for.
+/// Failures to write are reported in `errors`; they do not change the outcome.
+pub fn finish(
+    sampling: &SamplingShared,
+    stats: &mut [VcpuRunStats],
+    kernel_image: &[u8],
+    uptime_ns: u64,
+    errors: &mut Vec<String>,
+) -> SamplingSummary {
+    let mut cost = metronome_devices::LatencyHistogram::new();
+    let mut summary = SamplingSummary {
+        period_ns: sampling.engine().timer_period(0).unwrap_or(0),
+        samplers: sampling.config.samplers,
+        trace_dropped: sampling
+            .trace_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        ..Default::default()
+    };
+    let secs = (uptime_ns as f64 / 1e9).max(1e-9);
+    for s in stats.iter() {
+        let v = &s.sampling;
+        cost.merge(&v.cost);
+        summary.samples += v.samples;
+        summary.timer_fires += v.leader_fires;
+        summary.dropped += v.dropped;
+        summary.walk_errors += v.walk_errors;
+        summary.vcpus.push(VcpuSamplingSummary {
+            id: s.id,
+            timer_fires: v.timer_fires,
+            leader_fires: v.leader_fires,
+            samples: v.samples,
+            dropped: v.dropped,
+            walk_errors: v.walk_errors,
+            not_running: v.not_running,
+            achieved_hz: v.samples as f64 / secs,
+        });
+    }
+    summary.cost_per_sample_ns = Percentiles {
+        p50: cost.percentile(50.0),
+        p99: cost.percentile(99.0),
+        max: cost.max(),
+        count: cost.count(),
+    };
+    if let Some(dir) = &sampling.config.profile_dir {
+        match write_profile(stats, kernel_image, sampling.config.period_ns, dir) {
+            Ok(files) => summary.files.extend(files),
+            Err(e) => errors.push(format!(
+                "cannot write the profile to '{}': {e}",
+                dir.display()
+            )),
+        }
+    }
+    if let Some(path) = &sampling.config.trace_file {
+        match write_trace(&sampling.take_trace(), path) {
+            Ok(()) => summary.files.push(path.display().to_string()),
+            Err(e) => errors.push(format!(
+                "cannot write the trace to '{}': {e}",
+                path.display()
+            )),
+        }
+    }
+    summary
+}
+
+fn write_profile(
+    stats: &mut [VcpuRunStats],
+    kernel_image: &[u8],
+    period_ns: u64,
+    dir: &std::path::Path,
+) -> Result<Vec<String>, crate::profile::ProfileError> {
+    let mut profile = Profile::new(Symbolizer::new(kernel_image)?);
+    profile.set_period_ns(period_ns);
+    for s in stats.iter_mut() {
+        for raw in std::mem::take(&mut s.sampling.raw) {
+            profile.add(&Sample {
+                vcpu: raw.vcpu,
+                tid: raw.tid,
+                thread_name: if raw.tid == 0 {
+                    "idle".to_string()
+                } else {
+                    raw.thread_name
+                },
+                user_stack: raw.user_stack.frames,
+                kernel_stack: raw.kernel_stack.frames,
+                weight: 1,
+            });
+        }
+    }
+    profile.write_all(dir)?;
+    Ok([
+        crate::profile::FOLDED_FILE,
+        crate::profile::SVG_FILE,
+        crate::profile::PPROF_FILE,
+    ]
+    .iter()
+    .map(|f| dir.join(f).display().to_string())
+    .collect())
+}
+
+/// Writes the trace as JSON lines, in recording order (which is the order of
+/// TR-P-5: a fire's `PERF_TM_FIRE` precedes every handler answering it).
+fn write_trace(trace: &[TraceRecord], path: &std::path::Path) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in trace {
+        writeln!(
+            out,
+            "{{\"t\":{},\"id\":{},\"vcpu\":{},\"tid\":{},\"args\":[{},{},{},{}]}}",
+            r.time_ns, r.id, r.vcpu, r.tid, r.args[0], r.args[1], r.args[2], r.args[3]
+        )?;
+    }
+    out.flush()
+}
