@@ -229,9 +229,15 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // One line: clap's first line says what was wrong and what is allowed.
+            // clap's message up to the usage hint, folded onto one line.
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("metronome: {}", first.trim_start_matches("error: ").trim());
+            let message: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            let message = message.join(" ");
+            eprintln!("metronome: {}", message.trim_start_matches("error: "));
             return ExitCode::from(exit::VMM_BAD_INPUT as u8);
         }
     };

@@ -114,8 +114,16 @@ fn write_trace(trace: &[TraceRecord], path: &std::path::Path) -> std::io::Result
     for r in trace {
         writeln!(
             out,
-            "{{\"t\":{},\"id\":{},\"vcpu\":{},\"tid\":{},\"args\":[{},{},{},{}]}}",
-            r.time_ns, r.id, r.vcpu, r.tid, r.args[0], r.args[1], r.args[2], r.args[3]
+            "{{\"t\":{},\"id\":{},\"vcpu\":{},\"tid\":{},\"args\":[{},{},{},{}],\"deadline\":{}}}",
+            r.time_ns,
+            r.id,
+            r.vcpu,
+            r.tid,
+            r.args[0],
+            r.args[1],
+            r.args[2],
+            r.args[3],
+            r.deadline_ns
         )?;
     }
     out.flush()

@@ -44,6 +44,9 @@ pub struct TraceRecord {
     pub tid: u64,
     /// Arguments.
     pub args: [u64; 4],
+    /// For `PERF_TM_FIRE`: the deadline that fired (so readers can take the
+    /// host's delivery latency out of the spacing); 0 otherwise.
+    pub deadline_ns: u64,
 }
 
 /// What the sampling configuration asks for.

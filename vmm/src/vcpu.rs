@@ -442,6 +442,7 @@ impl VcpuRunner {
                                 vcpu: id,
                                 tid: 0,
                                 args: fire.tm_fire_args(),
+                                deadline_ns: fire.deadline,
                             });
                         }
                         if let Some(request) = fire.sample {
@@ -468,6 +469,7 @@ impl VcpuRunner {
                 vcpu: id,
                 tid: 0,
                 args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
+                deadline_ns: 0,
             };
             sampling.record(handler(trace::DBG_FUNC_START));
             let thread_samplers = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
