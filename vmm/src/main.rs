@@ -103,6 +103,9 @@ struct RunArgs {
     /// Write profile.folded, profile.svg and profile.pb.gz here (with --sample-period-us).
     #[arg(long, value_name = "DIR", requires = "sample_period_us")]
     profile_dir: Option<PathBuf>,
+    /// Sample only this guest thread id (kperf's pid filter; -1 = every thread).
+    #[arg(long, value_name = "TID", default_value_t = -1, allow_negative_numbers = true, requires = "sample_period_us")]
+    sample_tid: i32,
     /// Write the kperf trace (TM_FIRE, TM_HNDLR) as JSON lines (with --sample-period-us).
     #[arg(long, value_name = "FILE", requires = "sample_period_us")]
     trace: Option<PathBuf>,
@@ -201,6 +204,7 @@ impl RunArgs {
                     samplers: self.samplers,
                     profile_dir: self.profile_dir.clone(),
                     trace_file: self.trace.clone(),
+                    filter_tid: self.sample_tid,
                 }),
         }
     }

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use crate::profile::{Profile, Sample, Symbolizer};
 use crate::sampling::{SamplingShared, TraceRecord};
-use crate::summary::{Percentiles, SamplingSummary, VcpuSamplingSummary};
+use crate::summary::{FunctionShare, Percentiles, SamplingSummary, VcpuSamplingSummary};
 use crate::vcpu::VcpuRunStats;
 
 /// Builds the sampling summary and writes the files the configuration asks for.
@@ -51,6 +51,7 @@ pub fn finish(
         max: cost.max(),
         count: cost.count(),
     };
+    summary.user_functions = user_functions(stats, kernel_image);
     if let Some(dir) = &sampling.config.profile_dir {
         match write_profile(stats, kernel_image, sampling.config.period_ns, dir) {
             Ok(files) => summary.files.extend(files),
@@ -70,6 +71,38 @@ pub fn finish(
         }
     }
     summary
+}
+
+/// The CPL3 instruction-pointer histogram by function.
+fn user_functions(stats: &[VcpuRunStats], kernel_image: &[u8]) -> Vec<FunctionShare> {
+    let Ok(symbolizer) = Symbolizer::new(kernel_image) else {
+        return Vec::new();
+    };
+    let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut total = 0u64;
+    for raw in stats.iter().flat_map(|s| &s.sampling.raw) {
+        if raw.cpl != 3 {
+            continue;
+        }
+        let Some(&rip) = raw.user_stack.frames.first() else {
+            continue;
+        };
+        let name = symbolizer
+            .function_name(rip)
+            .map_or_else(|| format!("{rip:#x}"), str::to_string);
+        *counts.entry(name).or_default() += 1;
+        total += 1;
+    }
+    let mut shares: Vec<FunctionShare> = counts
+        .into_iter()
+        .map(|(function, samples)| FunctionShare {
+            function,
+            samples,
+            percent: 100.0 * samples as f64 / total.max(1) as f64,
+        })
+        .collect();
+    shares.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.function.cmp(&b.function)));
+    shares
 }
 
 fn write_profile(

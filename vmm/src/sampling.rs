@@ -60,6 +60,8 @@ pub struct SamplingConfig {
     pub profile_dir: Option<std::path::PathBuf>,
     /// Where to write the trace as JSON lines.
     pub trace_file: Option<std::path::PathBuf>,
+    /// Sample only this guest thread id (kperf's pid filter; -1 = all).
+    pub filter_tid: i32,
 }
 
 /// Parses a sampler list: names (`th_info,ustack,kstack`, case-insensitive) or
@@ -173,6 +175,7 @@ impl SamplingShared {
         kperf.set_timer_count(1)?;
         kperf.set_timer_period(0, config.period_ns)?;
         kperf.set_timer_action(0, 1)?;
+        kperf.set_action_filter(1, config.filter_tid)?;
         let n = vcpus as usize;
         Ok(Self {
             kperf: Mutex::new(kperf),
@@ -292,6 +295,7 @@ mod tests {
             samplers: 1,
             profile_dir: None,
             trace_file: None,
+            filter_tid: -1,
         };
         let shared = std::sync::Arc::new(SamplingShared::new(config, 2).unwrap());
         shared.start(0).unwrap();

@@ -333,6 +333,21 @@ pub struct SamplingSummary {
     pub files: Vec<String>,
     /// Trace records not kept.
     pub trace_dropped: u64,
+    /// Instruction-pointer histogram of the samples taken at CPL3, by function
+    /// (ELF symbol of the sampled RIP), largest first: comparable with
+    /// `perf kvm --guest`, which sees guest user mode only on kvm_pvm.
+    pub user_functions: Vec<FunctionShare>,
+}
+
+/// One function's share of the sampled instruction pointers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FunctionShare {
+    /// Demangled function name (or the address).
+    pub function: String,
+    /// Samples whose RIP was in it.
+    pub samples: u64,
+    /// Percent of the samples counted.
+    pub percent: f64,
 }
 
 impl Summary {

@@ -451,7 +451,23 @@ impl VcpuRunner {
                                 engine.action_ucallstack_depth(request.action).unwrap_or(0);
                             let kdepth =
                                 engine.action_kcallstack_depth(request.action).unwrap_or(0);
-                            requests.push((request, samplers, udepth as usize, kdepth as usize));
+                            let filter = engine.action_filter(request.action).unwrap_or(-1);
+                            // TM_HNDLR start is recorded inside the critical
+                            // section, so no later fire's TM_FIRE can precede
+                            // it even if this thread is preempted (TR-P-5).
+                            sampling.record(handler_record(
+                                &self.shared,
+                                id,
+                                &request,
+                                trace::DBG_FUNC_START,
+                            ));
+                            requests.push(Request {
+                                request,
+                                samplers,
+                                udepth: udepth as usize,
+                                kdepth: kdepth as usize,
+                                filter,
+                            });
                         }
                     }
                 }
@@ -462,28 +478,30 @@ impl VcpuRunner {
                 }
             }
         }
-        for (request, samplers, udepth, kdepth) in requests {
-            let handler = |qualifier| TraceRecord {
-                time_ns: self.shared.now(),
-                id: trace::TM_HNDLR | qualifier,
-                vcpu: id,
-                tid: 0,
-                args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
-                deadline_ns: 0,
-            };
-            sampling.record(handler(trace::DBG_FUNC_START));
+        for Request {
+            request,
+            samplers,
+            udepth,
+            kdepth,
+            filter,
+        } in requests
+        {
+            let regs = self.fd.sync_regs();
+            let mut raw = capture(
+                &self.shared.mem,
+                id,
+                now,
+                &regs.regs,
+                &regs.sregs,
+                udepth,
+                kdepth,
+            );
+            // KT-SM-4: with a filter other than -1 that does not match, the
+            // handler runs but nothing is sampled. The guest has threads, not
+            // processes: the filter matches the guest thread id.
+            let filtered_out = filter != -1 && i64::from(filter) != raw.tid as i64;
             let thread_samplers = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
-            if samplers & thread_samplers != 0 {
-                let regs = self.fd.sync_regs();
-                let mut raw = capture(
-                    &self.shared.mem,
-                    id,
-                    now,
-                    &regs.regs,
-                    &regs.sregs,
-                    udepth,
-                    kdepth,
-                );
+            if !filtered_out && samplers & thread_samplers != 0 {
                 if samplers & sampler::USTACK == 0 {
                     raw.user_stack = Default::default();
                 }
@@ -498,17 +516,50 @@ impl VcpuRunner {
                     v.dropped += 1;
                 }
             }
-            self.stats.sampling.samples += 1;
-            sampling
-                .samples_taken
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            sampling.record(handler(trace::DBG_FUNC_END));
+            if !filtered_out {
+                self.stats.sampling.samples += 1;
+                sampling
+                    .samples_taken
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            sampling.record(handler_record(
+                &self.shared,
+                id,
+                &request,
+                trace::DBG_FUNC_END,
+            ));
             self.stats
                 .sampling
                 .cost
                 .record(kick::monotonic_ns().saturating_sub(started));
         }
     }
+}
+
+/// A `PERF_TM_HNDLR` record (start or end qualifier) for `request` on vCPU `id`.
+fn handler_record(
+    shared: &VmShared,
+    id: u32,
+    request: &kptimer::SampleRequest,
+    qualifier: u32,
+) -> TraceRecord {
+    TraceRecord {
+        time_ns: shared.now(),
+        id: trace::TM_HNDLR | qualifier,
+        vcpu: id,
+        tid: 0,
+        args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
+        deadline_ns: 0,
+    }
+}
+
+/// One sample a fire asks this vCPU for, with its action's settings.
+struct Request {
+    request: kptimer::SampleRequest,
+    samplers: u32,
+    udepth: usize,
+    kdepth: usize,
+    filter: i32,
 }
 
 /// Polls the timer device; an expiry raises the timer vector (or is counted as
