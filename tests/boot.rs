@@ -6,21 +6,14 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, run, u};
+use common::{kvm_or_skip, run_ok, u};
 
 fn boot_and_check(vcpus: u32) {
     if !kvm_or_skip(&format!("boot_{vcpus}_vcpus")) {
         return;
     }
     let n = vcpus.to_string();
-    let r = run(&["--vcpus", &n, "--duration", "1", "--timeout", "120"]);
-    assert_eq!(
-        r.code(),
-        0,
-        "stderr: {}\nsummary: {}",
-        r.stderr(),
-        r.summary
-    );
+    let r = run_ok(&["--vcpus", &n, "--duration", "1", "--timeout", "120"]);
     assert_eq!(r.summary["outcome"], "guest_exit");
     assert_eq!(r.summary["guest_exit_code"], 0);
     assert!(

@@ -6,7 +6,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, metronome, run, u};
+use common::{kvm_or_skip, metronome, run_ok, u};
 use serde_json::Value;
 
 const PERIOD: u64 = 10_000_000;
@@ -20,20 +20,8 @@ fn within(actual: u64, expected: f64, fraction: f64, what: &str) {
     );
 }
 
-fn clock_run(args: &[&str]) -> common::Run {
-    let r = run(args);
-    assert_eq!(
-        r.code(),
-        0,
-        "stderr: {}\nsummary: {}",
-        r.stderr(),
-        r.summary
-    );
-    r
-}
-
 fn check_counts(vcpus: u32) {
-    let r = clock_run(&[
+    let r = run_ok(&[
         "--vcpus",
         &vcpus.to_string(),
         "--duration",
@@ -102,7 +90,7 @@ fn test_ci_init_4_schedclock_runs_at_schedhz() {
     if !kvm_or_skip("schedclock") {
         return;
     }
-    let r = clock_run(&[
+    let r = run_ok(&[
         "--vcpus",
         "2",
         "--duration",
@@ -132,7 +120,7 @@ fn test_ci_rnd_2_randomized_statclock_intervals() {
     if !kvm_or_skip("rndstat") {
         return;
     }
-    let r = clock_run(&["--vcpus", "2", "--duration", "2.5", "--timeout", "120"]);
+    let r = run_ok(&["--vcpus", "2", "--duration", "2.5", "--timeout", "120"]);
     let config = &r.summary["config"];
     let (min, mask) = (u(config, "statclock_min_ns"), u(config, "statclock_mask"));
     assert_eq!(
@@ -156,7 +144,7 @@ fn test_ci_rnd_2_randomized_statclock_intervals() {
 }
 
 fn first_intervals(seed: &str) -> Vec<Value> {
-    let r = clock_run(&[
+    let r = run_ok(&[
         "--vcpus",
         "2",
         "--duration",
@@ -193,7 +181,7 @@ fn test_ci_cpu_4_stagger_with_4_vcpus() {
     if !kvm_or_skip("stagger") {
         return;
     }
-    let r = clock_run(&["--vcpus", "4", "--duration", "1", "--timeout", "120"]);
+    let r = run_ok(&["--vcpus", "4", "--duration", "1", "--timeout", "120"]);
     for v in r.vcpus() {
         let id = u(v, "id");
         assert_eq!(
@@ -209,7 +197,7 @@ fn test_ci_rate_setstatclockrate_switches_to_profhz_and_back() {
     if !kvm_or_skip("setstatclockrate") {
         return;
     }
-    let r = clock_run(&[
+    let r = run_ok(&[
         "--vcpus",
         "2",
         "--duration",

@@ -7,14 +7,14 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, run, u};
+use common::{kvm_or_skip, run_ok, u};
 
 #[test]
 fn test_kicks_at_10khz_deliver_every_interrupt_exactly_once() {
     if !kvm_or_skip("kick_stress") {
         return;
     }
-    let r = run(&[
+    let r = run_ok(&[
         "--vcpus",
         "2",
         "--duration",
@@ -24,13 +24,6 @@ fn test_kicks_at_10khz_deliver_every_interrupt_exactly_once() {
         "--timeout",
         "120",
     ]);
-    assert_eq!(
-        r.code(),
-        0,
-        "stderr: {}\nsummary: {}",
-        r.stderr(),
-        r.summary
-    );
     let mut total = 0;
     for v in r.vcpus() {
         let s = &v["stress"];

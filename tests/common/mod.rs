@@ -101,6 +101,19 @@ pub fn run(args: &[&str]) -> Run {
     }
 }
 
+/// Like [`run`], and the run must succeed (exit code 0).
+pub fn run_ok(args: &[&str]) -> Run {
+    let r = run(args);
+    assert_eq!(
+        r.code(),
+        0,
+        "args {args:?}\nstderr: {}\nsummary: {}",
+        r.stderr(),
+        r.summary
+    );
+    r
+}
+
 /// A u64 field of a JSON object.
 pub fn u(value: &serde_json::Value, key: &str) -> u64 {
     value[key]
