@@ -6,8 +6,9 @@
 //! Checking is separate from loading so that the command line can reject a bad
 //! file before any KVM object exists.
 
-use goblin::elf::{header, program_header, Elf};
 use metronome_abi::layout::{KERNEL_BASE, KERNEL_LIMIT};
+use object::elf;
+use object::LittleEndian;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Why a kernel image was refused.
@@ -65,50 +66,69 @@ struct Segment {
 }
 
 fn segments(image: &[u8]) -> Result<(LoadedKernel, Vec<Segment>), LoadKernelError> {
+    use object::read::elf::{FileHeader, ProgramHeader};
+
     if image.len() < 4 || &image[..4] != b"\x7fELF" {
         return Err(LoadKernelError::NotElf);
     }
-    let elf = Elf::parse(image).map_err(|e| LoadKernelError::Malformed(e.to_string()))?;
-    if elf.header.e_machine != header::EM_X86_64 {
-        let name = header::machine_to_str(elf.header.e_machine);
-        return Err(LoadKernelError::WrongArch(format!(
-            "{name} (e_machine {})",
-            elf.header.e_machine
-        )));
-    }
-    if !elf.is_64 || !elf.little_endian {
+    if image.get(4) != Some(&elf::ELFCLASS64.0) || image.get(5) != Some(&elf::ELFDATA2LSB.0) {
         return Err(LoadKernelError::WrongClass);
     }
-    if elf.header.e_type != header::ET_EXEC {
-        return Err(LoadKernelError::NotExecutable(
-            header::et_to_str(elf.header.e_type).to_string(),
-        ));
+    let malformed = |e: object::read::Error| LoadKernelError::Malformed(e.to_string());
+    let header = elf::FileHeader64::<LittleEndian>::parse(image).map_err(malformed)?;
+    let machine = header.e_machine(LittleEndian);
+    if machine != elf::EM_X86_64 {
+        let name = match machine {
+            elf::EM_386 => "i386",
+            elf::EM_ARM => "ARM",
+            elf::EM_AARCH64 => "AArch64",
+            elf::EM_RISCV => "RISC-V",
+            elf::EM_PPC64 => "PowerPC64",
+            _ => "another machine",
+        };
+        return Err(LoadKernelError::WrongArch(format!(
+            "{name} (e_machine {})",
+            machine.0
+        )));
     }
+    let e_type = header.e_type(LittleEndian);
+    if e_type != elf::ET_EXEC {
+        let name = match e_type {
+            elf::ET_REL => "ET_REL (relocatable)",
+            elf::ET_DYN => "ET_DYN (shared object or PIE)",
+            elf::ET_CORE => "ET_CORE (core dump)",
+            _ => "unknown",
+        };
+        return Err(LoadKernelError::NotExecutable(name.to_string()));
+    }
+    let entry = header.e_entry(LittleEndian);
     let mut out = Vec::new();
     let mut end = KERNEL_BASE;
     let mut entry_ok = false;
-    for ph in elf
-        .program_headers
-        .iter()
-        .filter(|ph| ph.p_type == program_header::PT_LOAD)
+    for ph in header
+        .program_headers(LittleEndian, image)
+        .map_err(malformed)?
     {
-        let start = ph.p_paddr;
-        let seg_end = start.saturating_add(ph.p_memsz);
-        if start < KERNEL_BASE || seg_end > KERNEL_LIMIT || ph.p_filesz > ph.p_memsz {
+        if ph.p_type(LittleEndian) != elf::PT_LOAD {
+            continue;
+        }
+        let start = ph.p_paddr(LittleEndian);
+        let (memsz, filesz) = (ph.p_memsz(LittleEndian), ph.p_filesz(LittleEndian));
+        let seg_end = start.saturating_add(memsz);
+        if start < KERNEL_BASE || seg_end > KERNEL_LIMIT || filesz > memsz {
             return Err(LoadKernelError::SegmentOutOfRange {
                 start,
                 end: seg_end,
             });
         }
-        let file_start = usize::try_from(ph.p_offset).unwrap_or(usize::MAX);
-        let file_end =
-            file_start.saturating_add(usize::try_from(ph.p_filesz).unwrap_or(usize::MAX));
+        let file_start = usize::try_from(ph.p_offset(LittleEndian)).unwrap_or(usize::MAX);
+        let file_end = file_start.saturating_add(usize::try_from(filesz).unwrap_or(usize::MAX));
         if file_end > image.len() {
             return Err(LoadKernelError::Malformed(format!(
                 "segment at {start:#x} extends past the end of the file"
             )));
         }
-        entry_ok |= (start..seg_end).contains(&elf.entry);
+        entry_ok |= (start..seg_end).contains(&entry);
         end = end.max(seg_end);
         out.push(Segment {
             addr: start,
@@ -119,16 +139,10 @@ fn segments(image: &[u8]) -> Result<(LoadedKernel, Vec<Segment>), LoadKernelErro
         return Err(LoadKernelError::NoSegments);
     }
     if !entry_ok {
-        return Err(LoadKernelError::BadEntry(elf.entry));
+        return Err(LoadKernelError::BadEntry(entry));
     }
     let end = end.next_multiple_of(4096);
-    Ok((
-        LoadedKernel {
-            entry: elf.entry,
-            end,
-        },
-        out,
-    ))
+    Ok((LoadedKernel { entry, end }, out))
 }
 
 /// Checks that `image` is a kernel this VMM can load, without loading it.
