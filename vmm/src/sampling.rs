@@ -12,8 +12,8 @@
 //! Halted vCPUs are idle for kperf (KT-I-1): their deadline is cancelled while
 //! they are parked and re-derived by dead reckoning when they wake.
 //!
-//! Stop is synchronous (AMB-17): [`SamplingShared::stop`] turns the engine off,
-//! then waits until every vCPU thread has passed its loop top once more, so no
+//! Stop is synchronous (AMB-17): [`SamplingShared::begin_stop`] turns the engine off,
+//! and [`SamplingShared::wait_for_acks`] waits until every vCPU thread has passed its loop top once more, so no
 //! sample is taken after it returns.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -244,7 +244,7 @@ impl SamplingShared {
     }
 
     /// Waits until every vCPU acknowledged `epoch`; `kick(id)` is called on
-    /// those that have not, every [`ACK_RETRY`]; `gone()` ends the wait (the VM stopped).
+    /// those that have not, every 10 ms; `gone()` ends the wait (the VM stopped).
     pub fn wait_for_acks(&self, epoch: u64, kick: impl Fn(u32), gone: impl Fn() -> bool) {
         let mut guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
         loop {
