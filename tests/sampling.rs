@@ -445,3 +445,92 @@ fn test_kt_sm_4_thread_filter_samples_only_that_thread() {
     // Both vCPUs answer every fire, but only the one running tid 1 samples.
     assert!(u(s, "samples") * 10 < u(s, "timer_fires") * 2 * 6, "{s}");
 }
+
+/// A minimal x86_64 ELF whose entry point is `ud2`: with no IDT loaded the
+/// guest triple-faults at once.
+fn triple_fault_kernel() -> std::path::PathBuf {
+    let mut elf = vec![0u8; 0x1000];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1;
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // e_entry
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = 64;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    elf[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes()); // p_offset
+    elf[ph + 16..ph + 24].copy_from_slice(&0x20_0000u64.to_le_bytes()); // p_vaddr
+    elf[ph + 24..ph + 32].copy_from_slice(&0x20_0000u64.to_le_bytes()); // p_paddr
+    elf[ph + 32..ph + 40].copy_from_slice(&2u64.to_le_bytes()); // p_filesz
+    elf[ph + 40..ph + 48].copy_from_slice(&2u64.to_le_bytes()); // p_memsz
+    elf[0x800..0x802].copy_from_slice(&[0x0f, 0x0b]); // ud2
+    let path = scratch("ud2.elf");
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
+#[test]
+fn test_sampling_does_not_hang_when_a_vcpu_dies() {
+    if !kvm_or_skip("sampling and a dead vCPU") {
+        return;
+    }
+    let kernel = triple_fault_kernel();
+    let r = common::run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--sample-period-us",
+        "1000",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(r.code(), 3, "stderr: {}", r.stderr());
+    assert_eq!(r.summary["outcome"], "triple_fault", "{}", r.summary);
+}
+
+#[test]
+fn test_stopping_a_paused_vm_with_sampling_does_not_hang() {
+    if !kvm_or_skip("stop while paused") {
+        return;
+    }
+    let _serial = common::kvm_lock();
+    let config = vmm::VmConfig {
+        vcpus: 2,
+        workload: metronome_abi::Workload::Profile,
+        duration: Some(Duration::from_secs(600)),
+        timeout: Some(Duration::from_secs(120)),
+        console: vmm::ConsoleSink::Null,
+        sampling: Some(vmm::sampling::SamplingConfig {
+            period_ns: PERIOD,
+            samplers: 1,
+            profile_dir: None,
+            trace_file: None,
+            filter_tid: -1,
+        }),
+        ..vmm::VmConfig::default()
+    };
+    let running = vmm::Vm::build(config)
+        .unwrap()
+        .start(Instant::now())
+        .unwrap();
+    let c = running.controller();
+    let actor = std::thread::spawn(move || {
+        while c.samples_taken() == 0 {
+            std::thread::yield_now();
+        }
+        c.pause().unwrap();
+        // A synchronous sampling stop while every vCPU is paused returns.
+        c.sampling_stop().unwrap();
+        c.sampling_start().unwrap();
+        c.stop();
+    });
+    let summary = running.wait();
+    actor.join().unwrap();
+    assert_eq!(summary.outcome, "stopped");
+}

@@ -46,8 +46,10 @@ impl IntrClock for TimerDevice {
 }
 
 /// Panics with clockintr's message for `error` (fatal in OpenBSD too).
+#[track_caller]
 fn fatal(error: clockintr::Error) -> ! {
-    panic!("{}", error.message())
+    let location = core::panic::Location::caller();
+    crate::trap::kernel_panic(error.message(), Some((location.file(), location.line())))
 }
 
 /// `clockintr_init` with the boot block's frequencies (vCPU 0, before the others start).

@@ -278,6 +278,8 @@ fn reschedule(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
     }
     if let (Some(cur), Some(n)) = (cpu.current, next) {
         if cur == n {
+            // The current thread was the only runnable one: it keeps running.
+            set_state(cur, thread_state::RUNNING);
             return;
         }
     }

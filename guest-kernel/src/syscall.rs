@@ -81,7 +81,10 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
             frame.rax = 0;
         }
         SYS_WAIT => {
-            let ok = a >= 0x1000 && a % 8 == 0 && a + 8 <= crate::boot_info().mem_bytes;
+            let ok = a >= 0x1000
+                && a % 8 == 0
+                && a.checked_add(8)
+                    .is_some_and(|end| end <= crate::boot_info().mem_bytes);
             if !ok {
                 frame.rax = EINVAL;
             } else {

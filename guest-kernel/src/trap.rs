@@ -99,7 +99,22 @@ static mut PANIC_TEXT: [crate::console::Buf<256>; metronome_abi::MAX_VCPUS as us
     [const { crate::console::Buf::new() }; metronome_abi::MAX_VCPUS as usize];
 
 /// Reports a kernel panic to the VMM and stops this vCPU.
+///
+/// Messages are never formatted here: `core`'s number formatting uses SSE,
+/// which CPL0 code cannot run on kvm_pvm. A literal message is copied; any
+/// other (a compiler-inserted bounds check, say) is replaced by a fixed text,
+/// and the location tells where it happened.
 pub fn report_panic(info: &core::panic::PanicInfo) -> ! {
+    let message = info
+        .message()
+        .as_str()
+        .unwrap_or("panic with a formatted message (not formatted at CPL0)");
+    let location = info.location().map(|l| (l.file(), l.line()));
+    kernel_panic(message, location)
+}
+
+/// Reports `message` (and where) to the VMM as a kernel panic and stops this vCPU.
+pub fn kernel_panic(message: &str, location: Option<(&str, u32)>) -> ! {
     arch::cli();
     // SAFETY: VIC_ID is a read-only register returning the reader's vCPU id.
     let id = unsafe { arch::mmio_read(VIC_BASE + metronome_abi::mmio::VIC_ID) } as usize;
@@ -111,14 +126,12 @@ pub fn report_panic(info: &core::panic::PanicInfo) -> ! {
             &mut *core::ptr::addr_of_mut!(PANIC_TEXT[id]),
         )
     };
-    // Kernel panics pass static strings only: formatting them is a plain copy
-    // (core's number formatting uses SSE, which CPL0 code cannot run here).
-    let _ = core::fmt::Write::write_fmt(text, format_args!("{}", info.message()));
-    if let Some(location) = info.location() {
+    text.push(message.as_bytes());
+    if let Some((file, line)) = location {
         text.push(b" at ")
-            .push(location.file().as_bytes())
+            .push(file.as_bytes())
             .push(b":")
-            .num(u64::from(location.line()));
+            .num(u64::from(line));
     }
     *report = PanicReport {
         message_addr: text.as_bytes().as_ptr() as u64,

@@ -77,8 +77,9 @@ pub fn unbind_current_thread() {
 
 /// Sends the kick signal to `thread`.
 pub fn kick_thread(thread: libc::pthread_t) {
-    // SAFETY: pthread_kill with a valid signal number; `thread` is a vCPU
-    // thread that is joined only after kicks stop (the VM keeps its handle).
+    // SAFETY: pthread_kill with a valid signal number; callers only kick a vCPU
+    // thread that has not marked itself exited, under the lock it marks it with
+    // (`VmShared::wake`), so the thread has not been joined.
     unsafe { libc::pthread_kill(thread, sig_kick()) };
 }
 

@@ -199,6 +199,9 @@ impl SamplingShared {
 
     /// Appends a trace record.
     pub fn record(&self, record: TraceRecord) {
+        if self.config.trace_file.is_none() {
+            return;
+        }
         let mut trace = self.trace.lock().unwrap_or_else(|p| p.into_inner());
         if trace.len() < TRACE_LIMIT {
             trace.push(record);
@@ -237,10 +240,22 @@ impl SamplingShared {
     /// Called by vCPU `id` at every loop top and whenever it wakes while parked.
     pub fn acknowledge(&self, id: u32) {
         let epoch = self.epoch.load(Ordering::Acquire);
-        if self.acked[id as usize].swap(epoch, Ordering::AcqRel) != epoch {
+        let slot = &self.acked[id as usize];
+        if slot.load(Ordering::Acquire) >= epoch {
+            return;
+        }
+        if slot.swap(epoch, Ordering::AcqRel) != epoch {
             let _guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.ack_cv.notify_all();
         }
+    }
+
+    /// vCPU `id`'s thread has exited: it will never sample again, so it
+    /// counts as having acknowledged every stop.
+    pub fn retire(&self, id: u32) {
+        self.acked[id as usize].store(u64::MAX, Ordering::Release);
+        let _guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.ack_cv.notify_all();
     }
 
     /// Waits until every vCPU acknowledged `epoch`; `kick(id)` is called on

@@ -65,6 +65,8 @@ pub struct IrqState {
     pub stress: StressCounts,
     /// The vCPU thread is parked on HLT (woken by the condition variable, not by a kick).
     pub parked: bool,
+    /// The vCPU thread has left its loop: it must not be signalled any more.
+    pub exited: bool,
 }
 
 /// Per-vCPU shared handle.
@@ -316,8 +318,13 @@ impl VmShared {
         let Some(slot) = self.vcpus.get(id as usize) else {
             return;
         };
-        let parked = slot.lock().parked;
-        if parked {
+        // The signal is sent with the lock held: a thread that has not set
+        // `exited` under this lock is still alive, so it cannot be joined yet.
+        let irq = slot.lock();
+        if irq.exited {
+            return;
+        }
+        if irq.parked {
             slot.wake.notify_one();
         } else if let Some(thread) = slot.thread.get() {
             slot.kicks_sent.fetch_add(1, Ordering::Relaxed);

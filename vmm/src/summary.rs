@@ -108,13 +108,14 @@ impl From<metronome_abi::ClockintrStat> for ClockintrSummary {
 impl ClockintrSummary {
     /// Field-wise sum, spurious included (OpenBSD 7.4; 7.3 reported 0 there).
     pub fn add(&mut self, o: &Self) {
-        self.dispatched_ns += o.dispatched_ns;
-        self.early += o.early;
-        self.earliness_ns += o.earliness_ns;
-        self.lateness_ns += o.lateness_ns;
-        self.prompt += o.prompt;
-        self.run += o.run;
-        self.spurious += o.spurious;
+        // Guest-written values: saturate rather than overflow.
+        self.dispatched_ns = self.dispatched_ns.saturating_add(o.dispatched_ns);
+        self.early = self.early.saturating_add(o.early);
+        self.earliness_ns = self.earliness_ns.saturating_add(o.earliness_ns);
+        self.lateness_ns = self.lateness_ns.saturating_add(o.lateness_ns);
+        self.prompt = self.prompt.saturating_add(o.prompt);
+        self.run = self.run.saturating_add(o.run);
+        self.spurious = self.spurious.saturating_add(o.spurious);
     }
 }
 

@@ -143,6 +143,12 @@ impl VcpuRunner {
                 .shared
                 .request_exit(VmExit::Host(format!("vCPU {}: timer_create: {e}", self.id))),
         }
+        // From here on nobody may kick this thread (it may be joined), and a
+        // synchronous sampling stop must not wait for it.
+        self.shared.vcpus[self.id as usize].lock().exited = true;
+        if let Some(sampling) = &self.shared.sampling {
+            sampling.retire(self.id);
+        }
         kick::unbind_current_thread();
         let regs = self.fd.sync_regs();
         self.stats.last_rip = regs.regs.rip;
@@ -178,11 +184,20 @@ impl VcpuRunner {
                 self.fd.get_kvm_run().request_interrupt_window = 1;
             }
             let hold_until = slot.hold_until.load(std::sync::atomic::Ordering::Acquire);
-            if hold_until > shared.now() {
+            let now = shared.now();
+            if hold_until > now {
                 // Held by the host (VmController::hold_vcpu): the guest clock keeps
-                // running. Signals (this vCPU's own timer) cut the sleep short, so
-                // the loop re-checks until the hold has passed.
-                kick::sleep_until_monotonic(shared.to_monotonic(hold_until));
+                // running. Parked on the condition variable, so that a wake-up
+                // (stop, pause, sampling stop) is noticed at once; the loop
+                // re-checks until the hold has passed.
+                let mut irq = slot.lock();
+                irq.parked = true;
+                let timeout = std::time::Duration::from_nanos(hold_until - now);
+                let (mut irq, _) = slot
+                    .wake
+                    .wait_timeout(irq, timeout)
+                    .unwrap_or_else(|p| p.into_inner());
+                irq.parked = false;
                 continue;
             }
             if let Some(sampling) = &shared.sampling {
@@ -329,6 +344,10 @@ impl VcpuRunner {
     /// Pause: stay out of the guest until resumed or stopped.
     fn pause_park(&mut self) {
         let shared = self.shared.clone();
+        if let Some(sampling) = &shared.sampling {
+            // A paused vCPU takes no sample before its next loop top.
+            sampling.acknowledge(self.id);
+        }
         let mut state = shared.pause_state();
         state.parked += 1;
         shared.pause_cv.notify_all();
@@ -337,6 +356,10 @@ impl VcpuRunner {
                 .pause_cv
                 .wait(state)
                 .unwrap_or_else(|p| p.into_inner());
+            if let Some(sampling) = &shared.sampling {
+                // Still paused: no sample can follow, so a sampling stop may complete.
+                sampling.acknowledge(self.id);
+            }
         }
         state.parked -= 1;
         shared.pause_cv.notify_all();
@@ -358,11 +381,14 @@ impl VcpuRunner {
         }
         let result = self.park_until_pending(interrupts_off);
         if let Some(sampling) = &shared.sampling {
-            let deadline = sampling.engine().cpu_wake(self.id as usize, shared.now());
+            // Stored under the engine lock, so a concurrent stop's cancel wins.
+            let mut engine = sampling.engine();
+            let deadline = engine.cpu_wake(self.id as usize, shared.now());
             sampling.deadlines[self.id as usize].store(
                 deadline.unwrap_or(NO_DEADLINE),
                 std::sync::atomic::Ordering::Release,
             );
+            drop(engine);
         }
         result
     }

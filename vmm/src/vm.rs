@@ -439,7 +439,11 @@ impl Vm {
                         p50: hist::percentile(&guest.lateness_hist, guest.lateness_max, 50),
                         p99: hist::percentile(&guest.lateness_hist, guest.lateness_max, 99),
                         max: guest.lateness_max,
-                        count: guest.lateness_hist.0.iter().sum(),
+                        count: guest
+                            .lateness_hist
+                            .0
+                            .iter()
+                            .fold(0u64, |a, &n| a.saturating_add(n)),
                     },
                     cp_time: CpTime {
                         user: guest.cp_time[0],
@@ -560,6 +564,10 @@ impl RunningVm {
                 self.process_start.elapsed()
             }
         };
+        // The signalfd is gone with the event loop: from here on SIGINT and
+        // SIGTERM take their default action, so a stuck shutdown can still be
+        // interrupted.
+        unblock_stop_signals();
         if let Some(stress) = self.stress.take() {
             stress.stop();
             drain_stress(&shared);
@@ -690,7 +698,11 @@ impl VmController {
             shared.wake(id);
         }
         let mut state = shared.pause_state();
-        while (state.parked as usize) < shared.vcpus.len() && !shared.stopping() && !self.ended() {
+        while state.paused
+            && (state.parked as usize) < shared.vcpus.len()
+            && !shared.stopping()
+            && !self.ended()
+        {
             state = shared
                 .pause_cv
                 .wait_timeout(state, Duration::from_millis(10))
@@ -731,7 +743,8 @@ impl VmController {
         if self.ended() {
             return Err(ControlError::NotRunning);
         }
-        let until = self.shared.now() + duration.as_nanos() as u64;
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let until = self.shared.now().saturating_add(nanos);
         slot.hold_until.store(until, Ordering::Release);
         self.shared.wake(id);
         Ok(())
@@ -772,7 +785,13 @@ impl VmController {
         let epoch = sampling
             .begin_stop(self.shared.now())
             .map_err(SamplingError::Kperf)?;
-        sampling.wait_for_acks(epoch, |id| self.shared.wake(id), || self.shared.stopping());
+        let kick = |id| {
+            // Running or halted vCPUs are kicked or woken; paused ones wait on
+            // the pause condition variable, which a signal does not end.
+            self.shared.wake(id);
+            self.shared.pause_cv.notify_all();
+        };
+        sampling.wait_for_acks(epoch, kick, || self.shared.stopping());
         Ok(())
     }
 
@@ -968,6 +987,18 @@ impl MutEventSubscriber for SignalSubscriber {
             self.shared
                 .request_exit(VmExit::Host(format!("watching signalfd: {e}")));
         }
+    }
+}
+
+/// Unblocks SIGINT and SIGTERM in the calling thread.
+fn unblock_stop_signals() {
+    // SAFETY: sigset manipulation on a local set and pthread_sigmask with valid arguments.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
 }
 

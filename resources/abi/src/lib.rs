@@ -363,14 +363,15 @@ pub mod hist {
 
     /// The value at percentile `p` (0..=100) of `counts`, capped at `max`.
     pub fn percentile(counts: &Counts, max: u64, p: u64) -> u64 {
-        let total: u64 = counts.0.iter().sum();
+        // The counts are guest-written: saturate rather than overflow.
+        let total: u64 = counts.0.iter().fold(0u64, |a, &n| a.saturating_add(n));
         if total == 0 {
             return 0;
         }
-        let rank = (total * p).div_ceil(100).max(1);
+        let rank = ((u128::from(total) * u128::from(p)).div_ceil(100) as u64).max(1);
         let mut seen = 0;
         for (i, n) in counts.0.iter().enumerate() {
-            seen += n;
+            seen = n.saturating_add(seen);
             if seen >= rank {
                 let v = upper(i);
                 return if v < max { v } else { max };
