@@ -42,6 +42,26 @@ fn handlers_per_fire(trace: &[Value]) -> Vec<Vec<u64>> {
     fires
 }
 
+/// A profile-workload VM on 2 vCPUs, sampled at 1 kHz with TH_INFO, running
+/// until stopped (or the host-side timeout in seconds).
+fn sampled_config(timeout_secs: u64) -> vmm::VmConfig {
+    vmm::VmConfig {
+        vcpus: 2,
+        workload: metronome_abi::Workload::Profile,
+        duration: Some(Duration::from_secs(600)),
+        timeout: Some(Duration::from_secs(timeout_secs)),
+        console: vmm::ConsoleSink::Null,
+        sampling: Some(vmm::sampling::SamplingConfig {
+            period_ns: PERIOD,
+            samplers: 1,
+            profile_dir: None,
+            trace_file: None,
+            filter_tid: -1,
+        }),
+        ..vmm::VmConfig::default()
+    }
+}
+
 fn sampled_run(samplers: &str, seconds: &str) -> (common::Run, Vec<Value>) {
     let trace = scratch("trace.jsonl");
     let r = run_ok(&[
@@ -263,22 +283,7 @@ fn test_kt_sp_1_stop_is_synchronous_over_500_cycles() {
         return;
     }
     let _serial = common::kvm_lock();
-    let config = vmm::VmConfig {
-        vcpus: 2,
-        workload: metronome_abi::Workload::Profile,
-        duration: Some(Duration::from_secs(600)),
-        timeout: Some(Duration::from_secs(300)),
-        console: vmm::ConsoleSink::Null,
-        sampling: Some(vmm::sampling::SamplingConfig {
-            period_ns: PERIOD,
-            samplers: 1,
-            profile_dir: None,
-            trace_file: None,
-            filter_tid: -1,
-        }),
-        ..vmm::VmConfig::default()
-    };
-    let running = vmm::Vm::build(config)
+    let running = vmm::Vm::build(sampled_config(300))
         .unwrap()
         .start(Instant::now())
         .unwrap();
@@ -500,22 +505,7 @@ fn test_stopping_a_paused_vm_with_sampling_does_not_hang() {
         return;
     }
     let _serial = common::kvm_lock();
-    let config = vmm::VmConfig {
-        vcpus: 2,
-        workload: metronome_abi::Workload::Profile,
-        duration: Some(Duration::from_secs(600)),
-        timeout: Some(Duration::from_secs(120)),
-        console: vmm::ConsoleSink::Null,
-        sampling: Some(vmm::sampling::SamplingConfig {
-            period_ns: PERIOD,
-            samplers: 1,
-            profile_dir: None,
-            trace_file: None,
-            filter_tid: -1,
-        }),
-        ..vmm::VmConfig::default()
-    };
-    let running = vmm::Vm::build(config)
+    let running = vmm::Vm::build(sampled_config(120))
         .unwrap()
         .start(Instant::now())
         .unwrap();
