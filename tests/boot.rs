@@ -23,6 +23,11 @@ fn boot_and_check(vcpus: u32) {
     );
     assert!(u(&r.summary, "host_wall_ns") > 0);
     assert_eq!(r.vcpus().len(), vcpus as usize);
+    // The guest kernel uses its devices correctly: nothing had to be contained.
+    let errors = &r.summary["guest_errors"];
+    assert_eq!(u(errors, "vic_bad_accesses"), 0, "{errors}");
+    assert_eq!(u(errors, "control_bad_writes"), 0, "{errors}");
+    assert_eq!(u(errors, "spurious_eois"), 0, "{errors}");
     for (i, v) in r.vcpus().iter().enumerate() {
         assert_eq!(u(v, "id"), i as u64);
         assert!(
@@ -36,6 +41,8 @@ fn boot_and_check(vcpus: u32) {
         );
         assert!(v["exits"].as_object().is_some_and(|e| !e.is_empty()), "{v}");
         assert_eq!(u(&v["timer"], "early_injections"), 0, "{v}");
+        assert_eq!(u(&v["timer"], "bad_accesses"), 0, "{v}");
+        assert_eq!(u(v, "bus_misses"), 0, "{v}");
         assert!(u(&v["timer"], "injections") > 0, "{v}");
     }
     assert!(

@@ -40,6 +40,8 @@ pub struct TimerSummary {
     pub clamped: u64,
     /// Injections before the deadline (must be 0).
     pub early_injections: u64,
+    /// Guest accesses to the timer registers that were refused (bad offset or width).
+    pub bad_accesses: u64,
     /// Deadline-to-injection lateness on the host.
     pub host_lateness_ns: Percentiles,
 }
@@ -286,8 +288,22 @@ pub struct Summary {
     pub clockintr_total: ClockintrSummary,
     /// Host-side sampling, when configured.
     pub sampling: Option<SamplingSummary>,
+    /// Guest misbehaviour that was contained and counted.
+    pub guest_errors: GuestErrors,
     /// Problems that did not end the run (a profile that could not be written, say).
     pub errors: Vec<String>,
+}
+
+/// Guest misbehaviour the VMM contained (per-vCPU counts are in `vcpus[]`:
+/// `bus_misses` and `timer.bad_accesses`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GuestErrors {
+    /// Interrupt-controller accesses refused (bad offset or width, bad IPI target or vector).
+    pub vic_bad_accesses: u64,
+    /// Control-page writes refused (bad offset or width).
+    pub control_bad_writes: u64,
+    /// EOIs with nothing in service, all vCPUs.
+    pub spurious_eois: u64,
 }
 
 /// Host-side sampling of one vCPU.

@@ -512,22 +512,40 @@ impl VcpuRunner {
             filter,
         } in requests
         {
-            let regs = self.fd.sync_regs();
-            let mut raw = capture(
-                &self.shared.mem,
-                id,
-                now,
-                &regs.regs,
-                &regs.sregs,
-                udepth,
-                kdepth,
-            );
+            let thread_samplers = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
+            let wants_thread = samplers & thread_samplers != 0;
+            // Capture only what is needed: the thread (for TH_INFO or the
+            // filter) and only the stacks the action asks for.
+            let raw = (wants_thread || filter != -1).then(|| {
+                let regs = self.fd.sync_regs();
+                let udepth = if samplers & sampler::USTACK != 0 {
+                    udepth
+                } else {
+                    0
+                };
+                let kdepth = if samplers & sampler::KSTACK != 0 {
+                    kdepth
+                } else {
+                    0
+                };
+                capture(
+                    &self.shared.mem,
+                    id,
+                    now,
+                    &regs.regs,
+                    &regs.sregs,
+                    udepth,
+                    kdepth,
+                )
+            });
             // KT-SM-4: with a filter other than -1 that does not match, the
             // handler runs but nothing is sampled. The guest has threads, not
             // processes: the filter matches the guest thread id.
-            let filtered_out = filter != -1 && i64::from(filter) != raw.tid as i64;
-            let thread_samplers = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
-            if !filtered_out && samplers & thread_samplers != 0 {
+            let filtered_out = filter != -1
+                && raw
+                    .as_ref()
+                    .is_some_and(|r| i64::from(filter) != r.tid as i64);
+            if let (false, true, Some(mut raw)) = (filtered_out, wants_thread, raw) {
                 if samplers & sampler::USTACK == 0 {
                     raw.user_stack = Default::default();
                 }

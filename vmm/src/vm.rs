@@ -410,6 +410,7 @@ impl Vm {
                         coalesced: t.coalesced,
                         clamped: t.clamped,
                         early_injections: t.early_injections,
+                        bad_accesses: t.bad_accesses,
                         host_lateness_ns: Percentiles {
                             p50: irq.host_lateness.percentile(50.0),
                             p99: irq.host_lateness.percentile(99.0),
@@ -522,6 +523,15 @@ impl Vm {
             },
             clockintr_total,
             sampling: None,
+            guest_errors: crate::summary::GuestErrors {
+                vic_bad_accesses: self.devices.vic.bad_accesses.load(Ordering::Relaxed),
+                control_bad_writes: self.devices.control.bad_reports.load(Ordering::Relaxed),
+                spurious_eois: shared
+                    .vcpus
+                    .iter()
+                    .map(|slot| slot.lock().vic.counters().spurious_eois)
+                    .sum(),
+            },
             errors: Vec::new(),
         }
     }
