@@ -15,9 +15,6 @@
 //!   clockintr runs on (spec statements VT-1 to VT-6).
 //! - [`LatencyHistogram`]: a fixed-size log-linear histogram for delivery
 //!   lateness.
-//! - [`kptimer::Kperf`]: kperf's configuration and sampling timers (XNU
-//!   xnu-8019.41.5 kptimer semantics): per-vCPU deadlines, leader election,
-//!   what each vCPU samples, and the traditional PET hooks.
 //!
 //! # What the VMM wires up
 //!
@@ -71,7 +68,6 @@
 #![deny(missing_docs)]
 
 pub mod histogram;
-pub mod kptimer;
 pub mod timer;
 pub mod vic;
 

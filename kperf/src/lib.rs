@@ -83,7 +83,7 @@
 //! One 1 ms timer on two vCPUs; vCPU 1 answers the fire vCPU 0 led.
 //!
 //! ```
-//! use metronome_devices::kptimer::{sample_flags, sampler, Expiry, Kperf};
+//! use kperf::{sample_flags, sampler, Expiry, Kperf};
 //!
 //! let mut kperf = Kperf::new();
 //! kperf.set_action_count(1).unwrap();
@@ -108,6 +108,8 @@
 //!
 //! assert_eq!(kperf.set_sampling(false, 1_500_000, 2).unwrap(), vec![None, None]);
 //! ```
+
+#![deny(missing_docs)]
 
 /// The most timers kperf has (`KPTIMER_MAX`, KT-S-1).
 pub const KPTIMER_MAX: usize = 8;
@@ -383,7 +385,7 @@ pub const fn min_period_ns(pet: bool, background: bool) -> u64 {
 /// saturates at `u64::MAX`.
 ///
 /// ```
-/// use metronome_devices::kptimer::dead_reckon;
+/// use kperf::dead_reckon;
 ///
 /// assert_eq!(dead_reckon(100, 10, 125), 130);
 /// assert_eq!(dead_reckon(100, 10, 130), 140);
