@@ -1,0 +1,1123 @@
+//! Unit tests, named after the spec statements they check (SEED-SPEC
+//! sections 3 and 5).
+//!
+//! Most run N simulated vCPUs against one fake clock ([`Sim`]): each vCPU's
+//! host deadline expires at the programmed deadline plus a random latency.
+
+use super::*;
+
+const MS: u64 = 1_000_000;
+const US: u64 = 1_000;
+
+/// xorshift64 (Marsaglia 2003): deterministic randomness without crates.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// One action with `samplers`, one timer with `period_ns` on it.
+fn one_timer(samplers: u32, period_ns: u64) -> Kperf {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    k.set_action_samplers(1, samplers).unwrap();
+    k.set_timer_count(1).unwrap();
+    k.set_timer_period(0, period_ns).unwrap();
+    k.set_timer_action(0, 1).unwrap();
+    k
+}
+
+fn handled(expiry: CpuExpiry) -> (Vec<Fire>, Option<u64>) {
+    match expiry {
+        CpuExpiry::Handled {
+            fires,
+            next_deadline,
+        } => (fires, next_deadline),
+        other => panic!("expected Handled, got {other:?}"),
+    }
+}
+
+/// What a simulated vCPU saw fire.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    now: u64,
+    cpu: usize,
+    fire: Fire,
+}
+
+/// N simulated vCPUs sharing one fake clock: each vCPU's host deadline
+/// expires at the programmed deadline plus a random latency.
+struct Sim {
+    kperf: Kperf,
+    now: u64,
+    /// Programmed host deadline and the time it will actually expire.
+    armed: Vec<Option<(u64, u64)>>,
+    rng: u64,
+    max_latency: u64,
+    /// Every this many expiries, one is this late instead (0: never).
+    stall_every: u64,
+    stall: u64,
+    expiries: u64,
+    seen: Vec<Seen>,
+}
+
+impl Sim {
+    fn new(kperf: Kperf, ncpus: usize, start: u64, max_latency: u64) -> Self {
+        let mut sim = Sim {
+            kperf,
+            now: start,
+            armed: vec![None; ncpus],
+            rng: 0x2545_f491_4f6c_dd1d,
+            max_latency,
+            stall_every: 0,
+            stall: 0,
+            expiries: 0,
+            seen: Vec::new(),
+        };
+        let programs = sim.kperf.set_sampling(true, start, ncpus).unwrap();
+        for (cpu, program) in programs.into_iter().enumerate() {
+            sim.program(cpu, program);
+        }
+        sim
+    }
+
+    /// Latency in 1..=max_latency: a host timer never expires exactly at
+    /// its deadline in ns.
+    fn program(&mut self, cpu: usize, deadline: Option<u64>) {
+        self.armed[cpu] = deadline.map(|d| {
+            self.expiries += 1;
+            let latency = if self.stall_every != 0 && self.expiries % self.stall_every == 0 {
+                self.stall
+            } else {
+                1 + xorshift(&mut self.rng) % self.max_latency
+            };
+            (d, d.max(self.now) + latency)
+        });
+    }
+
+    /// Runs every expiry up to `until`.
+    fn run_until(&mut self, until: u64) {
+        while let Some((cpu, at)) = self
+            .armed
+            .iter()
+            .enumerate()
+            .filter_map(|(cpu, a)| a.map(|(_, at)| (cpu, at)))
+            .min_by_key(|&(_, at)| at)
+        {
+            if at > until {
+                break;
+            }
+            self.now = at;
+            let (fires, next) = handled(self.kperf.expire(cpu, at));
+            for fire in fires {
+                self.seen.push(Seen { now: at, cpu, fire });
+            }
+            self.program(cpu, next);
+        }
+        self.now = until;
+    }
+
+    fn idle(&mut self, cpu: usize) {
+        self.kperf.cpu_idle(cpu);
+        self.armed[cpu] = None;
+    }
+
+    fn wake(&mut self, cpu: usize) -> Option<u64> {
+        let deadline = self.kperf.cpu_wake(cpu, self.now);
+        self.program(cpu, deadline);
+        deadline
+    }
+
+    fn leaders(&self) -> Vec<Seen> {
+        self.seen
+            .iter()
+            .copied()
+            .filter(|s| s.fire.leader)
+            .collect()
+    }
+
+    fn samples_of(&self, cpu: usize) -> usize {
+        self.seen
+            .iter()
+            .filter(|s| s.cpu == cpu && s.fire.sample.is_some())
+            .count()
+    }
+}
+
+// --- Constants and encoding (CFG-A-5, TR-E-*, KperfError) -------------
+
+#[test]
+fn test_cfg_a5_sampler_and_flag_bits() {
+    let samplers = [
+        sampler::TH_INFO,
+        sampler::TH_SNAPSHOT,
+        sampler::KSTACK,
+        sampler::USTACK,
+        sampler::PMC_THREAD,
+        sampler::PMC_CPU,
+        sampler::PMC_CONFIG,
+        sampler::MEMINFO,
+        sampler::TH_SCHEDULING,
+        sampler::TH_DISPATCH,
+        sampler::TK_SNAPSHOT,
+        sampler::SYS_MEM,
+        sampler::TH_INSCYC,
+        sampler::TK_INFO,
+    ];
+    for (bit, value) in samplers.into_iter().enumerate() {
+        assert_eq!(value, 1 << bit);
+    }
+    let flags = [
+        sample_flags::PEND_USER,
+        sample_flags::IDLE_THREADS,
+        sample_flags::EMPTY_CALLSTACK,
+        sample_flags::CONTINUATION,
+        sample_flags::NON_INTERRUPT,
+        sample_flags::SYSTEM,
+        sample_flags::ONLY_SYSTEM,
+        sample_flags::TASK_ONLY,
+        sample_flags::THREAD_ONLY,
+    ];
+    for (bit, value) in flags.into_iter().enumerate() {
+        assert_eq!(value, 1 << bit);
+    }
+    assert_eq!(sampler::TASK_MASK, 0x2480);
+    assert_eq!(sampler::THREAD_MASK, 0x131f);
+    assert_eq!(sampler::SYSTEM_MASK, 0x800);
+    // The three masks are disjoint and leave out only the PMC CPU and
+    // config samplers.
+    assert_eq!(sampler::TASK_MASK & sampler::THREAD_MASK, 0);
+    assert_eq!(
+        sampler::TASK_MASK | sampler::THREAD_MASK | sampler::SYSTEM_MASK,
+        0x3fff & !(sampler::PMC_CPU | sampler::PMC_CONFIG)
+    );
+}
+
+#[test]
+fn test_tr_e1_kdebug_id_encoding() {
+    use trace::*;
+    assert_eq!(kdebug_id(DBG_PERF, 0, 0, DBG_FUNC_NONE), 0x2500_0000);
+    assert_eq!(kdebug_id(DBG_PERF, 1, 5, DBG_FUNC_NONE), 0x2501_0014);
+    assert_eq!(kdebug_id(DBG_PERF, 3, 0, DBG_FUNC_START), 0x2503_0001);
+    assert_eq!(kdebug_id(DBG_PERF, 3, 0, DBG_FUNC_END), 0x2503_0002);
+    assert_eq!(kdebug_id(DBG_PERF, 10, 4, DBG_FUNC_NONE), 0x250a_0010);
+    // Fields are truncated to their width.
+    assert_eq!(kdebug_id(0xff, 0xff, 0xffff, 0xff), 0xffff_ffff);
+    assert_eq!(kdebug_id(0, 0, 0x4000, 4), 0);
+}
+
+#[test]
+fn test_tr_e2_kptimer_event_ids() {
+    use trace::*;
+    assert_eq!(TM_FIRE, 0x2503_0000);
+    assert_eq!(TM_HNDLR, 0x2503_0008);
+    assert_eq!(PET_SCHED, 0x2504_0018);
+    assert_eq!(TM_HNDLR | DBG_FUNC_START, 0x2503_0009);
+    assert_eq!(TM_FIRE | DBG_FUNC_END, 0x2503_0002);
+}
+
+#[test]
+fn test_cfg_api1_errno_values_and_messages() {
+    let table = [
+        (KperfError::Inval, 22),
+        (KperfError::Busy, 16),
+        (KperfError::Canceled, 125),
+        (KperfError::Perm, 1),
+        (KperfError::Fault, 14),
+        (KperfError::NoEnt, 2),
+        (KperfError::NoMem, 12),
+    ];
+    for (error, errno) in table {
+        assert_eq!(error.errno(), errno);
+        assert!(!error.to_string().is_empty());
+    }
+    assert_eq!(
+        KperfError::Inval.to_string(),
+        "Invalid kperf argument (EINVAL)"
+    );
+}
+
+// --- Dead reckoning and leader election (KT-F-*) ------------------------
+
+#[test]
+fn test_kt_f2_dead_reckoning_examples() {
+    assert_eq!(dead_reckon(100, 10, 125), 130);
+    assert_eq!(dead_reckon(100, 10, 130), 140);
+    assert_eq!(dead_reckon(100, 10, 95), 100);
+    // A deadline equal to now is kept; just after it moves one period.
+    assert_eq!(dead_reckon(100, 10, 100), 100);
+    assert_eq!(dead_reckon(100, 10, 101), 110);
+    // Period 0 has no grid; the end of time saturates.
+    assert_eq!(dead_reckon(100, 0, 500), 100);
+    assert_eq!(dead_reckon(0, 10, u64::MAX - 3), u64::MAX);
+}
+
+#[test]
+fn test_kt_f2_result_is_on_grid_and_after_now() {
+    let mut rng = 7u64;
+    for _ in 0..100_000 {
+        let deadline = xorshift(&mut rng) % 1_000_000;
+        let period = 1 + xorshift(&mut rng) % 10_000;
+        let now = deadline + xorshift(&mut rng) % 1_000_000;
+        let next = dead_reckon(deadline, period, now);
+        if now == deadline {
+            assert_eq!(next, deadline);
+        } else {
+            assert!(next > now && next - now <= period);
+            assert_eq!((next - deadline) % period, 0);
+        }
+    }
+}
+
+#[test]
+fn test_kt_f3_equality_does_not_fire() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    assert_eq!(k.set_sampling(true, 0, 1).unwrap(), vec![Some(MS)]);
+    let (fires, next) = handled(k.expire(0, MS));
+    assert!(fires.is_empty());
+    // The deadline is kept, so the VMM expires again just after it.
+    assert_eq!(next, Some(MS));
+    let (fires, next) = handled(k.expire(0, MS + 1));
+    assert_eq!(fires.len(), 1);
+    assert_eq!(next, Some(2 * MS));
+}
+
+#[test]
+fn test_kt_f4_leader_then_follower_under_elect() {
+    let mut timer = KpTimer {
+        period_ns: 10,
+        action: 1,
+        deadline: 100,
+    };
+    // First vCPU past 100 leads; the global deadline moves to 110.
+    assert_eq!(
+        timer.elect(100, 103),
+        Election::Leader { next_deadline: 110 }
+    );
+    assert_eq!(timer.deadline, 110);
+    // Second vCPU, same fire: follows.
+    assert_eq!(
+        timer.elect(100, 105),
+        Election::Follower { next_deadline: 110 }
+    );
+    // A vCPU that missed fires (deadline 60) adopts the global deadline.
+    assert_eq!(
+        timer.elect(60, 107),
+        Election::Follower { next_deadline: 110 }
+    );
+    // A late leader dead-reckons: 110 + 10 = 120 < 135 -> 140.
+    assert_eq!(
+        timer.elect(110, 135),
+        Election::Leader { next_deadline: 140 }
+    );
+}
+
+#[test]
+fn test_kt_f7_stopped_timer_does_not_fire() {
+    let mut timer = KpTimer {
+        period_ns: 10,
+        action: 1,
+        deadline: 0,
+    };
+    assert_eq!(timer.elect(100, 105), Election::Stopped);
+    assert_eq!(timer.deadline, 0);
+    let mut disabled = KpTimer {
+        period_ns: 0,
+        action: 1,
+        deadline: 50,
+    };
+    assert_eq!(disabled.elect(40, 45), Election::Stopped);
+}
+
+#[test]
+fn test_kt_f4_one_leader_per_period_not_n() {
+    let start = 3 * MS;
+    let periods = 5000;
+    let mut sim = Sim::new(one_timer(sampler::TH_INFO, MS), 4, start, 200 * US);
+    sim.run_until(start + periods * MS);
+    let leaders = sim.leaders().len() as u64;
+    // Within 5 % of the periods elapsed, not 4 times that.
+    assert!(leaders.abs_diff(periods) <= periods / 20, "{leaders}");
+    assert!(sim.seen.len() as u64 >= 4 * leaders - 4);
+}
+
+#[test]
+fn test_kt_f5_leader_fires_keep_the_cadence() {
+    let start = 0;
+    let mut sim = Sim::new(one_timer(sampler::TH_INFO, MS), 4, start, 200 * US);
+    sim.run_until(5000 * MS);
+    let leaders = sim.leaders();
+    for pair in leaders.windows(2) {
+        // Latency-adjusted (the deadline each leader answered): >= 95 %.
+        let nominal = pair[1].fire.deadline - pair[0].fire.deadline;
+        assert!(nominal * 100 >= 95 * MS, "{nominal}");
+        // Raw: at least the period minus the worst latency.
+        assert!(pair[1].now - pair[0].now >= MS - 200 * US);
+    }
+    // The cadence never drifts off the start grid.
+    assert!(leaders.iter().all(|s| s.fire.deadline % MS == 0));
+}
+
+#[test]
+fn test_kt_f4_missed_fires_resynchronize_without_oversampling() {
+    let start = 0;
+    let mut sim = Sim::new(one_timer(sampler::TH_INFO, MS), 4, start, 200 * US);
+    // Every 37th host timer is 3.5 periods late.
+    sim.stall_every = 37;
+    sim.stall = 3 * MS + MS / 2;
+    sim.run_until(2000 * MS);
+    let leaders = sim.leaders();
+    assert!(leaders.len() <= 2000);
+    assert!(leaders.len() >= 1900, "{}", leaders.len());
+    for pair in leaders.windows(2) {
+        assert!(pair[1].fire.deadline >= pair[0].fire.deadline + MS);
+    }
+    assert!(sim.seen.iter().all(|s| s.fire.next_deadline % MS == 0));
+}
+
+#[test]
+fn test_kt_f6_single_timer_rearms_to_the_global_deadline() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_sampling(true, 0, 2).unwrap();
+    for now in [MS + 10, MS + 20] {
+        for cpu in 0..2 {
+            let (_, next) = handled(k.expire(cpu, now));
+            assert_eq!(next, Some(k.timer(0).unwrap().deadline));
+        }
+    }
+}
+
+#[test]
+fn test_amb12_rearm_over_all_timers_or_fired_only() {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    k.set_action_samplers(1, sampler::TH_INFO).unwrap();
+    k.set_timer_count(2).unwrap();
+    for (id, period) in [(0, MS), (1, 3 * MS / 2)] {
+        k.set_timer_period(id, period).unwrap();
+        k.set_timer_action(id, 1).unwrap();
+    }
+    let mut compat = k.clone();
+    compat.set_compat_fired_only(true);
+    assert!(!k.compat_fired_only());
+
+    assert_eq!(k.set_sampling(true, 0, 1).unwrap(), vec![Some(MS)]);
+    let (fires, next) = handled(k.expire(0, MS + 100));
+    assert_eq!(fires.len(), 1);
+    // Timer 1 is due at 1.5 ms and is not missed.
+    assert_eq!(next, Some(3 * MS / 2));
+
+    compat.set_sampling(true, 0, 1).unwrap();
+    let (fires, next) = handled(compat.expire(0, MS + 100));
+    assert_eq!(fires.len(), 1);
+    // XNU: only timer 0's new deadline, so timer 1 fires late.
+    assert_eq!(next, Some(2 * MS));
+    // And an expiry where nothing fires disarms the vCPU.
+    let (fires, next) = handled(compat.expire(0, MS + 200));
+    assert!(fires.is_empty());
+    assert_eq!(next, None);
+}
+
+// --- Sampling decisions (KT-SM-*) ---------------------------------------
+
+#[test]
+fn test_kt_sm1_system_only_action_samples_once_per_fire() {
+    let start = 0;
+    let mut sim = Sim::new(one_timer(sampler::SYS_MEM, MS), 4, start, 200 * US);
+    sim.run_until(500 * MS);
+    let leaders = sim.leaders().len();
+    let samples: Vec<&Seen> = sim
+        .seen
+        .iter()
+        .filter(|s| s.fire.sample.is_some())
+        .collect();
+    assert_eq!(samples.len(), leaders);
+    for seen in samples {
+        assert!(seen.fire.leader);
+        let sample = seen.fire.sample.unwrap();
+        assert_eq!(sample.flags, sample_flags::PEND_USER | sample_flags::SYSTEM);
+        assert_eq!((sample.action, sample.timer), (1, 0));
+    }
+}
+
+#[test]
+fn test_kt_sm1_non_system_action_samples_every_busy_cpu() {
+    let start = 0;
+    let mut sim = Sim::new(
+        one_timer(sampler::SYS_MEM | sampler::TH_INFO, MS),
+        4,
+        start,
+        200 * US,
+    );
+    sim.run_until(500 * MS);
+    let leaders = sim.leaders().len();
+    for seen in &sim.seen {
+        let sample = seen.fire.sample.expect("every vCPU samples");
+        let system = if seen.fire.leader {
+            sample_flags::SYSTEM
+        } else {
+            0
+        };
+        assert_eq!(sample.flags, sample_flags::PEND_USER | system);
+    }
+    assert!(sim.seen.len() >= 4 * leaders - 4);
+}
+
+#[test]
+fn test_kt_sm1_has_non_system_is_false_beyond_the_count() {
+    let mut k = Kperf::new();
+    k.set_action_count(2).unwrap();
+    k.set_action_samplers(1, sampler::SYS_MEM).unwrap();
+    k.set_action_samplers(2, sampler::KSTACK).unwrap();
+    assert!(!k.action_has_non_system(0));
+    assert!(!k.action_has_non_system(1));
+    assert!(k.action_has_non_system(2));
+    assert!(!k.action_has_non_system(3));
+    assert!(k.action_has_thread(2) && !k.action_has_task(2));
+    k.set_action_samplers(1, sampler::MEMINFO).unwrap();
+    assert!(k.action_has_task(1) && !k.action_has_thread(1));
+    assert!(!k.action_has_task(99) && !k.action_has_thread(99));
+}
+
+#[test]
+fn test_kt_sm3_every_busy_cpu_samples_once_per_fire() {
+    let start = 0;
+    let mut sim = Sim::new(one_timer(sampler::TH_INFO, MS), 4, start, 200 * US);
+    sim.run_until(5000 * MS);
+    let leaders = sim.leaders().len();
+    for cpu in 0..4 {
+        let samples = sim.samples_of(cpu);
+        // Saturation above 95 %, and never more than once per fire.
+        assert!(samples * 100 > leaders * 95, "cpu {cpu}: {samples}");
+        assert!(samples <= leaders + 1);
+    }
+    // Per fire (the deadline answered), each vCPU at most once.
+    let mut per_fire = std::collections::HashMap::new();
+    for seen in &sim.seen {
+        *per_fire
+            .entry((seen.fire.deadline, seen.cpu))
+            .or_insert(0u32) += 1;
+    }
+    assert!(per_fire.values().all(|&n| n == 1));
+}
+
+// --- Idle vCPUs (KT-I-*) ----------------------------------------------------
+
+#[test]
+fn test_kt_i1_idle_cpu_gets_no_fires_and_realigns_on_wake() {
+    let start = 0;
+    let mut sim = Sim::new(one_timer(sampler::TH_INFO, MS), 4, start, 200 * US);
+    sim.run_until(10 * MS + MS / 2);
+    sim.idle(3);
+    let idle_from = sim.now;
+    sim.run_until(110 * MS + MS / 3);
+    let idle_to = sim.now;
+    assert!(sim
+        .seen
+        .iter()
+        .all(|s| s.cpu != 3 || s.now < idle_from || s.now > idle_to));
+    // The others kept firing meanwhile.
+    assert!(sim
+        .seen
+        .iter()
+        .any(|s| s.cpu == 0 && s.now > idle_from + 90 * MS));
+
+    // On wake: one deadline on the global grid, after now; no burst.
+    let deadline = sim.wake(3).unwrap();
+    assert!(deadline > idle_to && deadline - idle_to <= MS);
+    assert_eq!(deadline % MS, 0);
+    let before = sim.seen.len();
+    sim.run_until(idle_to + 5 * MS);
+    let from_cpu3: Vec<&Seen> = sim.seen[before..].iter().filter(|s| s.cpu == 3).collect();
+    assert!((4..=6).contains(&from_cpu3.len()), "{}", from_cpu3.len());
+    assert_eq!(from_cpu3[0].fire.deadline, deadline);
+}
+
+#[test]
+fn test_kt_i1_wake_with_every_cpu_idle_skips_missed_fires() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_sampling(true, 0, 2).unwrap();
+    k.cpu_idle(0);
+    k.cpu_idle(1);
+    // A deadline that raced the idle transition is ignored.
+    assert_eq!(handled(k.expire(0, MS + 5)), (vec![], None));
+    // 50 ms later the global deadline (1 ms) is stale; wake reckons.
+    assert_eq!(k.cpu_wake(1, 50 * MS + 300), Some(51 * MS));
+    let (fires, next) = handled(k.expire(1, 51 * MS + 10));
+    assert!(fires[0].leader);
+    assert_eq!(next, Some(52 * MS));
+    assert!(k.is_cpu_idle(0) && !k.is_cpu_idle(1));
+}
+
+#[test]
+fn test_kt_st2_idle_cpus_are_not_programmed_at_start() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.cpu_idle(1);
+    assert_eq!(
+        k.set_sampling(true, 0, 3).unwrap(),
+        vec![Some(MS), None, Some(MS)]
+    );
+    assert_eq!(k.cpu_wake(1, 10), Some(MS));
+}
+
+#[test]
+fn test_kt_i2_hot_added_cpu_joins_the_grid() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_sampling(true, 0, 2).unwrap();
+    assert_eq!(k.expire(2, MS + 1), CpuExpiry::NoSuchCpu);
+    assert_eq!(k.cpu_wake(2, 2 * MS + 500), Some(3 * MS));
+    assert!(matches!(k.expire(2, 3 * MS + 1), CpuExpiry::Handled { .. }));
+    // Online while off: cleared, nothing to program.
+    k.set_sampling(false, 4 * MS, 3).unwrap();
+    assert_eq!(k.cpu_wake(1, 5 * MS), None);
+}
+
+// --- Minimum periods (KT-MIN-*) --------------------------------------
+
+#[test]
+fn test_kt_min1_short_periods_are_raised() {
+    let mut k = Kperf::new();
+    k.set_timer_count(2).unwrap();
+    k.set_timer_period(0, US).unwrap();
+    assert_eq!(k.timer_period(0), Ok(20_000));
+    k.set_pet_timer(1).unwrap();
+    k.set_timer_period(1, US).unwrap();
+    assert_eq!(k.timer_period(1), Ok(2_000_000));
+    // 0 stays 0 (disabled) on an on-CPU timer.
+    k.set_timer_period(0, 0).unwrap();
+    assert_eq!(k.timer_period(0), Ok(0));
+    // Background minima.
+    k.set_background(true);
+    k.set_timer_period(0, US).unwrap();
+    assert_eq!(k.timer_period(0), Ok(1_000_000));
+    k.set_timer_period(1, US).unwrap();
+    assert_eq!(k.timer_period(1), Ok(5_000_000));
+    // At or above the minimum: unchanged.
+    k.set_timer_period(0, 1_000_001).unwrap();
+    assert_eq!(k.timer_period(0), Ok(1_000_001));
+}
+
+#[test]
+fn test_kt_min2_limits() {
+    let k = Kperf::new();
+    assert_eq!(
+        k.limits(),
+        Limits {
+            timer_min_period_ns: 20_000,
+            timer_min_bg_period_ns: 1_000_000,
+            timer_min_pet_period_ns: 2_000_000,
+            timer_min_bg_pet_period_ns: 5_000_000,
+        }
+    );
+    assert_eq!(k.min_period_ns(false), 20_000);
+    assert_eq!(min_period_ns(true, true), 5_000_000);
+}
+
+#[test]
+fn test_kt_min3_mode_switch_does_not_reclamp() {
+    let mut k = Kperf::new();
+    k.set_timer_count(1).unwrap();
+    k.set_timer_period(0, 30 * US).unwrap();
+    k.set_background(true);
+    assert!(k.background());
+    assert_eq!(k.timer_period(0), Ok(30 * US));
+    k.set_timer_period(0, 30 * US).unwrap();
+    assert_eq!(k.timer_period(0), Ok(MS));
+    k.set_background(false);
+    assert_eq!(k.timer_period(0), Ok(MS));
+}
+
+// --- Start and stop (KT-ST-*, KT-SP-*) ----------------------------------
+
+#[test]
+fn test_kt_st1_period_zero_timer_never_fires() {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    k.set_action_samplers(1, sampler::TH_INFO).unwrap();
+    k.set_timer_count(3).unwrap();
+    k.set_timer_period(0, MS).unwrap();
+    k.set_timer_action(0, 1).unwrap();
+    k.set_timer_action(1, 1).unwrap(); // period 0
+    k.set_timer_period(2, MS / 2).unwrap(); // action 0
+    k.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(k.timer(1).unwrap().deadline, 0);
+    assert_eq!(k.timer(2).unwrap().deadline, 0);
+    assert_eq!(k.cpu_deadline(0, 1), None);
+    assert_eq!(k.cpu_deadline(0, 2), None);
+    let mut now = 0;
+    let mut next = Some(MS);
+    for _ in 0..100 {
+        now = next.unwrap() + 10;
+        let (fires, n) = handled(k.expire(0, now));
+        assert!(fires.iter().all(|f| f.timer == 0));
+        next = n;
+    }
+    assert!(now > 99 * MS);
+}
+
+#[test]
+fn test_kt_st2_every_running_cpu_is_programmed() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    let programs = k.set_sampling(true, 5 * MS, 4).unwrap();
+    assert_eq!(programs, vec![Some(6 * MS); 4]);
+    assert_eq!(k.timer(0).unwrap().deadline, 6 * MS);
+    assert!(k.started());
+    // A second start changes nothing.
+    assert_eq!(k.start(7 * MS, 4), programs);
+    assert_eq!(k.set_sampling(true, 8 * MS, 4).unwrap(), programs);
+}
+
+#[test]
+fn test_kt_st3_start_with_all_periods_zero_is_started() {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    k.set_timer_count(2).unwrap();
+    assert_eq!(k.set_sampling(true, 0, 2).unwrap(), vec![None, None]);
+    assert!(k.started());
+    assert_eq!(k.set_timer_period(0, MS), Err(KperfError::Busy));
+    assert_eq!(k.set_timer_action(0, 1), Err(KperfError::Busy));
+    assert_eq!(k.set_timer_count(1), Err(KperfError::Busy));
+    assert_eq!(k.set_pet_timer(0), Err(KperfError::Busy));
+    assert_eq!(k.set_lightweight_pet(true), Err(KperfError::Busy));
+    // The id is checked before busy (CFG-T-2).
+    assert_eq!(k.set_timer_period(2, MS), Err(KperfError::Inval));
+    assert_eq!(k.set_timer_action(5, 1), Err(KperfError::Inval));
+}
+
+#[test]
+fn test_kt_sp1_after_stop_no_fires() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_sampling(true, 0, 2).unwrap();
+    handled(k.expire(0, MS + 1));
+    assert_eq!(k.set_sampling(false, MS + 2, 2).unwrap(), vec![None, None]);
+    assert!(!k.started());
+    assert_eq!(k.timer(0).unwrap().deadline, 0);
+    assert_eq!(k.cpu_deadline(0, 0), None);
+    assert_eq!(k.cpu_deadline(1, 0), None);
+    // A host deadline that outlived the stop.
+    assert_eq!(k.expire(1, MS + 3), CpuExpiry::NotRunning);
+    // Stop on stopped timers is a no-op; setters work again.
+    k.stop();
+    k.set_timer_period(0, 2 * MS).unwrap();
+}
+
+#[test]
+fn test_kt_sp1_start_stop_stress() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    let mut now = 0;
+    for _ in 0..500 {
+        let programs = k.set_sampling(true, now, 2).unwrap();
+        assert_eq!(programs, vec![Some(now + MS); 2]);
+        now += MS + 7;
+        assert_eq!(handled(k.expire(0, now)).0.len(), 1);
+        k.set_sampling(false, now, 2).unwrap();
+        assert_eq!(k.expire(1, now + 1), CpuExpiry::NotRunning);
+    }
+}
+
+#[test]
+fn test_kt_f1_shutdown_clears_the_cpu_and_samples_nothing() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_sampling(true, 0, 2).unwrap();
+    assert_eq!(k.begin_shutdown(), Ok(true));
+    assert_eq!(k.sampling_state(), SamplingState::Shutdown);
+    assert!(!k.sampling());
+    assert_eq!(handled(k.expire(0, MS + 1)), (vec![], None));
+    assert_eq!(k.cpu_deadline(0, 0), None);
+    // Neither transition is allowed mid-shutdown (XNU would panic).
+    assert_eq!(k.set_sampling(true, MS, 2), Err(KperfError::Busy));
+    assert_eq!(k.set_sampling(false, MS, 2), Err(KperfError::Busy));
+    assert_eq!(k.begin_shutdown(), Err(KperfError::Busy));
+    k.finish_shutdown();
+    assert_eq!(k.sampling_state(), SamplingState::Off);
+    assert_eq!(k.expire(0, MS + 2), CpuExpiry::NotRunning);
+    assert_eq!(k.begin_shutdown(), Ok(false));
+}
+
+#[test]
+fn test_kt_sp2_reset_keeps_counts_and_clears_the_rest() {
+    let mut k = Kperf::new();
+    k.set_action_count(2).unwrap();
+    k.set_action_samplers(1, sampler::KSTACK).unwrap();
+    k.set_action_userdata(2, 7).unwrap();
+    k.set_action_filter(2, 42).unwrap();
+    k.set_action_ucallstack_depth(1, 16).unwrap();
+    k.set_action_kcallstack_depth(1, 8).unwrap();
+    k.set_timer_count(3).unwrap();
+    for id in 0..3 {
+        k.set_timer_period(id, MS).unwrap();
+        k.set_timer_action(id, 1).unwrap();
+    }
+    k.set_pet_timer(2).unwrap();
+    k.set_pet_idle_rate(3).unwrap();
+    k.set_background(true);
+    k.set_sampling(true, 0, 2).unwrap();
+
+    k.reset();
+    assert_eq!(k.sampling_state(), SamplingState::Off);
+    assert!(!k.started());
+    assert_eq!(k.timer_count(), 3);
+    assert_eq!(k.action_count(), 2);
+    for id in 0..3 {
+        assert_eq!(k.timer_period(id), Ok(0));
+        assert_eq!(k.timer_action(id), Ok(0));
+        assert_eq!(k.cpu_deadline(0, id), None);
+    }
+    assert_eq!(k.pet_timer(), PET_TIMER_NONE);
+    assert_eq!(k.pet_action(), 0);
+    assert_eq!(k.pet_deadline(), None);
+    assert_eq!(k.pet_idle_rate(), 15);
+    assert!(!k.lightweight_pet());
+    for id in 1..=2 {
+        assert_eq!(k.action_samplers(id), Ok(0));
+        assert_eq!(k.action_userdata(id), Ok(0));
+        assert_eq!(k.action_filter(id), Ok(-1));
+        assert_eq!(k.action_ucallstack_depth(id), Ok(256));
+        assert_eq!(k.action_kcallstack_depth(id), Ok(128));
+    }
+    // The background profile belongs to the tool, not to kperf.
+    assert!(k.background());
+    // Reset while off is fine too.
+    k.reset();
+}
+
+// --- Sampling state machine (CFG-S-*) ---------------------------------
+
+#[test]
+fn test_cfg_s1_transitions() {
+    let mut k = Kperf::new();
+    assert_eq!(k.set_sampling(true, 0, 1), Err(KperfError::Canceled));
+    assert_eq!(k.sampling_state(), SamplingState::Off);
+    k.set_action_count(1).unwrap();
+    assert!(k.set_sampling(true, 0, 1).is_ok());
+    assert!(k.set_sampling(true, 0, 1).is_ok());
+    assert!(k.sampling());
+    assert!(k.set_sampling(false, 0, 1).is_ok());
+    assert!(k.set_sampling(false, 0, 1).is_ok());
+    assert!(!k.sampling());
+    assert_eq!(k.sampling_state(), SamplingState::Off);
+    // Disabling something never enabled is fine.
+    assert_eq!(Kperf::new().set_sampling(false, 0, 2), Ok(vec![None, None]));
+}
+
+#[test]
+fn test_cfg_s1_lightweight_pet_activity_follows_sampling() {
+    let mut k = one_timer(sampler::TH_INFO, 2 * MS);
+    k.set_lightweight_pet(true).unwrap();
+    assert!(!k.lightweight_pet_active());
+    k.set_sampling(true, 0, 1).unwrap();
+    assert!(k.lightweight_pet_active());
+    k.set_sampling(false, 0, 1).unwrap();
+    assert!(!k.lightweight_pet_active());
+}
+
+// --- Actions (CFG-A-*) ----------------------------------------------
+
+#[test]
+fn test_cfg_a1_count_only_grows() {
+    let mut k = Kperf::new();
+    assert_eq!(k.set_action_count(4), Ok(()));
+    assert_eq!(k.set_action_count(2), Err(KperfError::Inval));
+    assert_eq!(k.set_action_count(4), Ok(()));
+    assert_eq!(k.set_action_count(33), Err(KperfError::Inval));
+    assert_eq!(k.set_action_count(32), Ok(()));
+    assert_eq!(k.action_count(), 32);
+    for id in 1..=32 {
+        assert_eq!(k.action_samplers(id), Ok(0));
+        assert_eq!(k.action_userdata(id), Ok(0));
+        assert_eq!(k.action_filter(id), Ok(-1));
+        assert_eq!(k.action_ucallstack_depth(id), Ok(256));
+        assert_eq!(k.action_kcallstack_depth(id), Ok(128));
+    }
+}
+
+#[test]
+fn test_cfg_a1_count_grows_while_sampling() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(k.set_action_count(3), Ok(()));
+    assert_eq!(k.set_action_samplers(3, sampler::KSTACK), Ok(()));
+}
+
+#[test]
+fn test_cfg_a2_id_matrix() {
+    let mut k = Kperf::new();
+    k.set_action_count(3).unwrap();
+    let count = k.action_count();
+    let inval = Err(KperfError::Inval);
+    for id in [0, 1, count, count + 1] {
+        let set_ok = id != 0 && id <= count;
+        let get_ok = id <= count;
+        let expect = |ok: bool| if ok { Ok(()) } else { inval };
+        assert_eq!(k.set_action_samplers(id, sampler::TH_INFO), expect(set_ok));
+        assert_eq!(k.set_action_userdata(id, 9), expect(set_ok));
+        assert_eq!(k.set_action_filter(id, 5), expect(set_ok));
+        assert_eq!(k.set_action_ucallstack_depth(id, 64), expect(set_ok));
+        assert_eq!(k.set_action_kcallstack_depth(id, 32), expect(set_ok));
+        if !get_ok {
+            assert_eq!(k.action_samplers(id), inval.map(|()| 0));
+            assert_eq!(k.action_userdata(id), inval.map(|()| 0));
+            assert_eq!(k.action_filter(id), inval.map(|()| 0));
+            assert_eq!(k.action_ucallstack_depth(id), inval.map(|()| 0));
+            assert_eq!(k.action_kcallstack_depth(id), inval.map(|()| 0));
+        } else if id == 0 {
+            // The null action reads as the defaults.
+            assert_eq!(k.action_samplers(0), Ok(0));
+            assert_eq!(k.action_userdata(0), Ok(0));
+            assert_eq!(k.action_filter(0), Ok(-1));
+            assert_eq!(k.action_ucallstack_depth(0), Ok(256));
+            assert_eq!(k.action_kcallstack_depth(0), Ok(128));
+        } else {
+            assert_eq!(k.action_samplers(id), Ok(sampler::TH_INFO));
+            assert_eq!(k.action_userdata(id), Ok(9));
+            assert_eq!(k.action_filter(id), Ok(5));
+            assert_eq!(k.action_ucallstack_depth(id), Ok(64));
+            assert_eq!(k.action_kcallstack_depth(id), Ok(32));
+        }
+    }
+}
+
+#[test]
+fn test_cfg_a3_depth_boundaries() {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    let inval = Err(KperfError::Inval);
+    for (depth, expect) in [(1, inval), (2, Ok(())), (256, Ok(())), (257, inval)] {
+        assert_eq!(k.set_action_ucallstack_depth(1, depth), expect, "{depth}");
+    }
+    assert_eq!(k.action_ucallstack_depth(1), Ok(256));
+    for (depth, expect) in [(0, inval), (1, Ok(())), (128, Ok(())), (129, inval)] {
+        assert_eq!(k.set_action_kcallstack_depth(1, depth), expect, "{depth}");
+    }
+    assert_eq!(k.action_kcallstack_depth(1), Ok(128));
+    // The id is checked before the depth.
+    assert_eq!(k.set_action_ucallstack_depth(2, 1), inval);
+}
+
+#[test]
+fn test_cfg_a3_amb14_pmc_bits_accepted_but_not_both() {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    k.set_action_samplers(1, sampler::TH_INFO).unwrap();
+    assert_eq!(
+        k.set_action_samplers(1, sampler::PMC_THREAD | sampler::PMC_CPU),
+        Err(KperfError::Inval)
+    );
+    assert_eq!(k.action_samplers(1), Ok(sampler::TH_INFO));
+    for bits in [sampler::PMC_THREAD, sampler::PMC_CPU | sampler::PMC_CONFIG] {
+        assert_eq!(k.set_action_samplers(1, bits), Ok(()));
+        assert_eq!(k.action_samplers(1), Ok(bits));
+    }
+}
+
+// --- Timers (CFG-T-*) -----------------------------------------------
+
+#[test]
+fn test_cfg_t1_hidden_timers_reappear() {
+    let mut k = Kperf::new();
+    assert_eq!(k.set_timer_count(9), Err(KperfError::Inval));
+    k.set_timer_count(2).unwrap();
+    k.set_timer_period(1, 5 * MS).unwrap();
+    k.set_timer_action(1, 3).unwrap();
+    k.set_timer_count(1).unwrap();
+    assert_eq!(k.timer_period(1), Err(KperfError::Inval));
+    assert_eq!(k.timer(1), None);
+    k.set_timer_count(2).unwrap();
+    assert_eq!(k.timer_period(1), Ok(5 * MS));
+    assert_eq!(k.timer_action(1), Ok(3));
+    assert_eq!(k.set_timer_count(8), Ok(()));
+}
+
+#[test]
+fn test_cfg_t2_action_not_checked_against_count() {
+    let mut k = Kperf::new();
+    k.set_action_count(1).unwrap();
+    k.set_timer_count(1).unwrap();
+    k.set_timer_period(0, MS).unwrap();
+    assert_eq!(k.set_timer_action(0, 99), Ok(()));
+    assert_eq!(k.timer_action(0), Ok(99));
+    k.set_sampling(true, 0, 2).unwrap();
+    // It fires; the leader still gets a request (which the sampler
+    // drops, KT-SM-4), a follower none.
+    let (fires, _) = handled(k.expire(0, MS + 1));
+    assert_eq!(fires[0].sample.map(|s| s.action), Some(99));
+    let (fires, _) = handled(k.expire(1, MS + 2));
+    assert_eq!(fires[0].sample, None);
+    assert!(!k.action_has_non_system(99));
+}
+
+#[test]
+fn test_cfg_t2_getters_check_the_id() {
+    let mut k = Kperf::new();
+    k.set_timer_count(2).unwrap();
+    for id in [0, 1] {
+        assert_eq!(k.timer_period(id), Ok(0));
+        assert_eq!(k.timer_action(id), Ok(0));
+    }
+    for id in [2, 8, PET_TIMER_NONE] {
+        assert_eq!(k.timer_period(id), Err(KperfError::Inval));
+        assert_eq!(k.timer_action(id), Err(KperfError::Inval));
+        assert_eq!(k.set_timer_period(id, MS), Err(KperfError::Inval));
+        assert_eq!(k.set_timer_action(id, 1), Err(KperfError::Inval));
+    }
+}
+
+#[test]
+fn test_cfg_t3_pet_timer_clamp_and_out_of_range_id() {
+    let mut k = Kperf::new();
+    assert_eq!(k.pet_timer(), PET_TIMER_NONE);
+    k.set_timer_count(1).unwrap();
+    k.set_timer_action(0, 4).unwrap();
+    k.set_pet_timer(0).unwrap();
+    assert_eq!(k.timer_period(0), Ok(2 * MS));
+    assert_eq!(k.pet_action(), 4);
+    k.set_pet_timer(5).unwrap();
+    assert_eq!(k.pet_timer(), 5);
+    assert_eq!(k.pet_action(), 0);
+    // The old PET timer keeps its raised period.
+    assert_eq!(k.timer_period(0), Ok(2 * MS));
+}
+
+#[test]
+fn test_cfg_t2_pet_timer_settings_reconfigure_pet() {
+    let mut k = Kperf::new();
+    k.set_timer_count(1).unwrap();
+    k.set_pet_timer(0).unwrap();
+    k.set_timer_action(0, 2).unwrap();
+    assert_eq!(k.pet_action(), 2);
+    // PET-L-4: in lightweight mode only set_pet_timer captures it.
+    k.set_lightweight_pet(true).unwrap();
+    k.set_timer_action(0, 3).unwrap();
+    assert_eq!(k.pet_action(), 2);
+    k.set_pet_timer(0).unwrap();
+    assert_eq!(k.pet_action(), 3);
+}
+
+// --- PET (CFG-P-1, PET-*) -------------------------------------------
+
+#[test]
+fn test_cfg_p1_amb13_idle_rate() {
+    let mut k = Kperf::new();
+    assert_eq!(k.pet_idle_rate(), 15);
+    assert_eq!(k.set_pet_idle_rate(0), Err(KperfError::Inval));
+    assert_eq!(k.set_pet_idle_rate(1), Ok(()));
+    assert_eq!(k.pet_idle_rate(), 1);
+    k.set_action_count(1).unwrap();
+    k.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(k.set_pet_idle_rate(40), Ok(()));
+    assert_eq!(k.pet_idle_rate(), 40);
+}
+
+/// Traditional PET on timer 0 (10 ms) plus an on-CPU timer 1 (1 ms).
+fn traditional_pet() -> Kperf {
+    let mut k = Kperf::new();
+    k.set_action_count(2).unwrap();
+    k.set_action_samplers(1, sampler::TH_INFO | sampler::USTACK)
+        .unwrap();
+    k.set_action_samplers(2, sampler::KSTACK).unwrap();
+    k.set_timer_count(2).unwrap();
+    k.set_pet_timer(0).unwrap();
+    k.set_timer_period(0, 10 * MS).unwrap();
+    k.set_timer_action(0, 1).unwrap();
+    k.set_timer_period(1, MS).unwrap();
+    k.set_timer_action(1, 2).unwrap();
+    k
+}
+
+#[test]
+fn test_pet_h1_traditional_pet_is_not_an_on_cpu_timer() {
+    let mut k = traditional_pet();
+    k.set_timer_period(1, 0).unwrap();
+    assert_eq!(k.set_sampling(true, 0, 3).unwrap(), vec![None; 3]);
+    assert_eq!(k.pet_deadline(), Some(10 * MS));
+    assert_eq!(k.timer(0).unwrap().deadline, 0);
+    assert_eq!(k.pet_action(), 1);
+}
+
+#[test]
+fn test_pet_h2_handler_kicks_and_samples() {
+    let mut k = traditional_pet();
+    assert_eq!(k.set_sampling(true, 0, 3).unwrap(), vec![Some(MS); 3]);
+    assert_eq!(k.pet_fired(10 * MS - 1), None);
+    let fire = k.pet_fired(10 * MS + 5).unwrap();
+    assert_eq!((fire.timer, fire.action, fire.period_ns), (0, 1, 10 * MS));
+    assert_eq!(fire.tm_fire_args(), [0, 1, 10 * MS, 1]);
+    assert_eq!(fire.handler_cpu, 0);
+    assert_eq!(fire.remote_cpus, vec![1, 2]);
+    assert_eq!(fire.remote_sample.flags, sample_flags::PEND_USER);
+    assert_eq!(
+        fire.handler_sample.flags,
+        sample_flags::PEND_USER | sample_flags::SYSTEM
+    );
+    assert_eq!(k.pet_broadcasts(), 1);
+    // Disarmed until the sampler re-arms it.
+    assert_eq!(k.pet_deadline(), None);
+    assert_eq!(k.pet_fired(20 * MS), None);
+    assert_eq!(k.pet_broadcasts(), 1);
+    // The on-CPU timer 1 never reports the PET timer.
+    let (fires, _) = handled(k.expire(1, MS + 1));
+    assert_eq!(fires.len(), 1);
+    assert_eq!((fires[0].timer, fires[0].pet), (1, false));
+}
+
+#[test]
+fn test_pet_r1_rearm_examples() {
+    let mut k = traditional_pet();
+    k.set_sampling(true, 0, 1).unwrap();
+    let schedule = k.pet_rearm(100 * MS, 3 * MS).unwrap();
+    assert_eq!(
+        schedule,
+        PetSchedule {
+            period_ns: 10 * MS,
+            adjusted_period_ns: 7 * MS,
+            sample_duration_ns: 3 * MS,
+            deadline: 107 * MS,
+        }
+    );
+    assert_eq!(k.pet_deadline(), Some(107 * MS));
+    assert_eq!(k.pet_rearm(100 * MS, 12 * MS).unwrap().deadline, 110 * MS);
+    k.set_sampling(false, 0, 1).unwrap();
+    // Not sampling: no re-arm.
+    assert_eq!(k.pet_rearm(100 * MS, 0), None);
+    assert_eq!(k.pet_deadline(), None);
+
+    k.set_timer_period(0, 2 * MS).unwrap();
+    k.set_sampling(true, 0, 1).unwrap();
+    let schedule = k.pet_rearm(50 * MS, 3 * MS / 2).unwrap();
+    assert_eq!(schedule.adjusted_period_ns, 2 * MS);
+    assert_eq!(schedule.deadline, 52 * MS);
+}
+
+#[test]
+fn test_pet_c1_broadcast_counter_survives_reset() {
+    let mut k = traditional_pet();
+    let mut now = 0;
+    k.set_sampling(true, now, 2).unwrap();
+    for _ in 0..100 {
+        now = k.pet_deadline().unwrap() + 50;
+        k.pet_fired(now).unwrap();
+        k.pet_rearm(now + MS, MS).unwrap();
+    }
+    assert_eq!(k.pet_broadcasts(), 100);
+    k.reset();
+    assert_eq!(k.pet_broadcasts(), 100);
+    assert_eq!(k.pet_deadline(), None);
+}
+
+#[test]
+fn test_pet_l1_lightweight_pet_is_on_cpu_and_counts_generations() {
+    let mut k = one_timer(sampler::TH_INFO, 2 * MS);
+    k.set_pet_timer(0).unwrap();
+    k.set_lightweight_pet(true).unwrap();
+    let mut sim = Sim::new(k, 3, 0, 100 * US);
+    assert_eq!(sim.kperf.pet_deadline(), None);
+    assert!((0..3).all(|cpu| sim.kperf.cpu_next_deadline(cpu) == Some(2 * MS)));
+    sim.run_until(200 * MS);
+    let leaders = sim.leaders();
+    assert_eq!(sim.kperf.pet_generation(), leaders.len() as u64);
+    assert!(leaders
+        .iter()
+        .all(|s| s.fire.pet && s.fire.tm_fire_args() == [0, 1, 2 * MS, 1]));
+    assert_eq!(sim.kperf.pet_broadcasts(), 0);
+}
