@@ -127,6 +127,7 @@ pub use action::Action;
 pub use engine::{CpuExpiry, Fire, Kperf, SampleRequest, SamplingState};
 pub use error::KperfError;
 pub use pet::{PetFire, PetSchedule};
+pub use sampler::SamplerListError;
 pub use timer::{dead_reckon, min_period_ns, Election, KpTimer, Limits};
 
 /// The most timers kperf has (`KPTIMER_MAX`, KT-S-1).

@@ -195,6 +195,80 @@ fn test_cfg_a5_sampler_and_flag_bits() {
 }
 
 #[test]
+fn test_cfg_a5_sampler_names_follow_the_bits() {
+    for (bit, (name, value)) in sampler::NAMES.into_iter().enumerate() {
+        assert_eq!(value, 1 << bit, "{name}");
+        assert_eq!(sampler::parse_list(name), Ok(value));
+        assert_eq!(sampler::parse_list(&name.to_uppercase()), Ok(value));
+    }
+    assert_eq!(sampler::NAMES[0], ("th_info", sampler::TH_INFO));
+    assert_eq!(sampler::NAMES[11], ("sys_mem", sampler::SYS_MEM));
+    assert_eq!(sampler::ALL, 0x3fff);
+}
+
+#[test]
+fn test_sampler_lists_parse_and_bad_ones_are_named() {
+    use sampler::parse_list;
+    assert_eq!(parse_list("th_info,ustack,kstack"), Ok(0b1101));
+    assert_eq!(parse_list("SYS_MEM"), Ok(1 << 11));
+    assert_eq!(parse_list("0xc"), Ok(0xc));
+    assert_eq!(parse_list("12"), Ok(12));
+    let err = parse_list("ustack,bogus").unwrap_err().to_string();
+    assert!(
+        err.contains("unknown sampler 'bogus'") && err.contains("th_info"),
+        "{err}"
+    );
+    assert!(parse_list("0").is_err());
+    assert!(parse_list("0x100000").is_err());
+    assert!(parse_list("0xzz").is_err());
+}
+
+#[test]
+fn test_sampler_list_errors_say_what_is_allowed() {
+    use sampler::parse_list;
+    assert_eq!(parse_list(" kstack , TH_info "), Ok(0b101));
+    assert_eq!(parse_list("0x3fff"), Ok(sampler::ALL));
+    assert_eq!(
+        parse_list("ustack,bogus"),
+        Err(SamplerListError::UnknownName("bogus".into()))
+    );
+    let err = parse_list("bogus").unwrap_err().to_string();
+    for (name, _) in sampler::NAMES {
+        assert!(err.contains(name), "{err} lacks {name}");
+    }
+    assert_eq!(
+        parse_list("kstack,"),
+        Err(SamplerListError::UnknownName(String::new()))
+    );
+    assert_eq!(
+        parse_list("0xzz"),
+        Err(SamplerListError::BadNumber("0xzz".into()))
+    );
+    assert_eq!(
+        parse_list("99999999999"),
+        Err(SamplerListError::BadNumber("99999999999".into()))
+    );
+    assert_eq!(
+        parse_list(""),
+        Err(SamplerListError::BadNumber(String::new()))
+    );
+    // 0X is not the hex prefix, so it is read as a name.
+    assert_eq!(
+        parse_list("0XC"),
+        Err(SamplerListError::UnknownName("0XC".into()))
+    );
+    assert_eq!(parse_list("0"), Err(SamplerListError::BadBits(0)));
+    assert_eq!(parse_list("0x4000"), Err(SamplerListError::BadBits(0x4000)));
+    assert_eq!(
+        SamplerListError::BadBits(0x4000).to_string(),
+        "sampler bits 0x4000 are not a non-empty subset of 0x3fff"
+    );
+    assert!(SamplerListError::BadNumber("0xzz".into())
+        .to_string()
+        .contains("decimal or 0x hex"));
+}
+
+#[test]
 fn test_tr_e1_kdebug_id_encoding() {
     use trace::*;
     assert_eq!(kdebug_id(DBG_PERF, 0, 0, DBG_FUNC_NONE), 0x2500_0000);
