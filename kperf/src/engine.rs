@@ -218,7 +218,11 @@ impl Kperf {
     /// The first half of a disable: `On -> Shutdown`, then stop the timers
     /// (KT-SP-1). Returns whether sampling was on; `Ok(false)` when already
     /// off. Until [`Kperf::finish_shutdown`], an expiry samples nothing and
-    /// clears its vCPU's deadlines (KT-F-1).
+    /// clears its vCPU's deadlines, and a wake programs nothing (KT-F-1).
+    /// Step 1 of the stop sequence of the
+    /// [crate documentation](crate#stopping-sampling-kt-f-1-kt-sp-1-amb-17):
+    /// the VMM then cancels every vCPU's kperf host deadline and waits for
+    /// every vCPU before [`Kperf::finish_shutdown`].
     ///
     /// # Errors
     ///
@@ -236,7 +240,9 @@ impl Kperf {
     }
 
     /// The second half of a disable: `Shutdown -> Off`, once every vCPU
-    /// cancelled its kperf host deadline. Does nothing in other states.
+    /// acknowledged the stop (it cancelled its kperf host deadline and takes
+    /// no sample). Does nothing in other states. Sampling can then start
+    /// again.
     pub fn finish_shutdown(&mut self) {
         if self.state == SamplingState::Shutdown {
             self.state = SamplingState::Off;
@@ -357,7 +363,10 @@ impl Kperf {
     /// (`kptimer_expire`, KT-F-1..7, KT-SM-1).
     ///
     /// - Sampling off: [`CpuExpiry::NotRunning`].
-    /// - `Shutdown`: clears this vCPU's deadlines; nothing fires.
+    /// - `Shutdown` (a kick that raced [`Kperf::begin_shutdown`], KT-F-1):
+    ///   clears this vCPU's deadlines; [`CpuExpiry::Handled`] with no fires
+    ///   and no next deadline, so nothing is sampled and the host deadline
+    ///   stays cancelled.
     /// - An idle vCPU (a deadline that raced [`Kperf::cpu_idle`]): nothing
     ///   fires and the deadline is cancelled.
     /// - Otherwise every timer whose deadline on this vCPU lies strictly

@@ -50,17 +50,68 @@
 //!   kick it for on-CPU timers. When it resumes, program [`Kperf::cpu_wake`].
 //! - **Start and stop.** [`Kperf::set_sampling`]`(true, ..)` returns one
 //!   deadline per vCPU: kick each vCPU to program it (KT-ST-2), and arm the PET
-//!   one-shot at [`Kperf::pet_deadline`] if it is `Some`. Disabling returns
-//!   `None` for every vCPU: the VMM must kick every vCPU and wait until each
-//!   one cancelled its host deadline before reporting success (AMB-17); an
-//!   expiry that raced the stop sees the new state and samples nothing.
-//!   [`Kperf::begin_shutdown`] / [`Kperf::finish_shutdown`] split the disable
-//!   around that wait, as XNU's `SHUTDOWN` state does.
+//!   one-shot at [`Kperf::pet_deadline`] if it is `Some`. Stop as described
+//!   in [Stopping sampling](#stopping-sampling-kt-f-1-kt-sp-1-amb-17).
 //! - **Traditional PET.** When the PET one-shot expires, call
 //!   [`Kperf::pet_fired`]: kick the other vCPUs without waiting (each samples
 //!   itself only if [`Kperf::sampling`] is still true when it runs), wake the
 //!   PET sampler, then sample the handler vCPU. When the sampler is done, arm
 //!   the one-shot at the deadline of [`Kperf::pet_rearm`].
+//!
+//! # Stopping sampling (KT-F-1, KT-SP-1, AMB-17)
+//!
+//! A stop must not return while a vCPU may still take a sample, and a kick
+//! already in flight must find nothing to sample. XNU's `SHUTDOWN` state does
+//! both; the VMM stops in three steps:
+//!
+//! 1. **Begin**, with the engine locked: [`Kperf::begin_shutdown`] moves
+//!    `On -> Shutdown` and stops the timers (every global and per-vCPU
+//!    deadline cleared, the PET one-shot disarmed). Cancel every vCPU's kperf
+//!    host deadline and the PET one-shot, then release the lock. `Ok(false)`
+//!    means sampling was already off: there is nothing to wait for.
+//! 2. **Wait**, without the lock: kick every vCPU and wait until each one
+//!    acknowledged the stop, i.e. went through a point where it holds no
+//!    sample in progress (a vCPU whose thread exited counts as acknowledged).
+//!    Meanwhile, in `Shutdown`:
+//!    - [`Kperf::expire`] (a kick that was in flight) clears that vCPU's
+//!      deadlines and returns [`CpuExpiry::Handled`] with no fires and no next
+//!      deadline: nothing to sample, the host deadline stays cancelled;
+//!    - [`Kperf::cpu_wake`] and [`Kperf::cpu_next_deadline`] return `None`;
+//!    - [`Kperf::pet_fired`] and [`Kperf::pet_rearm`] return `None`;
+//!    - [`Kperf::set_sampling`] (either way) and [`Kperf::begin_shutdown`]
+//!      return [`KperfError::Busy`].
+//! 3. **Finish**, with the engine locked: [`Kperf::finish_shutdown`] moves
+//!    `Shutdown -> Off`. From then on an expiry is
+//!    [`CpuExpiry::NotRunning`], and [`Kperf::set_sampling`]`(true, ..)`
+//!    starts again from fresh deadlines.
+//!
+//! [`Kperf::set_sampling`]`(false, ..)` does steps 1 and 3 at once, for a
+//! caller with no vCPU to wait for (all of them stopped); an expiry that
+//! raced it sees `Off` and gets [`CpuExpiry::NotRunning`], which the VMM
+//! counts.
+//!
+//! ```
+//! use kperf::{sampler, CpuExpiry, Kperf, SamplingState};
+//!
+//! let mut kperf = Kperf::new();
+//! kperf.set_action_count(1).unwrap();
+//! kperf.set_action_samplers(1, sampler::TH_INFO).unwrap();
+//! kperf.set_timer_count(1).unwrap();
+//! kperf.set_timer_period(0, 1_000_000).unwrap();
+//! kperf.set_timer_action(0, 1).unwrap();
+//! kperf.set_sampling(true, 0, 2).unwrap();
+//!
+//! // 1. Begin: every host deadline is cancelled.
+//! assert_eq!(kperf.begin_shutdown(), Ok(true));
+//! assert_eq!(kperf.cpu_next_deadline(0), None);
+//! // 2. vCPU 1's kick was in flight: it samples nothing and stays cancelled.
+//! let expiry = kperf.expire(1, 1_000_050);
+//! assert_eq!(expiry, CpuExpiry::Handled { fires: vec![], next_deadline: None });
+//! // 3. Finish, once every vCPU acknowledged.
+//! kperf.finish_shutdown();
+//! assert_eq!(kperf.sampling_state(), SamplingState::Off);
+//! assert_eq!(kperf.set_sampling(true, 2_000_000, 2), Ok(vec![Some(3_000_000); 2]));
+//! ```
 //!
 //! # Deviations from xnu-8019.41.5, all deliberate
 //!

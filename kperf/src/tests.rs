@@ -810,6 +810,104 @@ fn test_kt_f1_shutdown_clears_the_cpu_and_samples_nothing() {
 }
 
 #[test]
+fn test_kt_f1_stop_with_kicks_in_flight_samples_nothing_then_restarts() {
+    let mut sim = Sim::new(
+        one_timer(sampler::TH_INFO | sampler::KSTACK, MS),
+        4,
+        0,
+        50 * US,
+    );
+    sim.run_until(10 * MS);
+    // vCPU 3 halted before the stop; the others' deadline of 10 ms passed,
+    // and their kicks are in flight (they expire after now, 1..=50 us late).
+    sim.idle(3);
+    let in_flight: Vec<(usize, u64)> = (0..3)
+        .map(|cpu| {
+            let (deadline, at) = sim.armed[cpu].expect("a kick in flight");
+            assert!(at > deadline, "the deadline has passed when it runs");
+            (cpu, at)
+        })
+        .collect();
+    // Control: without the stop, each of those expiries fires and samples.
+    for &(cpu, at) in &in_flight {
+        let (fires, _) = handled(sim.kperf.clone().expire(cpu, at));
+        assert!(fires.iter().any(|f| f.sample.is_some()));
+    }
+    let seen_before = sim.seen.len();
+
+    // 1. Begin: On -> Shutdown, every deadline cancelled.
+    assert_eq!(sim.kperf.begin_shutdown(), Ok(true));
+    assert_eq!(sim.kperf.sampling_state(), SamplingState::Shutdown);
+    assert!(!sim.kperf.started());
+    assert_eq!(sim.kperf.pet_deadline(), None);
+    for cpu in 0..4 {
+        assert_eq!(sim.kperf.cpu_next_deadline(cpu), None);
+    }
+    // 2. Wait: the kicks in flight land; no fire, no sample, no re-arm.
+    for (cpu, at) in in_flight {
+        assert_eq!(
+            sim.kperf.expire(cpu, at),
+            CpuExpiry::Handled {
+                fires: vec![],
+                next_deadline: None
+            }
+        );
+        assert_eq!(sim.kperf.cpu_deadline(cpu, 0), None);
+        sim.armed[cpu] = None;
+    }
+    // The halted vCPU wakes during the wait: nothing to program.
+    assert_eq!(sim.kperf.cpu_wake(3, 10 * MS + 60 * US), None);
+    assert_eq!(sim.kperf.cpu_deadline(3, 0), None);
+    assert_eq!(sim.kperf.pet_fired(10 * MS + 70 * US), None);
+    assert_eq!(sim.kperf.pet_rearm(10 * MS + 70 * US, 0), None);
+    // Long after every deadline: still nothing (and no panic).
+    assert_eq!(handled(sim.kperf.expire(0, 50 * MS)), (vec![], None));
+    assert_eq!(sim.seen.len(), seen_before);
+
+    // 3. Finish: Shutdown -> Off; a stale expiry is now NotRunning.
+    sim.kperf.finish_shutdown();
+    assert_eq!(sim.kperf.sampling_state(), SamplingState::Off);
+    assert_eq!(sim.kperf.expire(1, 50 * MS), CpuExpiry::NotRunning);
+
+    // Starting again works: fresh deadlines on every vCPU, the cadence
+    // resumes from the restart, one leader per period.
+    let restart = 60 * MS;
+    sim.now = restart;
+    let programs = sim.kperf.set_sampling(true, restart, 4).unwrap();
+    assert_eq!(programs, vec![Some(restart + MS); 4]);
+    for (cpu, program) in programs.into_iter().enumerate() {
+        sim.program(cpu, program);
+    }
+    sim.run_until(restart + 10 * MS + 500 * US);
+    let after: Vec<Seen> = sim.seen[seen_before..].to_vec();
+    assert!(after.iter().all(|s| s.now > restart + MS));
+    let leaders = after.iter().filter(|s| s.fire.leader).count();
+    assert_eq!(leaders, 10);
+    for cpu in 0..4 {
+        assert_eq!(sim.samples_of(cpu), sim.samples_of(0), "vCPU {cpu}");
+    }
+}
+
+#[test]
+fn test_kt_f1_shutdown_expiry_counts_no_lightweight_pet_generation() {
+    let mut k = one_timer(sampler::TH_INFO, 2 * MS);
+    k.set_pet_timer(0).unwrap();
+    k.set_lightweight_pet(true).unwrap();
+    k.set_sampling(true, 0, 2).unwrap();
+    let (fires, _) = handled(k.clone().expire(0, 2 * MS + 1));
+    assert!(fires[0].leader && fires[0].pet);
+    assert_eq!(k.begin_shutdown(), Ok(true));
+    assert_eq!(handled(k.expire(0, 2 * MS + 1)), (vec![], None));
+    assert_eq!(k.pet_generation(), 0);
+    assert!(!k.lightweight_pet_active());
+    k.finish_shutdown();
+    k.set_sampling(true, 10 * MS, 2).unwrap();
+    let (fires, _) = handled(k.expire(0, 12 * MS + 1));
+    assert!(fires[0].leader);
+    assert_eq!(k.pet_generation(), 1);
+}
+
+#[test]
 fn test_kt_sp2_reset_keeps_counts_and_clears_the_rest() {
     let mut k = Kperf::new();
     k.set_action_count(2).unwrap();
