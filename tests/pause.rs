@@ -91,6 +91,10 @@ fn test_ci_cpu_6_resume_without_reinit_runs_every_missed_hardclock() {
     let summary = pause_and_resume(ResumeMode::Continue);
     for v in &summary.vcpus {
         assert_eq!(v.cpu_inits, 1, "{v:?}");
+        assert_eq!(
+            v.timer.resumes, 0,
+            "TIMER_RESUMES counts reinit resumes only"
+        );
         assert!(
             (95..=105).contains(&v.max_hardclock_batch),
             "vCPU {}: ~100 hardclocks after a 1 s pause, got {}",
@@ -111,6 +115,10 @@ fn test_ci_cpu_6_resume_with_reinit_skips_the_gap() {
             v.cpu_inits, 2,
             "the guest re-ran cpu_init after the resume: {v:?}"
         );
+        // The timer device counted the resume in TIMER_RESUMES, and the
+        // guest's TimerResume handler read that register.
+        assert_eq!(v.timer.resumes, 1, "{v:?}");
+        assert_eq!(v.guest.timer_resumes_seen, 1, "{v:?}");
         assert!(
             v.resume_first_batch <= 1,
             "vCPU {}: burst of {} after resume",
@@ -151,5 +159,32 @@ fn test_pause_and_resume_are_validated() {
             c.hold_vcpu(7, Duration::from_millis(1)),
             Err(vmm::ControlError::NoSuchVcpu(7))
         );
+    });
+}
+
+#[test]
+fn test_tr_c_2_stats_sum_equals_the_per_vcpu_records_while_paused() {
+    if !kvm_or_skip("clockintr stats") {
+        return;
+    }
+    with_vm(config(1.5), |c| {
+        until_uptime(&c, 500_000_000);
+        c.pause().unwrap();
+        let (records, total) = c.clockintr_stats();
+        assert_eq!(records.len(), 2);
+        assert!(records.iter().all(|r| r.prompt > 0), "{records:?}");
+        let mut sum = vmm::summary::ClockintrSummary::default();
+        for r in &records {
+            sum.add(r);
+        }
+        assert_eq!(total, sum);
+        // Paused (the guest clock runs on): nothing dispatches, so a second
+        // consistent read 50 ms of guest time later is the same.
+        until_uptime(&c, c.uptime_ns() + 50_000_000);
+        assert_eq!(c.clockintr_stats(), (records, total));
+        c.resume(ResumeMode::Continue).unwrap();
+        // Running again: the guest's statistics move on.
+        until_uptime(&c, c.uptime_ns() + 100_000_000);
+        assert!(c.clockintr_stats().1.prompt > total.prompt);
     });
 }

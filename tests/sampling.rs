@@ -51,7 +51,7 @@ fn sampled_config(timeout_secs: u64) -> vmm::VmConfig {
         duration: Some(Duration::from_secs(600)),
         timeout: Some(Duration::from_secs(timeout_secs)),
         console: vmm::ConsoleSink::Null,
-        sampling: Some(vmm::sampling::SamplingConfig {
+        sampling: Some(vmm::SamplingConfig {
             period_ns: PERIOD,
             samplers: 1,
             profile_dir: None,

@@ -31,15 +31,18 @@
 //! | [`TIMER_NOW`] | read | `now` |
 //! | [`TIMER_FREQ_HZ`] | read | [`TIMER_HZ`] |
 //! | [`TIMER_DEADLINE`] | read | the pending deadline, `u64::MAX` when none |
+//! | [`TIMER_RESUMES`] | read | resumes with re-initialisation so far ([`VirtualTimer::note_resume`]) |
 //!
 //! # What the VMM must wire up
 //!
 //! After every guest access, reprogram the host timer from `next_deadline()`.
 //! When it expires (and before entering the guest), call `poll(now)`; on
 //! [`Expiry::Fired`] raise [`metronome_abi::Vector::Timer`] in the vCPU's
-//! interrupt controller, calling [`VirtualTimer::note_coalesced`] if that
-//! raise coalesced. When the vector is injected, call
-//! [`VirtualTimer::note_injection`] with the fired deadline.
+//! interrupt controller. When the vector is injected, call
+//! [`VirtualTimer::note_injection`]: the timer remembers which deadline the
+//! pending interrupt stands for, counts an expiry that merged into it as
+//! coalesced (VT-5), and records the deadline-to-injection lateness. When the
+//! VM resumes with re-initialisation, call [`VirtualTimer::note_resume`].
 //!
 //! # Threat model
 //!
@@ -52,8 +55,10 @@
 
 use metronome_abi::mmio::{
     TIMER_CANCEL, TIMER_DEADLINE, TIMER_FREQ_HZ, TIMER_HZ, TIMER_MAX_NS, TIMER_NOW, TIMER_REARM_NS,
-    TIMER_TRIGGER,
+    TIMER_RESUMES, TIMER_TRIGGER,
 };
+
+use crate::LatencyHistogram;
 
 /// The result of [`VirtualTimer::poll`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,13 +111,14 @@ pub struct TimerCounters {
     pub expirations: u64,
     /// Timer vectors the VMM injected ([`VirtualTimer::note_injection`]).
     pub injections: u64,
-    /// Expirations whose vector was still pending in the interrupt controller
-    /// ([`VirtualTimer::note_coalesced`]).
+    /// Expirations while an earlier one still waited for its injection: they
+    /// merge into that one interrupt (VT-5).
     pub coalesced: u64,
-    /// Injections before their deadline. `poll` cannot fire early, so this
-    /// stays 0 unless the VMM injects on its own; the VMM reports it as proof
-    /// of VT-1.
+    /// Injections noted at a time before their deadline: 0 unless the VMM's
+    /// clock went backwards or it injected without a poll (VT-1).
     pub early_injections: u64,
+    /// Resumes with re-initialisation ([`VirtualTimer::note_resume`]).
+    pub resumes: u64,
     /// Refused register accesses.
     pub bad_accesses: u64,
 }
@@ -135,6 +141,10 @@ pub struct TimerCounters {
 pub struct VirtualTimer {
     /// The single pending deadline, in ns of device time.
     deadline: Option<u64>,
+    /// The deadline of the expiry whose interrupt is raised but not yet injected.
+    awaiting_injection: Option<u64>,
+    /// Deadline-to-injection lateness, ns.
+    lateness: LatencyHistogram,
     counters: TimerCounters,
 }
 
@@ -184,7 +194,9 @@ impl VirtualTimer {
     }
 
     /// Fires if a deadline is pending and `now` has reached it, emptying the
-    /// slot. Never fires before the deadline (VT-1).
+    /// slot. Never fires before the deadline (VT-1). An expiry while an earlier
+    /// one still waits for its injection is counted as coalesced: the pending
+    /// interrupt stands for both (VT-5).
     pub fn poll(&mut self, now: u64) -> Expiry {
         match self.deadline {
             None => Expiry::Idle,
@@ -192,6 +204,11 @@ impl VirtualTimer {
             Some(deadline) => {
                 self.deadline = None;
                 self.counters.expirations += 1;
+                if self.awaiting_injection.is_some() {
+                    self.counters.coalesced += 1;
+                } else {
+                    self.awaiting_injection = Some(deadline);
+                }
                 Expiry::Fired {
                     deadline,
                     lateness_ns: now - deadline,
@@ -200,20 +217,28 @@ impl VirtualTimer {
         }
     }
 
-    /// Records that the VMM injected the timer vector at `now` for an expiry
-    /// of `deadline`; an injection before the deadline is counted in
-    /// `early_injections`.
-    pub fn note_injection(&mut self, now: u64, deadline: u64) {
+    /// Records that the VMM injected the timer vector at `now`: the lateness
+    /// from the deadline that interrupt stands for, or `early_injections` if
+    /// `now` is before it. An injection with no expiry waiting (the VMM raised
+    /// the vector on its own) is counted but has no lateness.
+    pub fn note_injection(&mut self, now: u64) {
         self.counters.injections += 1;
-        if now < deadline {
-            self.counters.early_injections += 1;
+        if let Some(deadline) = self.awaiting_injection.take() {
+            if now < deadline {
+                self.counters.early_injections += 1;
+            }
+            self.lateness.record(now.saturating_sub(deadline));
         }
     }
 
-    /// Records that an expiry found the timer vector still pending, so it
-    /// merged into that interrupt (VT-5: at most one pending).
-    pub fn note_coalesced(&mut self) {
-        self.counters.coalesced += 1;
+    /// Records a resume with re-initialisation: [`TIMER_RESUMES`] counts them.
+    pub fn note_resume(&mut self) {
+        self.counters.resumes += 1;
+    }
+
+    /// Deadline-to-injection lateness of every injection so far, ns.
+    pub fn lateness(&self) -> &LatencyHistogram {
+        &self.lateness
     }
 
     /// Decodes a guest write of `value` to the register at `offset` (relative
@@ -228,7 +253,7 @@ impl VirtualTimer {
             TIMER_REARM_NS => self.rearm(now, value),
             TIMER_TRIGGER => self.trigger(now),
             TIMER_CANCEL => self.cancel(),
-            TIMER_NOW | TIMER_FREQ_HZ | TIMER_DEADLINE => {
+            TIMER_NOW | TIMER_FREQ_HZ | TIMER_DEADLINE | TIMER_RESUMES => {
                 return Err(self.refuse(RegisterError::ReadOnly(offset)))
             }
             _ => return Err(self.refuse(RegisterError::UnknownOffset(offset))),
@@ -249,6 +274,7 @@ impl VirtualTimer {
             TIMER_FREQ_HZ => Ok(TIMER_HZ),
             // The ABI's documented sentinel for "no deadline".
             TIMER_DEADLINE => Ok(self.deadline.unwrap_or(u64::MAX)),
+            TIMER_RESUMES => Ok(self.counters.resumes),
             TIMER_REARM_NS | TIMER_TRIGGER | TIMER_CANCEL => {
                 Err(self.refuse(RegisterError::WriteOnly(offset)))
             }
@@ -300,7 +326,7 @@ mod tests {
                         assert_eq!(deadline, armed_at + n);
                         assert!(now - armed_at >= n);
                         assert_eq!(lateness_ns, now - deadline);
-                        timer.note_injection(now, deadline);
+                        timer.note_injection(now);
                         break;
                     }
                     Expiry::NotYet { deadline } => assert!(now < deadline),
@@ -310,7 +336,8 @@ mod tests {
         }
         let c = timer.counters();
         assert_eq!((c.expirations, c.injections), (100_000, 100_000));
-        assert_eq!((c.early_injections, c.clamped), (0, 0));
+        assert_eq!((c.early_injections, c.clamped, c.coalesced), (0, 0, 0));
+        assert_eq!(timer.lateness().count(), 100_000);
     }
 
     #[test]
@@ -437,12 +464,52 @@ mod tests {
     #[test]
     fn test_injection_accounting() {
         let mut timer = VirtualTimer::new();
-        timer.note_injection(100, 100);
-        timer.note_injection(150, 100);
-        timer.note_injection(99, 100);
-        timer.note_coalesced();
+        // On time, then 50 ns late.
+        for (deadline, injected_at) in [(100, 100), (200, 250)] {
+            timer.rearm(deadline - 10, 10);
+            assert!(matches!(timer.poll(injected_at), Expiry::Fired { .. }));
+            timer.note_injection(injected_at);
+        }
+        assert_eq!(timer.lateness().max(), 50);
+        assert_eq!(timer.lateness().count(), 2);
+        // A clock that goes backwards between the poll and the injection.
+        timer.trigger(300);
+        assert!(matches!(timer.poll(300), Expiry::Fired { .. }));
+        timer.note_injection(299);
+        // An injection no expiry asked for: counted, no lateness.
+        timer.note_injection(400);
         let c = timer.counters();
-        assert_eq!((c.injections, c.early_injections, c.coalesced), (3, 1, 1));
+        assert_eq!((c.injections, c.early_injections, c.coalesced), (4, 1, 0));
+        assert_eq!(timer.lateness().count(), 3);
+    }
+
+    #[test]
+    fn test_vt5_an_expiry_before_the_injection_coalesces_into_it() {
+        let mut timer = VirtualTimer::new();
+        timer.rearm(0, 100);
+        assert!(matches!(timer.poll(100), Expiry::Fired { .. }));
+        // The guest cannot take the interrupt yet; a trigger fires again.
+        timer.trigger(150);
+        assert!(matches!(timer.poll(160), Expiry::Fired { .. }));
+        timer.note_injection(170);
+        let c = timer.counters();
+        assert_eq!((c.expirations, c.coalesced, c.injections), (2, 1, 1));
+        // The lateness is that of the first deadline, which the interrupt stands for.
+        assert_eq!(timer.lateness().max(), 70);
+    }
+
+    #[test]
+    fn test_timer_resumes_register_counts_reinit_resumes() {
+        let mut timer = VirtualTimer::new();
+        assert_eq!(timer.mmio_read(0, TIMER_RESUMES), Ok(0));
+        timer.note_resume();
+        timer.note_resume();
+        assert_eq!(timer.mmio_read(0, TIMER_RESUMES), Ok(2));
+        assert_eq!(
+            timer.mmio_write(0, TIMER_RESUMES, 0),
+            Err(RegisterError::ReadOnly(TIMER_RESUMES))
+        );
+        assert_eq!(timer.counters().resumes, 2);
     }
 
     #[test]
@@ -469,7 +536,7 @@ mod tests {
         let mut timer = VirtualTimer::new();
         timer.rearm(0, 1_000);
         let before = timer.clone();
-        for offset in [TIMER_NOW, TIMER_FREQ_HZ, TIMER_DEADLINE] {
+        for offset in [TIMER_NOW, TIMER_FREQ_HZ, TIMER_DEADLINE, TIMER_RESUMES] {
             assert_eq!(
                 timer.mmio_write(0, offset, 1),
                 Err(RegisterError::ReadOnly(offset))
@@ -482,7 +549,7 @@ mod tests {
             );
         }
         // Past the last register, misaligned, and far out of range.
-        for offset in [0x30, 0x04, 0xfff, u64::MAX] {
+        for offset in [0x38, 0x04, 0xfff, u64::MAX] {
             assert_eq!(
                 timer.mmio_write(0, offset, 1),
                 Err(RegisterError::UnknownOffset(offset))
@@ -492,7 +559,7 @@ mod tests {
                 Err(RegisterError::UnknownOffset(offset))
             );
         }
-        assert_eq!(timer.counters().bad_accesses, 14);
+        assert_eq!(timer.counters().bad_accesses, 15);
         assert_eq!(timer.next_deadline(), before.next_deadline());
         let c = timer.counters();
         assert_eq!((c.rearms, c.triggers, c.cancels), (1, 0, 0));
@@ -501,8 +568,8 @@ mod tests {
     #[test]
     fn test_register_error_messages() {
         assert_eq!(
-            RegisterError::UnknownOffset(0x30).to_string(),
-            "No timer register at offset 0x30"
+            RegisterError::UnknownOffset(0x38).to_string(),
+            "No timer register at offset 0x38"
         );
     }
 }

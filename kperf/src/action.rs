@@ -69,6 +69,16 @@ impl Kperf {
         }
     }
 
+    /// The settings of action `id`, as a sample needs them: the null action's
+    /// (no samplers) for id 0 or an id above the count.
+    pub fn action(&self, id: u32) -> Action {
+        self.action_get(id)
+            .ok()
+            .flatten()
+            .copied()
+            .unwrap_or_default()
+    }
+
     /// The action a setter writes: ids 1..=count only (CFG-A-2).
     fn action_mut(&mut self, id: u32) -> Result<&mut Action, KperfError> {
         if id == 0 || id > self.action_count {

@@ -28,6 +28,9 @@ pub enum SamplingState {
 pub struct SampleRequest {
     /// The action id.
     pub action: u32,
+    /// That action's settings at the fire (samplers, stack depths, filter),
+    /// so that the sampler needs no further look-up under the engine lock.
+    pub settings: Action,
     /// [`sample_flags`]: `PEND_USER`, plus `SYSTEM` for the leader.
     pub flags: u32,
     /// The timer id (the trigger id).
@@ -440,6 +443,7 @@ impl Kperf {
             let sample =
                 (leader || self.action_has_non_system(timer.action)).then_some(SampleRequest {
                     action: timer.action,
+                    settings: self.action(timer.action),
                     flags,
                     timer: id,
                 });

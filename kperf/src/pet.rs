@@ -157,6 +157,7 @@ impl Kperf {
         self.pet_broadcasts += 1;
         let sample = SampleRequest {
             action: timer.action,
+            settings: self.action(timer.action),
             flags: sample_flags::PEND_USER,
             timer: self.pet_timer,
         };

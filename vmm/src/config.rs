@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use kperf::{Kperf, KperfError};
 use metronome_abi::{layout, Workload, MAX_VCPUS};
 
 /// Where the kernel comes from.
@@ -57,7 +58,37 @@ pub struct VmConfig {
     /// A guest thread switches statclock profiling on for the middle third of the run.
     pub profile_middle_third: bool,
     /// Host-side sampling (kptimer), when wanted.
-    pub sampling: Option<crate::sampling::SamplingConfig>,
+    pub sampling: Option<SamplingConfig>,
+}
+
+/// What host-side sampling is asked to do: one kperf action and one kptimer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SamplingConfig {
+    /// Timer period in ns (raised to the kptimer minimum silently, KT-MIN-1).
+    pub period_ns: u64,
+    /// Sampler bits of the timer's action ([`kperf::sampler`]).
+    pub samplers: u32,
+    /// Where to write profile.folded, profile.svg and profile.pb.gz.
+    pub profile_dir: Option<PathBuf>,
+    /// Where to write the trace as JSON lines.
+    pub trace_file: Option<PathBuf>,
+    /// Sample only this guest thread id (kperf's pid filter; -1 = all).
+    pub filter_tid: i32,
+}
+
+impl SamplingConfig {
+    /// The kperf engine this configuration sets up (pure: no threads, no
+    /// timers): action 1 with the samplers and filter, timer 0 with the period.
+    pub fn engine(&self) -> Result<Kperf, KperfError> {
+        let mut kperf = Kperf::new();
+        kperf.set_action_count(1)?;
+        kperf.set_action_samplers(1, self.samplers)?;
+        kperf.set_action_filter(1, self.filter_tid)?;
+        kperf.set_timer_count(1)?;
+        kperf.set_timer_period(0, self.period_ns)?;
+        kperf.set_timer_action(0, 1)?;
+        Ok(kperf)
+    }
 }
 
 impl Default for VmConfig {
@@ -110,7 +141,7 @@ pub enum ConfigError {
     SamplePeriod(u64),
     /// A sampler set kperf refuses.
     #[error("--samplers {0:#x} is refused by kperf: {1} (CFG-A-3: pmc_thread and pmc_cpu exclude each other)")]
-    Samplers(u32, metronome_devices::kptimer::KperfError),
+    Samplers(u32, KperfError),
     /// hz beyond what this VMM can deliver.
     #[error("--hz {0} is too high for this VMM: at most 10000")]
     HzTooHigh(u32),
@@ -148,7 +179,7 @@ impl VmConfig {
             if !(1_000..=10_000_000_000).contains(&sampling.period_ns) {
                 return Err(ConfigError::SamplePeriod(sampling.period_ns / 1_000));
             }
-            if let Err(e) = crate::sampling::SamplingShared::new(sampling.clone(), 1) {
+            if let Err(e) = sampling.engine() {
                 return Err(ConfigError::Samplers(sampling.samplers, e));
             }
         }

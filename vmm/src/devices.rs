@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::{Bus, BusDevice, BusError};
-use crate::shared::{VmExit, VmShared};
+use crate::vm::{VmExit, VmShared};
 
 /// Length of a banked or control MMIO page.
 const MMIO_PAGE: u64 = 0x1000;
@@ -104,13 +104,13 @@ impl BusDevice for DebugExitDevice {
 
 /// The banked interrupt-controller page.
 #[derive(Debug)]
-pub struct VicDevice {
+pub struct VicPage {
     shared: Arc<VmShared>,
     /// Accesses with a bad width, offset or value.
     pub bad_accesses: AtomicU64,
 }
 
-impl BusDevice for VicDevice {
+impl BusDevice for VicPage {
     fn read(&self, vcpu: u32, offset: u64, data: &mut [u8]) {
         let value = match offset {
             mmio::VIC_ID => u64::from(vcpu),
@@ -148,11 +148,12 @@ impl BusDevice for VicDevice {
     }
 }
 
-/// The banked timer page: each vCPU reaches its own `VirtualTimer`.
+/// The banked timer page: each vCPU reaches its own `VirtualTimer`, the
+/// device model of its one-shot timer.
 #[derive(Debug)]
-pub struct TimerDevice(Arc<VmShared>);
+pub struct TimerPage(Arc<VmShared>);
 
-impl BusDevice for TimerDevice {
+impl BusDevice for TimerPage {
     fn read(&self, vcpu: u32, offset: u64, data: &mut [u8]) {
         let now = self.0.now();
         let value = self.0.vcpus[vcpu as usize]
@@ -183,19 +184,19 @@ impl BusDevice for TimerDevice {
 
 /// The control page: fault and panic reports.
 #[derive(Debug)]
-pub struct ControlDevice {
+pub struct ControlPage {
     shared: Arc<VmShared>,
     /// Reports that could not be read.
     pub bad_reports: AtomicU64,
 }
 
-impl ControlDevice {
+impl ControlPage {
     fn read_report<T: crate::guestmem::Plain>(&self, addr: u64) -> Option<T> {
-        crate::guestmem::read_plain(&self.shared.mem, addr)
+        crate::guestmem::read_plain(&self.shared.mem, vm_memory::GuestAddress(addr))
     }
 }
 
-impl BusDevice for ControlDevice {
+impl BusDevice for ControlPage {
     fn read(&self, _vcpu: u32, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
@@ -245,9 +246,9 @@ pub struct DeviceManager {
     /// MMIO bus.
     pub mmio: Bus,
     /// The interrupt controller (kept for its counters).
-    pub vic: Arc<VicDevice>,
+    pub vic: Arc<VicPage>,
     /// The control page (kept for its counters).
-    pub control: Arc<ControlDevice>,
+    pub control: Arc<ControlPage>,
 }
 
 impl DeviceManager {
@@ -274,11 +275,11 @@ impl DeviceManager {
             4,
             Arc::new(DebugExitDevice(shared.clone())),
         )?;
-        let vic = Arc::new(VicDevice {
+        let vic = Arc::new(VicPage {
             shared: shared.clone(),
             bad_accesses: AtomicU64::new(0),
         });
-        let control = Arc::new(ControlDevice {
+        let control = Arc::new(ControlPage {
             shared: shared.clone(),
             bad_reports: AtomicU64::new(0),
         });
@@ -287,7 +288,7 @@ impl DeviceManager {
             "timer",
             mmio::TIMER_BASE,
             MMIO_PAGE,
-            Arc::new(TimerDevice(shared.clone())),
+            Arc::new(TimerPage(shared.clone())),
         )?;
         mmio_bus.insert("control", mmio::CTL_BASE, MMIO_PAGE, control.clone())?;
         Ok(Self {

@@ -22,23 +22,23 @@ unsafe impl Plain for FaultReport {}
 // SAFETY: as above.
 unsafe impl Plain for PanicReport {}
 
-/// Writes `value` at `addr`.
+/// Writes `value` at guest physical `addr`.
 pub fn write_plain<T: Plain>(
     mem: &GuestMemoryMmap,
-    addr: u64,
+    addr: GuestAddress,
     value: &T,
 ) -> Result<(), vm_memory::GuestMemoryError> {
     // SAFETY: T is plain data (see `Plain`), so its bytes are initialised.
     let bytes = unsafe {
         std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>())
     };
-    mem.write_slice(bytes, GuestAddress(addr))
+    mem.write_slice(bytes, addr)
 }
 
-/// Reads a `T` at `addr`; `None` if the range is not guest memory.
-pub fn read_plain<T: Plain>(mem: &GuestMemoryMmap, addr: u64) -> Option<T> {
+/// Reads a `T` at guest physical `addr`; `None` if the range is not guest memory.
+pub fn read_plain<T: Plain>(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option<T> {
     let mut bytes = vec![0u8; std::mem::size_of::<T>()];
-    mem.read_slice(&mut bytes, GuestAddress(addr)).ok()?;
+    mem.read_slice(&mut bytes, addr).ok()?;
     // SAFETY: T is plain data, and `bytes` holds size_of::<T>() bytes.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }

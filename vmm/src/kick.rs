@@ -4,8 +4,8 @@
 //! - [`sig_kick`], sent by another thread (`pthread_kill`) after it published
 //!   work for the vCPU (an interrupt to inject, a stop request, later a sample);
 //! - [`sig_timer`], sent by the kernel when the vCPU's own POSIX timer
-//!   ([`HostTimer`], `SIGEV_THREAD_ID`) expires: the timer signals the vCPU
-//!   thread directly, with no helper-thread hop.
+//!   ([`crate::host_time::PosixTimer`], `SIGEV_THREAD_ID`) expires: the timer
+//!   signals the vCPU thread directly, with no helper-thread hop.
 //!
 //! Both run the same handler, which sets `kvm_run.immediate_exit` of the vCPU
 //! running on the signalled thread. The race-free pattern:
@@ -83,114 +83,10 @@ pub fn kick_thread(thread: libc::pthread_t) {
     unsafe { libc::pthread_kill(thread, sig_kick()) };
 }
 
-/// Reads CLOCK_MONOTONIC in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Sleeps until the absolute CLOCK_MONOTONIC time `deadline_ns` (a signal may
-/// cut the sleep short; callers re-check their condition).
-pub fn sleep_until_monotonic(deadline_ns: u64) {
-    let ts = libc::timespec {
-        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: valid clock id and timespec; no remainder is requested.
-    unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &ts,
-            std::ptr::null_mut(),
-        )
-    };
-}
-
-/// Sets this thread's timer slack to 1 ns, so that its timers and timed waits
-/// are not deferred by the default 50 us slack.
-pub fn set_min_timer_slack() {
-    // SAFETY: PR_SET_TIMERSLACK takes a plain integer.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-}
-
-/// A POSIX timer on CLOCK_MONOTONIC that signals the thread that created it.
-#[derive(Debug)]
-pub struct HostTimer {
-    id: libc::timer_t,
-    armed_for: Option<u64>,
-}
-
-// SAFETY: the timer handle is an opaque kernel id; the timer is only used by the
-// thread that owns the HostTimer.
-unsafe impl Send for HostTimer {}
-
-impl HostTimer {
-    /// Creates a timer whose expiry sends [`sig_timer`] to the calling thread.
-    pub fn for_current_thread() -> io::Result<Self> {
-        // SAFETY: an all-zero sigevent is valid; we fill in the fields we use.
-        let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
-        event.sigev_notify = libc::SIGEV_THREAD_ID;
-        event.sigev_signo = sig_timer();
-        // SAFETY: gettid has no preconditions.
-        event.sigev_notify_thread_id = unsafe { libc::gettid() };
-        let mut id: libc::timer_t = std::ptr::null_mut();
-        // SAFETY: valid clock id, event and output pointer.
-        let ret = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut id) };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            id,
-            armed_for: None,
-        })
-    }
-
-    /// Arms the timer for the absolute CLOCK_MONOTONIC time `deadline_ns`, or
-    /// disarms it for `None`. Does nothing when already armed for that time.
-    pub fn program(&mut self, deadline_ns: Option<u64>) -> io::Result<()> {
-        if self.armed_for == deadline_ns {
-            return Ok(());
-        }
-        // A zero it_value disarms; an absolute time in the past fires at once.
-        let value = deadline_ns.map_or(0, |d| d.max(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: (value / 1_000_000_000) as libc::time_t,
-                tv_nsec: (value % 1_000_000_000) as libc::c_long,
-            },
-        };
-        // SAFETY: the timer id is ours; the spec is valid.
-        let ret = unsafe {
-            libc::timer_settime(self.id, libc::TIMER_ABSTIME, &spec, std::ptr::null_mut())
-        };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        self.armed_for = deadline_ns;
-        Ok(())
-    }
-}
-
-impl Drop for HostTimer {
-    fn drop(&mut self) {
-        // SAFETY: the timer id is ours and deleted once.
-        unsafe { libc::timer_delete(self.id) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_time::{monotonic_ns, PosixTimer};
 
     #[test]
     fn test_timer_signal_sets_immediate_exit_of_its_own_thread() {
@@ -199,7 +95,7 @@ mod tests {
             let flag = Box::new(std::sync::atomic::AtomicU8::new(0));
             // SAFETY: the flag outlives the binding (unbound below).
             unsafe { bind_current_thread(flag.as_ptr()) };
-            let mut timer = HostTimer::for_current_thread().unwrap();
+            let mut timer = PosixTimer::for_current_thread(sig_timer()).unwrap();
             timer.program(Some(monotonic_ns() + 1_000_000)).unwrap();
             // Wait for the signal; each sleep is cut short by it (EINTR) or ends.
             let start = monotonic_ns();

@@ -5,34 +5,36 @@
 //! irqchip: interrupt delivery is the VMM's own (a per-vCPU virtual interrupt
 //! controller and timer from `metronome-devices`, injected with
 //! `KVM_INTERRUPT`), and vCPU threads are kicked out of `KVM_RUN` with
-//! `immediate_exit` plus a signal.
+//! `immediate_exit` plus a signal. Host-side sampling runs kperf's kptimer
+//! (the `kperf` crate) on the vCPU threads themselves.
 //!
 //! - [`config`]: typed configuration, validated at the edge.
-//! - [`vm`]: builds a VM from a config and runs it to a [`summary::Summary`].
-//! - [`vcpu`]: the vCPU thread loop.
+//! - [`boot`]: the kernel image and the long-mode environment it starts in.
+//! - [`vm`]: builds a VM, runs it to a [`Summary`], drives it while it runs.
+//! - [`vcpu`]: the vCPU thread: exits, interrupt injection, parking.
 //! - [`bus`] and [`devices`]: one bus per address space and the device adapters.
-//! - [`kick`]: kicks, the vCPU's own host timer, and the signals behind both.
+//! - [`host_time`] and [`kick`]: the device clock, per-thread POSIX timers,
+//!   and the signals that make a vCPU leave `KVM_RUN`.
+//! - [`sampling`]: kptimer expiries, samples, the trace; [`profile`]: what
+//!   samples become (symbolized folded stacks, flame graph, pprof).
+//! - [`summary`]: the run summary and the clockintr dump.
+//! - [`guestmem`]: the guest ABI's plain-data structures in guest memory.
 
 #![deny(missing_docs)]
 
-pub mod arch;
+pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
-pub mod dump;
-pub mod guest_state;
 pub mod guestmem;
+pub mod host_time;
 pub mod kick;
-pub mod loader;
 pub mod profile;
-pub mod profiling;
-pub mod sampler;
 pub mod sampling;
-pub mod shared;
 pub mod summary;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConsoleSink, KernelSource, VmConfig};
+pub use config::{ConsoleSink, KernelSource, SamplingConfig, VmConfig};
 pub use summary::Summary;
 pub use vm::{BuildVmError, ControlError, ResumeMode, RunningVm, Vm, VmController};

@@ -98,7 +98,7 @@ struct RunArgs {
     sample_period_us: Option<u64>,
     /// What each sample takes: comma-separated kperf sampler names
     /// (th_info, ustack, kstack, sys_mem, ...) or a number.
-    #[arg(long, value_name = "LIST", default_value = "th_info,ustack,kstack", value_parser = vmm::sampling::parse_samplers)]
+    #[arg(long, value_name = "LIST", default_value = "th_info,ustack,kstack", value_parser = kperf::sampler::parse_list)]
     samplers: u32,
     /// Write profile.folded, profile.svg and profile.pb.gz here (with --sample-period-us).
     #[arg(long, value_name = "DIR", requires = "sample_period_us")]
@@ -197,15 +197,13 @@ impl RunArgs {
             },
             stat_seed: self.stat_seed,
             profile_middle_third: self.profile_middle_third,
-            sampling: self
-                .sample_period_us
-                .map(|us| vmm::sampling::SamplingConfig {
-                    period_ns: us.saturating_mul(1_000),
-                    samplers: self.samplers,
-                    profile_dir: self.profile_dir.clone(),
-                    trace_file: self.trace.clone(),
-                    filter_tid: self.sample_tid,
-                }),
+            sampling: self.sample_period_us.map(|us| vmm::SamplingConfig {
+                period_ns: us.saturating_mul(1_000),
+                samplers: self.samplers,
+                profile_dir: self.profile_dir.clone(),
+                trace_file: self.trace.clone(),
+                filter_tid: self.sample_tid,
+            }),
         }
     }
 }

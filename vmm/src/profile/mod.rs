@@ -36,6 +36,7 @@
 //! # }
 //! ```
 
+mod pprof;
 mod symbolize;
 mod write;
 

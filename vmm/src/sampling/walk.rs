@@ -1,4 +1,4 @@
-//! Reading a stopped guest from the host: virtual-to-physical translation
+//! Walking a stopped guest from the host: virtual-to-physical translation
 //! through the guest's own 4-level page tables (4 KiB, 2 MiB and 1 GiB pages),
 //! and call stacks by frame-pointer walk, reading guest memory directly through
 //! the host mapping (no `KVM_TRANSLATE`, no per-sample ioctls).
@@ -28,8 +28,9 @@ pub enum WalkError {
     NotAscending(u64),
 }
 
-/// Translates guest virtual `va` with the page tables rooted at `cr3`.
-pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<u64, WalkError> {
+/// Translates guest virtual `va` to a guest physical address with the page
+/// tables rooted at `cr3`.
+pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<GuestAddress, WalkError> {
     let sign = (va as i64) >> 47;
     if sign != 0 && sign != -1 {
         return Err(WalkError::NonCanonical(va));
@@ -47,7 +48,9 @@ pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<u64, WalkEr
         let leaf = shift == 12 || (level > 0 && entry & HUGE != 0);
         if leaf {
             let page = 1u64 << shift;
-            return Ok((entry & ADDR_MASK & !(page - 1)) | (va & (page - 1)));
+            return Ok(GuestAddress(
+                (entry & ADDR_MASK & !(page - 1)) | (va & (page - 1)),
+            ));
         }
         table = entry & ADDR_MASK;
     }
@@ -60,8 +63,7 @@ pub fn read_u64(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<u64, WalkErr
         return Err(WalkError::Misaligned(va));
     }
     let pa = translate(mem, cr3, va)?;
-    mem.read_obj(GuestAddress(pa))
-        .map_err(|_| WalkError::OutsideRam(pa))
+    mem.read_obj(pa).map_err(|_| WalkError::OutsideRam(pa.0))
 }
 
 /// A call stack, leaf first: `frames[0]` is the sampled RIP, then return addresses.
@@ -138,9 +140,12 @@ mod tests {
     #[test]
     fn test_translate_4k_2m_1g_pages() {
         let mem = memory();
-        assert_eq!(translate(&mem, CR3, 0x1234), Ok(0x5234));
-        assert_eq!(translate(&mem, CR3, 0x21_2345), Ok(0x21_2345));
-        assert_eq!(translate(&mem, CR3, 0x40_0012_3456), Ok(0x12_3456));
+        assert_eq!(translate(&mem, CR3, 0x1234), Ok(GuestAddress(0x5234)));
+        assert_eq!(translate(&mem, CR3, 0x21_2345), Ok(GuestAddress(0x21_2345)));
+        assert_eq!(
+            translate(&mem, CR3, 0x40_0012_3456),
+            Ok(GuestAddress(0x12_3456))
+        );
         assert_eq!(
             translate(&mem, CR3, 0x3000),
             Err(WalkError::NotMapped(0x3000))

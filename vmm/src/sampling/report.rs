@@ -1,10 +1,10 @@
 //! The end of a sampled run: per-vCPU sampling figures, the symbolized profile
 //! files and the trace.
 
-use std::io::Write;
+use std::path::Path;
 
+use super::{trace, RawSample, SamplingShared};
 use crate::profile::{Profile, Sample, Symbolizer};
-use crate::sampling::{SamplingShared, TraceRecord};
 use crate::summary::{FunctionShare, Percentiles, SamplingSummary, VcpuSamplingSummary};
 use crate::vcpu::VcpuRunStats;
 
@@ -12,7 +12,7 @@ use crate::vcpu::VcpuRunStats;
 /// Failures to write are reported in `errors`; they do not change the outcome.
 pub fn finish(
     sampling: &SamplingShared,
-    stats: &mut [VcpuRunStats],
+    stats: &[VcpuRunStats],
     kernel_image: &[u8],
     uptime_ns: u64,
     errors: &mut Vec<String>,
@@ -21,39 +21,34 @@ pub fn finish(
     let mut summary = SamplingSummary {
         period_ns: sampling.engine().timer_period(0).unwrap_or(0),
         samplers: sampling.config.samplers,
-        trace_dropped: sampling
-            .trace_dropped
-            .load(std::sync::atomic::Ordering::Relaxed),
+        trace_dropped: sampling.trace().map_or(0, |t| t.dropped()),
         ..Default::default()
     };
     let secs = (uptime_ns as f64 / 1e9).max(1e-9);
-    for s in stats.iter() {
+    for s in stats {
         let v = &s.sampling;
+        let dropped = sampling.samples.dropped(s.id);
         cost.merge(&v.cost);
         summary.samples += v.samples;
         summary.timer_fires += v.leader_fires;
-        summary.dropped += v.dropped;
+        summary.dropped += dropped;
         summary.walk_errors += v.walk_errors;
         summary.vcpus.push(VcpuSamplingSummary {
             id: s.id,
             timer_fires: v.timer_fires,
             leader_fires: v.leader_fires,
             samples: v.samples,
-            dropped: v.dropped,
+            dropped,
             walk_errors: v.walk_errors,
             not_running: v.not_running,
             achieved_hz: v.samples as f64 / secs,
         });
     }
-    summary.cost_per_sample_ns = Percentiles {
-        p50: cost.percentile(50.0),
-        p99: cost.percentile(99.0),
-        max: cost.max(),
-        count: cost.count(),
-    };
-    summary.user_functions = user_functions(stats, kernel_image);
+    summary.cost_per_sample_ns = Percentiles::of(&cost);
+    let samples = sampling.samples.drain();
+    summary.user_functions = user_functions(&samples, kernel_image);
     if let Some(dir) = &sampling.config.profile_dir {
-        match write_profile(stats, kernel_image, sampling.config.period_ns, dir) {
+        match write_profile(samples, kernel_image, sampling.config.period_ns, dir) {
             Ok(files) => summary.files.extend(files),
             Err(e) => errors.push(format!(
                 "cannot write the profile to '{}': {e}",
@@ -61,8 +56,8 @@ pub fn finish(
             )),
         }
     }
-    if let Some(path) = &sampling.config.trace_file {
-        match write_trace(&sampling.take_trace(), path) {
+    if let (Some(path), Some(buffer)) = (&sampling.config.trace_file, sampling.trace()) {
+        match write_trace(&buffer.take(), path) {
             Ok(()) => summary.files.push(path.display().to_string()),
             Err(e) => errors.push(format!(
                 "cannot write the trace to '{}': {e}",
@@ -74,13 +69,13 @@ pub fn finish(
 }
 
 /// The CPL3 instruction-pointer histogram by function.
-fn user_functions(stats: &[VcpuRunStats], kernel_image: &[u8]) -> Vec<FunctionShare> {
+fn user_functions(samples: &[RawSample], kernel_image: &[u8]) -> Vec<FunctionShare> {
     let Ok(symbolizer) = Symbolizer::new(kernel_image) else {
         return Vec::new();
     };
     let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut total = 0u64;
-    for raw in stats.iter().flat_map(|s| &s.sampling.raw) {
+    for raw in samples {
         if raw.cpl != 3 {
             continue;
         }
@@ -106,28 +101,26 @@ fn user_functions(stats: &[VcpuRunStats], kernel_image: &[u8]) -> Vec<FunctionSh
 }
 
 fn write_profile(
-    stats: &mut [VcpuRunStats],
+    samples: Vec<RawSample>,
     kernel_image: &[u8],
     period_ns: u64,
-    dir: &std::path::Path,
+    dir: &Path,
 ) -> Result<Vec<String>, crate::profile::ProfileError> {
     let mut profile = Profile::new(Symbolizer::new(kernel_image)?);
     profile.set_period_ns(period_ns);
-    for s in stats.iter_mut() {
-        for raw in std::mem::take(&mut s.sampling.raw) {
-            profile.add(&Sample {
-                vcpu: raw.vcpu,
-                tid: raw.tid,
-                thread_name: if raw.tid == 0 {
-                    "idle".to_string()
-                } else {
-                    raw.thread_name
-                },
-                user_stack: raw.user_stack.frames,
-                kernel_stack: raw.kernel_stack.frames,
-                weight: 1,
-            });
-        }
+    for raw in samples {
+        profile.add(&Sample {
+            vcpu: raw.vcpu,
+            tid: raw.tid,
+            thread_name: if raw.tid == 0 {
+                "idle".to_string()
+            } else {
+                raw.thread_name
+            },
+            user_stack: raw.user_stack.frames,
+            kernel_stack: raw.kernel_stack.frames,
+            weight: 1,
+        });
     }
     profile.write_all(dir)?;
     Ok([
@@ -140,24 +133,7 @@ fn write_profile(
     .collect())
 }
 
-/// Writes the trace as JSON lines, in recording order (which is the order of
-/// TR-P-5: a fire's `PERF_TM_FIRE` precedes every handler answering it).
-fn write_trace(trace: &[TraceRecord], path: &std::path::Path) -> std::io::Result<()> {
-    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
-    for r in trace {
-        writeln!(
-            out,
-            "{{\"t\":{},\"id\":{},\"vcpu\":{},\"tid\":{},\"args\":[{},{},{},{}],\"deadline\":{}}}",
-            r.time_ns,
-            r.id,
-            r.vcpu,
-            r.tid,
-            r.args[0],
-            r.args[1],
-            r.args[2],
-            r.args[3],
-            r.deadline_ns
-        )?;
-    }
-    out.flush()
+/// Writes the trace as JSON lines, in recording order.
+fn write_trace(records: &[super::TraceRecord], path: &Path) -> std::io::Result<()> {
+    trace::write_json_lines(records, std::fs::File::create(path)?)
 }

@@ -5,10 +5,10 @@
 
 use std::fmt::Write;
 
-use metronome_abi::{event_kind, layout, VcpuShared};
+use metronome_abi::event_kind;
 
-use crate::guestmem::read_plain;
-use crate::shared::VmShared;
+use super::read_vcpu_page;
+use crate::vm::VmShared;
 
 fn kind_name(kind: u64) -> &'static str {
     match kind & 0xff {
@@ -24,7 +24,7 @@ fn secs(ns: u64) -> String {
 }
 
 /// The dump, one block per vCPU.
-pub fn clockintr(shared: &VmShared) -> String {
+pub fn clockintr_dump(shared: &VmShared) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -33,8 +33,7 @@ pub fn clockintr(shared: &VmShared) -> String {
     );
     let uptime = secs(shared.now());
     for id in 0..shared.vcpus.len() as u32 {
-        let addr = layout::percpu_region(id) + layout::PERCPU_SHARED;
-        let Some(page) = read_plain::<VcpuShared>(&shared.mem, addr) else {
+        let Some(page) = read_vcpu_page(shared, id) else {
             continue;
         };
         if page.cpu_inits == 0 {

@@ -12,12 +12,15 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
-use metronome_abi::FaultReport;
-use metronome_devices::{LatencyHistogram, Raise, VirtualInterruptController, VirtualTimer};
+use metronome_abi::Vector;
+use metronome_devices::{Expiry, Raise, VirtualInterruptController, VirtualTimer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::VmExit;
+use crate::host_time::DeviceClock;
 use crate::kick;
+use crate::sampling::SamplingShared;
 
 /// Interrupts injected into one vCPU, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,10 +58,6 @@ pub struct IrqState {
     pub vic: VirtualInterruptController,
     /// The per-vCPU timer device.
     pub timer: VirtualTimer,
-    /// Deadline of a timer expiry raised in the controller but not yet injected.
-    pub fired_deadline: Option<u64>,
-    /// Host-side lateness of every timer delivery: deadline to injection, ns.
-    pub host_lateness: LatencyHistogram,
     /// Injections by kind.
     pub injected: Injected,
     /// The stress generator's counts.
@@ -67,6 +66,16 @@ pub struct IrqState {
     pub parked: bool,
     /// The vCPU thread has left its loop: it must not be signalled any more.
     pub exited: bool,
+}
+
+impl IrqState {
+    /// Polls the timer device at `now`; an expiry raises the timer vector (an
+    /// expiry while one is still waiting merges into it, VT-5).
+    pub fn poll_timer(&mut self, now: u64) {
+        if let Expiry::Fired { .. } = self.timer.poll(now) {
+            self.vic.raise(Vector::Timer as u8);
+        }
+    }
 }
 
 /// Per-vCPU shared handle.
@@ -94,98 +103,6 @@ impl VcpuSlot {
     }
 }
 
-/// Why the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest wrote its exit status to the debug-exit port.
-    Guest {
-        /// The status.
-        code: u32,
-    },
-    /// The guest took an exception it could not handle.
-    Fault(FaultReport),
-    /// The guest kernel panicked.
-    Panic {
-        /// The vCPU that panicked.
-        vcpu: u32,
-        /// The guest's message.
-        message: String,
-    },
-    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN).
-    TripleFault {
-        /// The vCPU.
-        vcpu: u32,
-        /// Its RIP at the last exit.
-        rip: u64,
-    },
-    /// KVM could not run or emulate guest code.
-    Emulation {
-        /// The vCPU.
-        vcpu: u32,
-        /// What KVM reported.
-        detail: String,
-    },
-    /// The host-side `--timeout` passed.
-    Timeout {
-        /// The limit.
-        limit_ms: u64,
-    },
-    /// SIGINT or SIGTERM.
-    Signal(i32),
-    /// Stopped through the VMM's own API.
-    Stopped,
-    /// A host-side failure.
-    Host(String),
-}
-
-impl std::fmt::Display for VmExit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Guest { code } => write!(f, "guest exited with status {code}"),
-            Self::Fault(r) => {
-                write!(
-                    f,
-                    "guest fault on vCPU {}: {} (vector {}), error code {:#x}, RIP {:#x} at CPL{}",
-                    r.vcpu,
-                    metronome_abi::exception::name(r.vector),
-                    r.vector,
-                    r.error_code,
-                    r.rip,
-                    r.cs & 3
-                )?;
-                if r.vector == u64::from(metronome_abi::exception::PAGE_FAULT) {
-                    write!(f, ", CR2 {:#x}", r.cr2)?;
-                }
-                if r.tid != 0 {
-                    write!(f, ", thread {}", r.tid)?;
-                }
-                Ok(())
-            }
-            Self::Panic { vcpu, message } => {
-                write!(f, "guest kernel panic on vCPU {vcpu}: {message}")
-            }
-            Self::TripleFault { vcpu, rip } => {
-                write!(
-                    f,
-                    "vCPU {vcpu} triple-faulted (KVM shutdown exit) at RIP {rip:#x}"
-                )
-            }
-            Self::Emulation { vcpu, detail } => {
-                write!(f, "KVM could not run vCPU {vcpu}: {detail}")
-            }
-            Self::Timeout { limit_ms } => write!(
-                f,
-                "timeout: the guest did not exit within {}.{:03} s (--timeout); the VM was stopped",
-                limit_ms / 1000,
-                limit_ms % 1000
-            ),
-            Self::Signal(signal) => write!(f, "stopped by signal {signal}"),
-            Self::Stopped => f.write_str("stopped by the host"),
-            Self::Host(message) => write!(f, "host error: {message}"),
-        }
-    }
-}
-
 /// The pause protocol: the controller sets `paused`; every vCPU thread parks
 /// at its loop top and counts itself in `parked`.
 #[derive(Debug, Default)]
@@ -194,8 +111,6 @@ pub struct PauseState {
     pub paused: bool,
     /// vCPU threads parked because of the pause.
     pub parked: u32,
-    /// Resumes with re-initialisation so far (the timer device's TIMER_RESUMES).
-    pub reinit_resumes: u64,
     /// Device time when the current pause began.
     pub since_ns: u64,
 }
@@ -213,15 +128,15 @@ pub struct VmShared {
     pub mem: GuestMemoryMmap,
     /// One slot per vCPU.
     pub vcpus: Vec<VcpuSlot>,
-    /// CLOCK_MONOTONIC at VM creation: device time 0.
-    epoch_ns: u64,
+    /// The device clock: device time 0 is the VM's creation.
+    pub clock: DeviceClock,
     /// Set by the main thread to make every vCPU thread return.
     stop: AtomicBool,
     exit: Mutex<Option<VmExit>>,
     /// Written when an exit is requested.
     pub exit_evt: EventFd,
     /// Host-side sampling, when configured.
-    pub sampling: Option<crate::sampling::SamplingShared>,
+    pub sampling: Option<SamplingShared>,
 }
 
 impl VmShared {
@@ -229,7 +144,7 @@ impl VmShared {
     pub fn new(
         mem: GuestMemoryMmap,
         vcpus: u32,
-        sampling: Option<crate::sampling::SamplingShared>,
+        sampling: Option<SamplingShared>,
     ) -> std::io::Result<Self> {
         Ok(Self {
             pause: Mutex::new(PauseState::default()),
@@ -237,7 +152,7 @@ impl VmShared {
             paused_flag: AtomicBool::new(false),
             mem,
             vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
-            epoch_ns: kick::monotonic_ns(),
+            clock: DeviceClock::start(),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -247,12 +162,7 @@ impl VmShared {
 
     /// Device time: ns since the VM was created. The guest's uptime clock.
     pub fn now(&self) -> u64 {
-        kick::monotonic_ns().saturating_sub(self.epoch_ns)
-    }
-
-    /// Converts a device-time deadline to absolute CLOCK_MONOTONIC.
-    pub fn to_monotonic(&self, device_ns: u64) -> u64 {
-        self.epoch_ns.saturating_add(device_ns)
+        self.clock.now()
     }
 
     /// Records why the VM ends (the first reason wins) and wakes the main thread.
@@ -281,9 +191,53 @@ impl VmShared {
     pub fn stop_all(&self) {
         self.stop.store(true, Ordering::Release);
         self.pause_cv.notify_all();
+        self.wake_all();
+    }
+
+    /// Wakes or kicks every vCPU.
+    pub fn wake_all(&self) {
         for id in 0..self.vcpus.len() as u32 {
             self.wake(id);
         }
+    }
+
+    /// With the pause flag set: kicks every vCPU until each is parked at a
+    /// pause point or its thread has exited, the VM stops, or `give_up()`.
+    /// A vCPU that keeps interrupts disabled parks after at most 50 ms.
+    pub fn wait_parked(&self, give_up: impl Fn() -> bool) {
+        self.wake_all();
+        let mut state = self.pause_state();
+        loop {
+            let exited = self.vcpus.iter().filter(|slot| slot.lock().exited).count();
+            if !state.paused
+                || state.parked as usize + exited >= self.vcpus.len()
+                || self.stopping()
+                || give_up()
+            {
+                return;
+            }
+            state = self
+                .pause_cv
+                .wait_timeout(state, std::time::Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            // Kick again: a vCPU may have re-entered the guest before seeing the flag.
+            self.wake_all();
+        }
+    }
+
+    /// Parks every vCPU at a point where its guest is interruptible, for at
+    /// most `limit`, before the VM is stopped: no vCPU is then stopped in the
+    /// middle of a clock interrupt, so the guest's clockintr statistics and
+    /// its interrupt counts agree (TR-C-2).
+    pub fn quiesce(&self, limit: std::time::Duration) {
+        let start = std::time::Instant::now();
+        let mut state = self.pause_state();
+        if !state.paused {
+            self.set_paused(&mut state, true);
+        }
+        drop(state);
+        self.wait_parked(|| start.elapsed() > limit);
     }
 
     /// Whether a pause is in force (read at every vCPU loop top).

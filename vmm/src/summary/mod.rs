@@ -4,9 +4,16 @@
 //! Field names are part of the interface; later features add fields, never
 //! rename them.
 
+mod clockintr_dump;
+mod collect;
+
 use std::collections::BTreeMap;
 
+use metronome_devices::LatencyHistogram;
 use serde::Serialize;
+
+pub use clockintr_dump::clockintr_dump;
+pub use collect::{clockintr_stats, collect, read_vcpu_page, workload_name};
 
 /// Percentiles of a latency histogram, in ns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -19,6 +26,18 @@ pub struct Percentiles {
     pub max: u64,
     /// Number of values.
     pub count: u64,
+}
+
+impl Percentiles {
+    /// The p50, p99, max and count of `histogram`.
+    pub fn of(histogram: &LatencyHistogram) -> Self {
+        Self {
+            p50: histogram.percentile(50.0),
+            p99: histogram.percentile(99.0),
+            max: histogram.max(),
+            count: histogram.count(),
+        }
+    }
 }
 
 /// The timer device's view of one vCPU.
@@ -38,10 +57,13 @@ pub struct TimerSummary {
     pub coalesced: u64,
     /// Rearms beyond the device maximum, clamped.
     pub clamped: u64,
-    /// Injections before the deadline (must be 0).
+    /// Injections before the deadline: 0 unless the host clock went backwards
+    /// (the VMM injects only after a poll saw the deadline pass).
     pub early_injections: u64,
     /// Guest accesses to the timer registers that were refused (bad offset or width).
     pub bad_accesses: u64,
+    /// Resumes with re-initialisation (the `TIMER_RESUMES` register).
+    pub resumes: u64,
     /// Deadline-to-injection lateness on the host.
     pub host_lateness_ns: Percentiles,
 }
@@ -72,6 +94,8 @@ pub struct GuestVcpuSummary {
     pub syscalls: u64,
     /// Ping-pong messages handled.
     pub pingpong: u64,
+    /// The `TIMER_RESUMES` value the guest read in its last TimerResume handler.
+    pub timer_resumes_seen: u64,
 }
 
 /// clockintr statistics (`struct clockintr_stat`).
@@ -311,7 +335,9 @@ pub struct GuestErrors {
 pub struct VcpuSamplingSummary {
     /// vCPU id.
     pub id: u32,
-    /// Expiries of its kperf deadline that fired a timer.
+    /// Timer fires this vCPU answered: one per kptimer per expiry that
+    /// found it due (the same unit as the run's `timer_fires`, which counts
+    /// each fire once).
     pub timer_fires: u64,
     /// Fires it led (`PERF_TM_FIRE`).
     pub leader_fires: u64,
@@ -336,7 +362,8 @@ pub struct SamplingSummary {
     pub samplers: u32,
     /// Samples, all vCPUs.
     pub samples: u64,
-    /// `PERF_TM_FIRE` events, all vCPUs.
+    /// Timer fires, each counted once (the `PERF_TM_FIRE` events its leader
+    /// recorded).
     pub timer_fires: u64,
     /// Samples not kept, all vCPUs.
     pub dropped: u64,

@@ -1,0 +1,205 @@
+//! The vCPU side of sampling: each vCPU thread owns a [`VcpuSampler`] that
+//! arms the vCPU's kperf host deadline on its own POSIX timer and, when the
+//! deadline passes, runs the expiry and takes the vCPU's own sample with the
+//! guest stopped. No other thread touches a running vCPU.
+//!
+//! One expiry, hop by hop:
+//! 1. the POSIX timer signals the vCPU thread; `KVM_RUN` returns `EINTR`;
+//! 2. [`VcpuSampler::at_loop_top`] sees the deadline passed and locks the
+//!    engine: [`kperf::Kperf::expire`] elects the fire's leader, which records
+//!    `PERF_TM_FIRE`; every [`kperf::SampleRequest`] records `PERF_TM_HNDLR`
+//!    start there, so no later `PERF_TM_FIRE` can precede it (TR-P-5); the next
+//!    deadline is stored under the same lock;
+//! 3. outside the lock, each request is captured ([`super::capture`]) with the
+//!    action settings it carries, and the sample leaves the thread through
+//!    [`super::SampleBuffer`]; `PERF_TM_HNDLR` end closes it;
+//! 4. the POSIX timer is re-armed for the next deadline, and the guest resumes.
+//!
+//! Halted vCPUs are idle for kperf (KT-I-1): [`VcpuSampler::before_halt`]
+//! cancels the deadline while the thread is parked, [`VcpuSampler::after_halt`]
+//! re-derives it by dead reckoning.
+
+use std::io;
+
+use kperf::{trace, CpuExpiry, SampleRequest};
+use kvm_ioctls::VcpuFd;
+use metronome_devices::LatencyHistogram;
+use vm_memory::GuestMemoryMmap;
+
+use super::capture::{capture, Capture};
+use super::state::SamplingShared;
+use super::trace::TraceRecord;
+use crate::host_time::{monotonic_ns, DeviceClock, PosixTimer};
+use crate::kick;
+
+/// Per-vCPU sampling counters (owned by the vCPU thread, read at the end).
+#[derive(Clone, Debug, Default)]
+pub struct VcpuSampling {
+    /// Timer fires this vCPU answered (one per kptimer per expiry that found
+    /// it due).
+    pub timer_fires: u64,
+    /// Of those, the fires this vCPU led (`PERF_TM_FIRE`).
+    pub leader_fires: u64,
+    /// Samples taken (the filter matched).
+    pub samples: u64,
+    /// Stack walks that ended on a bad pointer.
+    pub walk_errors: u64,
+    /// Expiries while sampling was off (a deadline that outlived a stop).
+    pub not_running: u64,
+    /// Host cost of each sample: from noticing the deadline to the sample kept, ns.
+    pub cost: LatencyHistogram,
+}
+
+/// The sampling side of one vCPU thread.
+#[derive(Debug)]
+pub struct VcpuSampler {
+    id: u32,
+    timer: PosixTimer,
+    clock: DeviceClock,
+    stats: VcpuSampling,
+}
+
+impl VcpuSampler {
+    /// The sampler of vCPU `id`, on the calling thread (its POSIX timer
+    /// signals this thread).
+    pub fn for_current_thread(id: u32, clock: DeviceClock) -> io::Result<Self> {
+        Ok(Self {
+            id,
+            timer: PosixTimer::for_current_thread(kick::sig_timer())?,
+            clock,
+            stats: VcpuSampling::default(),
+        })
+    }
+
+    /// At the vCPU loop top, with the guest stopped (and a pending stop
+    /// acknowledged): runs the expiry if the deadline passed, and arms the
+    /// POSIX timer for the next deadline.
+    pub fn at_loop_top(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        fd: &VcpuFd,
+    ) -> io::Result<()> {
+        let now = self.clock.now();
+        if sampling.deadline(self.id).is_some_and(|d| d <= now) {
+            self.expire(sampling, mem, fd, now);
+        }
+        self.arm(sampling)
+    }
+
+    /// The vCPU halts: it is idle for kperf (KT-I-1), no sampling kicks until
+    /// it wakes.
+    pub fn before_halt(&mut self, sampling: &SamplingShared) -> io::Result<()> {
+        let mut engine = sampling.engine();
+        engine.cpu_idle(self.id as usize);
+        sampling.set_deadline(self.id, None);
+        drop(engine);
+        self.arm(sampling)
+    }
+
+    /// The vCPU woke from a halt: its deadline by dead reckoning (stored under
+    /// the engine lock, so that a concurrent stop's cancel wins).
+    pub fn after_halt(&mut self, sampling: &SamplingShared) {
+        let mut engine = sampling.engine();
+        let deadline = engine.cpu_wake(self.id as usize, self.clock.now());
+        sampling.set_deadline(self.id, deadline);
+    }
+
+    /// The counters, when the vCPU thread ends.
+    pub fn into_stats(self) -> VcpuSampling {
+        self.stats
+    }
+
+    fn arm(&mut self, sampling: &SamplingShared) -> io::Result<()> {
+        let at = sampling
+            .deadline(self.id)
+            .map(|d| self.clock.to_monotonic(d));
+        self.timer.program(at)
+    }
+
+    /// The kperf deadline passed: the expiry under the engine lock, then this
+    /// vCPU's own samples (hops 2 and 3 of the module docs).
+    fn expire(&mut self, sampling: &SamplingShared, mem: &GuestMemoryMmap, fd: &VcpuFd, now: u64) {
+        let started = monotonic_ns();
+        let requests = self.elect(sampling, now);
+        for request in requests {
+            let regs = fd.sync_regs();
+            match capture(
+                mem,
+                self.id,
+                now,
+                (&regs.regs, &regs.sregs),
+                &request.settings,
+            ) {
+                Capture::FilteredOut => {}
+                Capture::NoThreadSamplers => self.count_sample(sampling),
+                Capture::Sample(raw) => {
+                    self.count_sample(sampling);
+                    self.stats.walk_errors += u64::from(raw.walk_error());
+                    sampling.samples.push(raw);
+                }
+            }
+            sampling.record(self.handler_record(&request, trace::DBG_FUNC_END));
+            self.stats
+                .cost
+                .record(monotonic_ns().saturating_sub(started));
+        }
+    }
+
+    /// Runs [`kperf::Kperf::expire`] under the engine lock; returns the
+    /// samples this vCPU must take.
+    fn elect(&mut self, sampling: &SamplingShared, now: u64) -> Vec<SampleRequest> {
+        let mut engine = sampling.engine();
+        match engine.expire(self.id as usize, now) {
+            CpuExpiry::Handled {
+                fires,
+                next_deadline,
+            } => {
+                sampling.set_deadline(self.id, next_deadline);
+                self.stats.timer_fires += fires.len() as u64;
+                let mut requests = Vec::with_capacity(fires.len());
+                for fire in &fires {
+                    if fire.leader {
+                        self.stats.leader_fires += 1;
+                        sampling.record(TraceRecord {
+                            time_ns: self.clock.now(),
+                            id: trace::TM_FIRE,
+                            vcpu: self.id,
+                            tid: 0,
+                            args: fire.tm_fire_args(),
+                            deadline_ns: fire.deadline,
+                        });
+                    }
+                    if let Some(request) = fire.sample {
+                        // Inside the critical section: TR-P-5.
+                        sampling.record(self.handler_record(&request, trace::DBG_FUNC_START));
+                        requests.push(request);
+                    }
+                }
+                requests
+            }
+            CpuExpiry::NotRunning | CpuExpiry::NoSuchCpu => {
+                self.stats.not_running += 1;
+                sampling.set_deadline(self.id, None);
+                Vec::new()
+            }
+        }
+    }
+
+    fn count_sample(&mut self, sampling: &SamplingShared) {
+        self.stats.samples += 1;
+        sampling.count_sample();
+    }
+
+    /// A `PERF_TM_HNDLR` record (start or end qualifier) for `request`.
+    fn handler_record(&self, request: &SampleRequest, qualifier: u32) -> TraceRecord {
+        TraceRecord {
+            time_ns: self.clock.now(),
+            id: trace::TM_HNDLR | qualifier,
+            vcpu: self.id,
+            tid: 0,
+            args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
+            deadline_ns: 0,
+        }
+    }
+}

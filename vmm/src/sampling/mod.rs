@@ -1,0 +1,25 @@
+//! Host-side sampling: XNU's kptimer on the host, with kicks that sample.
+//!
+//! - [`state`]: the engine behind one mutex, per-vCPU deadlines, the
+//!   synchronous stop through SHUTDOWN ([`SamplingShared`]).
+//! - [`expiry`]: the vCPU thread's side: its POSIX timer, the expiry, the
+//!   sample ([`VcpuSampler`]; the module docs walk one expiry hop by hop).
+//! - [`capture`]: one sample from sync regs and guest memory, filter first.
+//! - [`walk`]: guest page-table translation and frame-pointer stack walks.
+//! - [`buffer`]: samples leaving the vCPU threads ([`SampleBuffer`]).
+//! - [`trace`]: `PERF_TM_FIRE` / `PERF_TM_HNDLR` records and their JSON lines.
+//! - [`report`]: the end of a sampled run: figures, profile files, trace file.
+
+pub mod buffer;
+pub mod capture;
+pub mod expiry;
+pub mod report;
+pub mod state;
+pub mod trace;
+pub mod walk;
+
+pub use buffer::SampleBuffer;
+pub use capture::RawSample;
+pub use expiry::{VcpuSampler, VcpuSampling};
+pub use state::SamplingShared;
+pub use trace::TraceRecord;

@@ -1,0 +1,234 @@
+//! Sampling state shared by the vCPU threads and the controller: the kperf
+//! engine behind one mutex, each vCPU's kperf deadline, the synchronous stop
+//! protocol, and where samples and trace records go.
+//!
+//! The engine lock subsumes XNU's per-timer locks (see the `kperf` crate).
+//!
+//! Stop is synchronous (KT-SP-1, AMB-17) and goes through kperf's SHUTDOWN
+//! state (KT-F-1): [`SamplingShared::stop`] moves the engine ON → SHUTDOWN and
+//! cancels every deadline, waits until every vCPU thread has passed its loop
+//! top once more (an expiry racing the stop samples nothing in SHUTDOWN), then
+//! moves it SHUTDOWN → OFF. No sample is taken after it returns.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kperf::{Kperf, KperfError};
+
+use super::buffer::{SampleBuffer, SAMPLE_LIMIT};
+use super::trace::{TraceBuffer, TraceRecord};
+use crate::config::SamplingConfig;
+
+/// "No deadline".
+pub const NO_DEADLINE: u64 = u64::MAX;
+/// How long a synchronous stop waits for one vCPU before kicking it again.
+const ACK_RETRY: Duration = Duration::from_millis(10);
+
+/// Sampling state shared by the vCPU threads and the controller.
+#[derive(Debug)]
+pub struct SamplingShared {
+    kperf: Mutex<Kperf>,
+    /// Per vCPU: the kperf host deadline in device time ([`NO_DEADLINE`] = none).
+    deadlines: Vec<AtomicU64>,
+    /// Bumped by every stop; each vCPU acknowledges it at its loop top.
+    epoch: AtomicU64,
+    acked: Vec<AtomicU64>,
+    ack_lock: Mutex<()>,
+    ack_cv: Condvar,
+    /// The trace, when the configuration asks for one.
+    trace: Option<TraceBuffer>,
+    /// Samples on their way out of the vCPU threads.
+    pub samples: SampleBuffer,
+    samples_taken: AtomicU64,
+    /// The configuration.
+    pub config: SamplingConfig,
+}
+
+impl SamplingShared {
+    /// Configures the engine from `config` for `vcpus` vCPUs (not yet sampling).
+    pub fn new(config: &SamplingConfig, vcpus: u32) -> Result<Self, KperfError> {
+        let n = vcpus as usize;
+        Ok(Self {
+            kperf: Mutex::new(config.engine()?),
+            deadlines: (0..n).map(|_| AtomicU64::new(NO_DEADLINE)).collect(),
+            epoch: AtomicU64::new(0),
+            acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            ack_lock: Mutex::new(()),
+            ack_cv: Condvar::new(),
+            trace: config.trace_file.as_ref().map(|_| TraceBuffer::default()),
+            samples: SampleBuffer::new(n, SAMPLE_LIMIT),
+            samples_taken: AtomicU64::new(0),
+            config: config.clone(),
+        })
+    }
+
+    /// Locks the engine (a poisoned lock is taken over: the engine's state is
+    /// plain data, valid between calls).
+    pub fn engine(&self) -> MutexGuard<'_, Kperf> {
+        self.kperf.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// vCPU `id`'s kperf deadline in device time, if it has one.
+    pub fn deadline(&self, id: u32) -> Option<u64> {
+        let deadline = self.deadlines[id as usize].load(Ordering::Acquire);
+        (deadline != NO_DEADLINE).then_some(deadline)
+    }
+
+    /// Sets vCPU `id`'s kperf deadline. Callers hold the engine lock, so that
+    /// a concurrent stop's cancel wins.
+    pub fn set_deadline(&self, id: u32, deadline: Option<u64>) {
+        self.deadlines[id as usize].store(deadline.unwrap_or(NO_DEADLINE), Ordering::Release);
+    }
+
+    /// Appends a trace record (nothing when no trace was asked for).
+    pub fn record(&self, record: TraceRecord) {
+        if let Some(trace) = &self.trace {
+            trace.record(record);
+        }
+    }
+
+    /// The trace buffer, when the configuration asks for one.
+    pub fn trace(&self) -> Option<&TraceBuffer> {
+        self.trace.as_ref()
+    }
+
+    /// Counts one sample taken (kept or dropped).
+    pub fn count_sample(&self) {
+        self.samples_taken.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Samples taken so far, all vCPUs.
+    pub fn samples_taken(&self) -> u64 {
+        self.samples_taken.load(Ordering::Acquire)
+    }
+
+    /// Turns sampling on at device time `now` and sets every vCPU's first
+    /// deadline (the caller kicks every vCPU so that it notices).
+    pub fn start(&self, now: u64) -> Result<(), KperfError> {
+        let mut engine = self.engine();
+        let programs = engine.set_sampling(true, now, self.deadlines.len())?;
+        for (id, deadline) in programs.into_iter().enumerate() {
+            self.set_deadline(id as u32, deadline);
+        }
+        Ok(())
+    }
+
+    /// Stops sampling synchronously through SHUTDOWN (see the module docs):
+    /// `kick(id)` is called on every vCPU that has not yet acknowledged, every
+    /// 10 ms; `gone()` ends the wait early (the VM stopped).
+    /// Stopping while already off does nothing.
+    pub fn stop(&self, kick: impl Fn(u32), gone: impl Fn() -> bool) -> Result<(), KperfError> {
+        let epoch = {
+            let mut engine = self.engine();
+            if !engine.begin_shutdown()? {
+                return Ok(());
+            }
+            for id in 0..self.deadlines.len() as u32 {
+                self.set_deadline(id, None);
+            }
+            self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+        };
+        self.wait_for_acks(epoch, kick, gone);
+        self.engine().finish_shutdown();
+        Ok(())
+    }
+
+    /// Called by vCPU `id` at every loop top and whenever it wakes while parked.
+    pub fn acknowledge(&self, id: u32) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let slot = &self.acked[id as usize];
+        if slot.load(Ordering::Acquire) >= epoch {
+            return;
+        }
+        if slot.swap(epoch, Ordering::AcqRel) != epoch {
+            let _guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.ack_cv.notify_all();
+        }
+    }
+
+    /// vCPU `id`'s thread has exited: it will never sample again, so it
+    /// counts as having acknowledged every stop.
+    pub fn retire(&self, id: u32) {
+        self.acked[id as usize].store(u64::MAX, Ordering::Release);
+        let _guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.ack_cv.notify_all();
+    }
+
+    fn wait_for_acks(&self, epoch: u64, kick: impl Fn(u32), gone: impl Fn() -> bool) {
+        let mut guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let pending: Vec<u32> = (0..self.acked.len() as u32)
+                .filter(|&id| self.acked[id as usize].load(Ordering::Acquire) < epoch)
+                .collect();
+            if pending.is_empty() || gone() {
+                return;
+            }
+            drop(guard);
+            for id in pending {
+                kick(id);
+            }
+            guard = self.ack_lock.lock().unwrap_or_else(|p| p.into_inner());
+            guard = self
+                .ack_cv
+                .wait_timeout(guard, ACK_RETRY)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn config() -> SamplingConfig {
+        SamplingConfig {
+            period_ns: 1_000_000,
+            samplers: kperf::sampler::TH_INFO,
+            profile_dir: None,
+            trace_file: None,
+            filter_tid: -1,
+        }
+    }
+
+    #[test]
+    fn test_kt_f1_stop_waits_for_every_vcpu_in_shutdown_then_turns_off() {
+        let shared = Arc::new(SamplingShared::new(&config(), 2).unwrap());
+        shared.start(0).unwrap();
+        assert_eq!(
+            (shared.deadline(0), shared.deadline(1)),
+            (Some(1_000_000), Some(1_000_000))
+        );
+        let kicked = Arc::new(AtomicU64::new(0));
+        let (s2, k2) = (shared.clone(), kicked.clone());
+        // The "vCPUs" acknowledge only when kicked; while they have not, the
+        // engine is in SHUTDOWN and every deadline is gone.
+        shared
+            .stop(
+                move |id| {
+                    assert_eq!(s2.engine().sampling_state(), kperf::SamplingState::Shutdown);
+                    assert_eq!(s2.deadline(id), None);
+                    k2.fetch_add(1, Ordering::Relaxed);
+                    s2.acknowledge(id);
+                },
+                || false,
+            )
+            .unwrap();
+        assert!(kicked.load(Ordering::Relaxed) >= 2);
+        assert_eq!(shared.engine().sampling_state(), kperf::SamplingState::Off);
+        // Off: it can start again.
+        shared.start(20).unwrap();
+        assert!(shared.deadline(0).is_some());
+    }
+
+    #[test]
+    fn test_stop_does_not_wait_for_a_retired_vcpu() {
+        let shared = SamplingShared::new(&config(), 2).unwrap();
+        shared.start(0).unwrap();
+        shared.retire(1);
+        shared.stop(|id| shared.acknowledge(id), || false).unwrap();
+        assert_eq!(shared.engine().sampling_state(), kperf::SamplingState::Off);
+    }
+}

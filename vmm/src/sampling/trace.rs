@@ -1,0 +1,106 @@
+//! The kperf trace: kdebug-style records (`PERF_TM_FIRE`, `PERF_TM_HNDLR`)
+//! kept in memory while the VM runs and written as JSON lines at the end.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Trace records kept at most; later ones are counted as dropped.
+const TRACE_LIMIT: usize = 4_000_000;
+
+/// One kdebug-style trace record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceRecord {
+    /// Device time, ns.
+    pub time_ns: u64,
+    /// Event id ([`kperf::trace`]), with its `DBG_FUNC_*` qualifier.
+    pub id: u32,
+    /// The vCPU that recorded it.
+    pub vcpu: u32,
+    /// The guest thread current on that vCPU (0 = idle or unknown).
+    pub tid: u64,
+    /// Arguments.
+    pub args: [u64; 4],
+    /// For `PERF_TM_FIRE`: the deadline that fired (so readers can take the
+    /// host's delivery latency out of the spacing); 0 otherwise.
+    pub deadline_ns: u64,
+}
+
+/// The trace buffer: bounded, in recording order (which is the order of
+/// TR-P-5: a fire's `PERF_TM_FIRE` precedes every handler answering it).
+#[derive(Debug, Default)]
+pub struct TraceBuffer {
+    records: Mutex<Vec<TraceRecord>>,
+    dropped: AtomicU64,
+}
+
+impl TraceBuffer {
+    /// Appends a record, or counts it as dropped when the buffer is full.
+    pub fn record(&self, record: TraceRecord) {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() < TRACE_LIMIT {
+            records.push(record);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records not kept.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Takes every record kept so far.
+    pub fn take(&self) -> Vec<TraceRecord> {
+        std::mem::take(&mut *self.records.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Writes `trace` to `out` as JSON lines, one record a line:
+/// `{"t":..,"id":..,"vcpu":..,"tid":..,"args":[..4],"deadline":..}`.
+pub fn write_json_lines(trace: &[TraceRecord], out: impl Write) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(out);
+    for r in trace {
+        let [a, b, c, d] = r.args;
+        writeln!(
+            out,
+            "{{\"t\":{},\"id\":{},\"vcpu\":{},\"tid\":{},\"args\":[{a},{b},{c},{d}],\"deadline\":{}}}",
+            r.time_ns, r.id, r.vcpu, r.tid, r.deadline_ns
+        )?;
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_trace_lines_are_json_in_recording_order() {
+        let buffer = TraceBuffer::default();
+        for t in [5, 3] {
+            buffer.record(TraceRecord {
+                time_ns: t,
+                id: kperf::trace::TM_FIRE,
+                vcpu: 1,
+                args: [1, 2, 3, 4],
+                deadline_ns: 2,
+                ..Default::default()
+            });
+        }
+        let mut out = Vec::new();
+        write_json_lines(&buffer.take(), &mut out).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["t"], 5);
+        assert_eq!(lines[1]["t"], 3);
+        assert_eq!(lines[0]["args"][3], 4);
+        assert_eq!(lines[0]["id"], kperf::trace::TM_FIRE);
+        assert!(buffer.take().is_empty());
+        assert_eq!(buffer.dropped(), 0);
+    }
+}

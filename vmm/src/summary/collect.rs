@@ -1,0 +1,309 @@
+//! Turning a finished VM into its [`Summary`]: the VMM's own counters, the
+//! device models' counters, and what the guest kernel published in its shared
+//! pages (read consistently, TR-C-2).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use metronome_abi::{hist, layout, GuestReport, ThreadInfo, VcpuShared, Workload};
+use vm_memory::{Address, GuestAddress};
+
+use super::{
+    ClockConfigSummary, ClockintrSummary, CpTime, GuestErrors, GuestVcpuSummary, IntervalSummary,
+    Percentiles, StressSummary, Summary, ThreadSummary, TimerSummary, VcpuSummary,
+};
+use crate::guestmem::read_plain;
+use crate::vcpu::VcpuRunStats;
+use crate::vm::{Vm, VmExit, VmShared};
+
+/// How often a reader retries a shared page the guest is writing.
+const CONSISTENT_READ_TRIES: u32 = 1000;
+
+/// Reads vCPU `id`'s shared page consistently (TR-C-2): retries while the
+/// guest's clockintr generation is 0 (it is writing) or changes during the
+/// read. A vCPU stopped in the middle of a write (the VM quiesces vCPUs at
+/// interruptible points, but one spinning with interrupts off is stopped
+/// anyway) leaves the last copy read. `None` if the page is not guest memory.
+pub fn read_vcpu_page(shared: &VmShared, id: u32) -> Option<VcpuShared> {
+    let addr = GuestAddress(layout::percpu_region(id) + layout::PERCPU_SHARED);
+    let mut page: VcpuShared = read_plain(&shared.mem, addr)?;
+    for _ in 0..CONSISTENT_READ_TRIES {
+        std::sync::atomic::fence(Ordering::Acquire);
+        let again: VcpuShared = read_plain(&shared.mem, addr)?;
+        if page.clockintr_gen != 0 && again.clockintr_gen == page.clockintr_gen {
+            return Some(page);
+        }
+        page = again;
+        std::thread::yield_now();
+    }
+    Some(page)
+}
+
+/// Every vCPU's clockintr statistics, each read consistently, and their
+/// field-wise sum (kern.clockintr.stats, TR-C-2; spurious included, AMB-5).
+pub fn clockintr_stats(shared: &VmShared) -> (Vec<ClockintrSummary>, ClockintrSummary) {
+    let records: Vec<ClockintrSummary> = (0..shared.vcpus.len() as u32)
+        .map(|id| {
+            read_vcpu_page(shared, id)
+                .map(|page| page.clockintr.into())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut total = ClockintrSummary::default();
+    for record in &records {
+        total.add(record);
+    }
+    (records, total)
+}
+
+/// Builds the summary of `vm` once its vCPU threads returned `stats`.
+pub fn collect(vm: &Vm, stats: &[VcpuRunStats], wall: Duration, exit_wall: Duration) -> Summary {
+    let shared = &vm.shared;
+    let reason = shared
+        .exit_reason()
+        .unwrap_or(VmExit::Host("no exit reason".into()));
+    let (outcome, exit_code) = reason.outcome();
+    let threads: Vec<ThreadInfo> = (0..metronome_abi::MAX_THREADS)
+        .filter_map(|i| {
+            let offset = (i * std::mem::size_of::<ThreadInfo>()) as u64;
+            read_plain(
+                &shared.mem,
+                GuestAddress(layout::THREAD_TABLE).unchecked_add(offset),
+            )
+        })
+        .collect();
+    let period = hardclock_period_ns(&vm.config.clock);
+    let vcpus: Vec<VcpuSummary> = (0..vm.config.vcpus)
+        .map(|id| {
+            let run = stats
+                .iter()
+                .find(|s| s.id == id)
+                .cloned()
+                .unwrap_or_default();
+            vcpu_summary(shared, id, &run, &threads, period)
+        })
+        .collect();
+    let mut clockintr_total = ClockintrSummary::default();
+    for v in &vcpus {
+        clockintr_total.add(&v.clockintr);
+    }
+    Summary {
+        outcome: outcome.to_string(),
+        message: exit_message(&reason, stats),
+        guest_exit_code: match reason {
+            VmExit::Guest { code } => Some(code),
+            _ => None,
+        },
+        guest_uptime_ns: shared.now(),
+        host_wall_ns: wall.as_nanos() as u64,
+        host_wall_to_exit_ns: exit_wall.as_nanos() as u64,
+        vcpu_count: vm.config.vcpus,
+        mem_mib: vm.config.mem_mib,
+        workload: workload_name(vm.config.workload).to_string(),
+        reports: guest_reports(shared),
+        vcpus,
+        exit_code,
+        config: clock_config(vm),
+        clockintr_total,
+        sampling: None,
+        guest_errors: guest_errors(vm),
+        errors: Vec::new(),
+    }
+}
+
+fn hardclock_period_ns(clock: &clockintr::Config) -> u64 {
+    1_000_000_000 / u64::from(clock.hz.max(1))
+}
+
+/// The exit reason; after a timeout, where every vCPU was.
+fn exit_message(reason: &VmExit, stats: &[VcpuRunStats]) -> String {
+    let mut message = reason.to_string();
+    if matches!(reason, VmExit::Timeout { .. }) {
+        for s in stats {
+            let interrupts = if s.last_rflags & 0x200 != 0 {
+                "on"
+            } else {
+                "off"
+            };
+            message.push_str(&format!(
+                "; vCPU {} was at RIP {:#x} (CPL{}, interrupts {interrupts})",
+                s.id,
+                s.last_rip,
+                s.last_cs & 3,
+            ));
+        }
+    }
+    message
+}
+
+/// The values the guest reported with its `report` system call.
+fn guest_reports(shared: &VmShared) -> std::collections::BTreeMap<String, u64> {
+    let report: GuestReport =
+        read_plain(&shared.mem, GuestAddress(layout::GUEST_REPORT)).unwrap_or_default();
+    report.reports[..(report.report_count as usize).min(report.reports.len())]
+        .iter()
+        .map(|[k, v]| (report_key_name(*k), *v))
+        .collect()
+}
+
+/// One vCPU: the VMM's counters, its devices' and its guest page's.
+fn vcpu_summary(
+    shared: &VmShared,
+    id: u32,
+    run: &VcpuRunStats,
+    threads: &[ThreadInfo],
+    period: u64,
+) -> VcpuSummary {
+    let guest = read_vcpu_page(shared, id).unwrap_or_default();
+    let slot = &shared.vcpus[id as usize];
+    let irq = slot.lock();
+    let t = irq.timer.counters();
+    VcpuSummary {
+        id,
+        user_threads_run: guest.user_threads_run,
+        context_switches: guest.context_switches,
+        interrupts_injected: irq.injected.total(),
+        ipis_received: irq.injected.ipi,
+        halts: run.halts,
+        exits: run.exits.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        kicks: slot.kicks_sent.load(Ordering::Relaxed),
+        bus_misses: run.bus_misses,
+        timer: TimerSummary {
+            rearms: t.rearms,
+            triggers: t.triggers,
+            rearm_zero: t.rearm_zero,
+            cancels: t.cancels,
+            injections: t.injections,
+            coalesced: t.coalesced,
+            clamped: t.clamped,
+            early_injections: t.early_injections,
+            bad_accesses: t.bad_accesses,
+            resumes: t.resumes,
+            host_lateness_ns: Percentiles::of(irq.timer.lateness()),
+        },
+        stress: StressSummary {
+            sent: irq.stress.sent,
+            skipped: irq.stress.skipped,
+            injected: irq.injected.stress,
+            guest_received: guest.stress_received,
+        },
+        guest: GuestVcpuSummary {
+            timer_interrupts: guest.timer_interrupts,
+            ticks: guest.ticks,
+            ipis_received: guest.ipis_received,
+            syscalls: guest.syscalls,
+            pingpong: guest.pingpong,
+            timer_resumes_seen: guest.timer_resumes_seen,
+        },
+        hardclock: guest.hardclock,
+        statclock: guest.statclock,
+        schedclock: guest.schedclock,
+        profclock: guest.profclock,
+        clockintr: guest.clockintr.into(),
+        guest_lateness_ns: Percentiles {
+            p50: hist::percentile(&guest.lateness_hist, guest.lateness_max, 50),
+            p99: hist::percentile(&guest.lateness_hist, guest.lateness_max, 99),
+            max: guest.lateness_max,
+            count: guest
+                .lateness_hist
+                .0
+                .iter()
+                .fold(0u64, |a, &n| a.saturating_add(n)),
+        },
+        cp_time: CpTime {
+            user: guest.cp_time[0],
+            system: guest.cp_time[1],
+            interrupt: guest.cp_time[2],
+            idle: guest.cp_time[3],
+        },
+        threads: threads
+            .iter()
+            .filter(|t| t.tid != 0 && t.vcpu == u64::from(id))
+            .map(|t| ThreadSummary {
+                tid: t.tid,
+                name: String::from_utf8_lossy(&t.name)
+                    .trim_end_matches('\0')
+                    .to_string(),
+                user: t.user_ticks,
+                system: t.sys_ticks,
+                interrupt: t.intr_ticks,
+                estcpu: t.estcpu,
+                priority: t.priority,
+                switches: t.switches,
+            })
+            .collect(),
+        statclock_intervals: IntervalSummary {
+            count: guest.stat_interval_count,
+            sum_ns: guest.stat_interval_sum,
+            min_ns: guest.stat_interval_min,
+            max_ns: guest.stat_interval_max,
+            first: guest.stat_intervals
+                [..(guest.stat_interval_count as usize).min(metronome_abi::STAT_INTERVALS)]
+                .to_vec(),
+        },
+        max_hardclock_batch: guest.max_hardclock_batch,
+        resume_first_batch: guest.resume_first_batch,
+        first_dispatch_hardclocks: guest.first_dispatch_hardclocks,
+        cpu_inits: guest.cpu_inits,
+        hardclock_phase_ns: guest.pending[..guest.pending_count.min(3) as usize]
+            .iter()
+            .find(|e| e.kind == metronome_abi::event_kind::HARDCLOCK)
+            .map_or(0, |e| e.expiration % period.max(1)),
+        last_dispatch_ns: guest.last_dispatch_ns,
+    }
+}
+
+fn clock_config(vm: &Vm) -> ClockConfigSummary {
+    let clock = vm.config.clock;
+    let stat = clockintr::StatVar::new(clock.stathz.max(1));
+    ClockConfigSummary {
+        hz: clock.hz,
+        stathz: clock.stathz,
+        profhz: clock.profhz,
+        schedhz: clock.schedhz,
+        rndstat: clock.flags & clockintr::CL_RNDSTAT != 0,
+        stat_seed: vm.config.stat_seed,
+        hardclock_period_ns: hardclock_period_ns(&clock),
+        statclock_avg_ns: stat.avg,
+        statclock_min_ns: stat.min,
+        statclock_mask: stat.mask,
+    }
+}
+
+fn guest_errors(vm: &Vm) -> GuestErrors {
+    let shared = &vm.shared;
+    GuestErrors {
+        vic_bad_accesses: vm.devices.vic.bad_accesses.load(Ordering::Relaxed),
+        control_bad_writes: vm.devices.control.bad_reports.load(Ordering::Relaxed),
+        spurious_eois: shared
+            .vcpus
+            .iter()
+            .map(|slot| slot.lock().vic.counters().spurious_eois)
+            .sum(),
+    }
+}
+
+/// The name of a workload, as the command line spells it.
+pub fn workload_name(workload: Workload) -> &'static str {
+    match workload {
+        Workload::Demo => "demo",
+        Workload::PingPong => "pingpong",
+        Workload::Fault => "fault",
+        Workload::SpinCpl0 => "spin-cpl0",
+        Workload::ExitNow => "exit-now",
+        Workload::KickStress => "kick-stress",
+        Workload::Profile => "profile",
+    }
+}
+
+fn report_key_name(key: u64) -> String {
+    use metronome_abi::report_key::*;
+    match key {
+        PINGPONG_ROUNDS => "pingpong_rounds".into(),
+        PROFIL_ON_NS => "profil_on_ns".into(),
+        PROFIL_OFF_NS => "profil_off_ns".into(),
+        STRESS_RECEIVED => "stress_received".into(),
+        DEMO_WORK => "demo_work".into(),
+        other => format!("key_{other}"),
+    }
+}

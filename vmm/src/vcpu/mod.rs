@@ -1,0 +1,271 @@
+//! The vCPU thread: enter the guest, handle its exits, deliver interrupts.
+//!
+//! ```text
+//!            +--------------------------------------------------------------+
+//!            |  loop top: clear immediate_exit; stop? pause? hold?          |
+//!            |  sampling: kperf deadline passed? expiry + own sample        |
+//!            |  under the irq lock: poll own timer device, pick the vector  |
+//!            |  then: program own POSIX timer; KVM_INTERRUPT if the guest   |
+//!            |        is ready, else request_interrupt_window               |
+//!            +----------------------------+---------------------------------+
+//!                                         | KVM_RUN
+//!     exits: PIO/MMIO -> bus | HLT -> park until deliverable | EINTR (kick,
+//!     timer signal) -> loop | IRQ window -> loop | shutdown/internal -> VM ends
+//! ```
+//!
+//! Running --- HLT (IF=1) ---> Parked --- interrupt pending / stop ---> Running
+//! Running --- stop flag ---> Finished
+//!
+//! - [`inject`]: what a guest entry delivers, decided under the irq lock.
+//! - `park`: HLT, pause and hold: where the thread waits outside the guest.
+
+pub mod inject;
+mod park;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+
+use crate::bus::Bus;
+use crate::host_time::{self, PosixTimer};
+use crate::kick;
+use crate::sampling::{VcpuSampler, VcpuSampling};
+use crate::vm::{VmExit, VmShared};
+
+/// What one vCPU thread observed, returned when it finishes.
+#[derive(Clone, Debug, Default)]
+pub struct VcpuRunStats {
+    /// The vCPU id.
+    pub id: u32,
+    /// Exits by reason.
+    pub exits: BTreeMap<&'static str, u64>,
+    /// HLT exits.
+    pub halts: u64,
+    /// Halts with interrupts disabled (the vCPU can only be stopped).
+    pub dead_halts: u64,
+    /// Port or MMIO accesses that hit no device.
+    pub bus_misses: u64,
+    /// RIP at the last exit.
+    pub last_rip: u64,
+    /// CS selector at the last exit.
+    pub last_cs: u64,
+    /// RFLAGS at the last exit.
+    pub last_rflags: u64,
+    /// Host-side sampling on this vCPU.
+    pub sampling: VcpuSampling,
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuRunner {
+    id: u32,
+    fd: VcpuFd,
+    shared: Arc<VmShared>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    stats: VcpuRunStats,
+    /// The sampling side of this vCPU (only with sampling).
+    sampler: Option<VcpuSampler>,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn host_error(id: u32, what: &str, e: impl std::fmt::Display) -> VmExit {
+    VmExit::Host(format!("vCPU {id}: {what}: {e}"))
+}
+
+impl VcpuRunner {
+    /// A runner for vCPU `id`.
+    pub fn new(id: u32, fd: VcpuFd, shared: Arc<VmShared>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Self {
+        let stats = VcpuRunStats {
+            id,
+            ..Default::default()
+        };
+        Self {
+            id,
+            fd,
+            shared,
+            pio,
+            mmio,
+            stats,
+            sampler: None,
+        }
+    }
+
+    /// Runs the vCPU until the VM stops. Any failure ends the VM through
+    /// `request_exit`; the statistics are returned either way.
+    pub fn run(mut self) -> VcpuRunStats {
+        host_time::set_min_timer_slack();
+        let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
+        // SAFETY: kvm_run is mmap'd for the life of `self.fd`, which outlives the
+        // binding: we unbind before returning (and so before the fd is dropped).
+        unsafe { kick::bind_current_thread(std::ptr::addr_of_mut!((*run).immediate_exit)) };
+        // SAFETY: pthread_self has no preconditions.
+        let _ = self.shared.vcpus[self.id as usize]
+            .thread
+            .set(unsafe { libc::pthread_self() });
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        let started = self.start_timers().and_then(|timer| self.run_loop(timer));
+        if let Err(reason) = started {
+            self.shared.request_exit(reason);
+        }
+        // From here on nobody may kick this thread (it may be joined), and a
+        // synchronous sampling stop must not wait for it.
+        self.shared.vcpus[self.id as usize].lock().exited = true;
+        if let Some(sampling) = &self.shared.sampling {
+            sampling.retire(self.id);
+        }
+        kick::unbind_current_thread();
+        let regs = self.fd.sync_regs();
+        self.stats.last_rip = regs.regs.rip;
+        self.stats.last_rflags = regs.regs.rflags;
+        self.stats.last_cs = u64::from(regs.sregs.cs.selector);
+        if let Some(sampler) = self.sampler.take() {
+            self.stats.sampling = sampler.into_stats();
+        }
+        self.stats
+    }
+
+    /// The timer device's POSIX timer, and the sampler's (with sampling).
+    fn start_timers(&mut self) -> Result<PosixTimer, VmExit> {
+        let id = self.id;
+        if self.shared.sampling.is_some() {
+            let sampler = VcpuSampler::for_current_thread(id, self.shared.clock)
+                .map_err(|e| host_error(id, "timer_create", e))?;
+            self.sampler = Some(sampler);
+        }
+        PosixTimer::for_current_thread(kick::sig_timer())
+            .map_err(|e| host_error(id, "timer_create", e))
+    }
+
+    fn count(&mut self, reason: &'static str) {
+        *self.stats.exits.entry(reason).or_insert(0) += 1;
+    }
+
+    fn run_loop(&mut self, mut timer: PosixTimer) -> Result<(), VmExit> {
+        let id = self.id;
+        let shared = self.shared.clone();
+        loop {
+            self.fd.set_kvm_immediate_exit(0);
+            if shared.stopping() {
+                return Ok(());
+            }
+            if let Some(sampling) = &shared.sampling {
+                // Every pass acknowledges a pending sampling stop, held or not.
+                sampling.acknowledge(id);
+            }
+            if self.stay_out() {
+                continue;
+            }
+            if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
+                sampler
+                    .at_loop_top(sampling, &shared.mem, &self.fd)
+                    .map_err(|e| host_error(id, "timer_settime", e))?;
+            }
+            if !shared.pausing() {
+                self.prepare_entry(&mut timer)?;
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    if !self.pio.write(id, u64::from(port), data) {
+                        self.stats.bus_misses += 1;
+                        log::debug!("vCPU {id}: write to unclaimed port {port:#x}");
+                    }
+                    self.count("io");
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(id, u64::from(port), data) {
+                        self.stats.bus_misses += 1;
+                    }
+                    self.count("io");
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.mmio.write(id, addr, data) {
+                        self.stats.bus_misses += 1;
+                        log::debug!("vCPU {id}: write to unclaimed MMIO {addr:#x}");
+                    }
+                    self.count("mmio");
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(id, addr, data) {
+                        self.stats.bus_misses += 1;
+                    }
+                    self.count("mmio");
+                }
+                Ok(VcpuExit::Hlt) => {
+                    self.count("hlt");
+                    self.stats.halts += 1;
+                    self.halt()?;
+                }
+                Ok(VcpuExit::IrqWindowOpen) => self.count("irq_window"),
+                Ok(VcpuExit::Intr) => self.count("intr"),
+                Ok(VcpuExit::Shutdown) => {
+                    self.count("shutdown");
+                    let rip = self.fd.sync_regs().regs.rip;
+                    return Err(VmExit::TripleFault { vcpu: id, rip });
+                }
+                Ok(VcpuExit::InternalError) => {
+                    self.count("internal_error");
+                    // SAFETY: the exit reason says the `internal` union member is valid.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let rip = self.fd.sync_regs().regs.rip;
+                    return Err(VmExit::Emulation {
+                        vcpu: id,
+                        detail: format!("internal error (suberror {suberror}) at RIP {rip:#x}"),
+                    });
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    self.count("fail_entry");
+                    return Err(VmExit::Emulation {
+                        vcpu: id,
+                        detail: format!("VM entry failed (reason {reason:#x}, host cpu {cpu})"),
+                    });
+                }
+                Ok(other) => {
+                    let detail = format!("unexpected exit {other:?}");
+                    self.count("other");
+                    return Err(VmExit::Emulation { vcpu: id, detail });
+                }
+                Err(e) if e.errno() == libc::EINTR => self.count("intr"),
+                Err(e) if e.errno() == libc::EAGAIN => self.count("again"),
+                Err(e) => return Err(host_error(id, "KVM_RUN", e)),
+            }
+        }
+    }
+
+    /// Polls the timer device, programs the POSIX timer and injects what the
+    /// guest can take (the decision under the irq lock, the system calls after).
+    fn prepare_entry(&mut self, timer: &mut PosixTimer) -> Result<(), VmExit> {
+        let id = self.id;
+        let shared = &self.shared;
+        let run = self.fd.get_kvm_run();
+        let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+        let now = shared.now();
+        let entry = inject::prepare_entry(&mut shared.vcpus[id as usize].lock(), now, ready);
+        timer
+            .program(entry.timer_deadline.map(|d| shared.clock.to_monotonic(d)))
+            .map_err(|e| host_error(id, "timer_settime", e))?;
+        if let Some(vector) = entry.inject {
+            inject::kvm_interrupt(&self.fd, vector)
+                .map_err(|e| host_error(id, "KVM_INTERRUPT", e))?;
+        }
+        self.fd.get_kvm_run().request_interrupt_window = u8::from(entry.request_window);
+        Ok(())
+    }
+
+    /// The hold deadline set by the controller, device time (0 = none).
+    fn hold_until(&self) -> u64 {
+        self.shared.vcpus[self.id as usize]
+            .hold_until
+            .load(Ordering::Acquire)
+    }
+}

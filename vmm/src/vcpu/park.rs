@@ -1,0 +1,133 @@
+//! Where a vCPU thread waits outside the guest: a pause (until resumed), a
+//! host hold (until its deadline), and HLT (until an interrupt is deliverable).
+//! Every wait ends at once on a stop, and acknowledges a sampling stop.
+
+use std::time::Duration;
+
+use super::VcpuRunner;
+use crate::vm::VmExit;
+
+/// How long a parked vCPU with no timer deadline sleeps before re-checking
+/// (a safety net only: wake-ups are explicit).
+const PARK_SAFETY_NS: u64 = 100_000_000;
+
+/// How long a pause waits for a vCPU with interrupts disabled to enable them.
+const PAUSE_POINT_LIMIT_NS: u64 = 50_000_000;
+
+impl VcpuRunner {
+    /// A pause or a host hold keeps this vCPU out of the guest: waits, and
+    /// returns `true` so that the loop starts over. During a pause that
+    /// finds the guest with interrupts disabled (in an interrupt handler, say)
+    /// the guest runs on to the point where it enables them, with nothing new
+    /// injected.
+    pub(super) fn stay_out(&mut self) -> bool {
+        if self.shared.pausing() {
+            if self.at_pause_point() {
+                self.pause_park();
+                return true;
+            }
+            self.fd.get_kvm_run().request_interrupt_window = 1;
+        }
+        let hold_until = self.hold_until();
+        let now = self.shared.now();
+        if hold_until <= now {
+            return false;
+        }
+        // Held by the host (VmController::hold_vcpu): the guest clock keeps
+        // running. Parked on the condition variable, so that a wake-up (stop,
+        // pause, sampling stop) is noticed at once; the loop re-checks until
+        // the hold has passed.
+        let slot = &self.shared.vcpus[self.id as usize];
+        let mut irq = slot.lock();
+        irq.parked = true;
+        let timeout = Duration::from_nanos(hold_until - now);
+        let (mut irq, _) = slot
+            .wake
+            .wait_timeout(irq, timeout)
+            .unwrap_or_else(|p| p.into_inner());
+        irq.parked = false;
+        true
+    }
+
+    /// Whether this vCPU may park for a pause now: the guest is interruptible
+    /// (IF set at the last exit), or it has kept interrupts disabled for longer
+    /// than [`PAUSE_POINT_LIMIT_NS`] since the pause began (a guest spinning with
+    /// interrupts off must not block a pause forever).
+    fn at_pause_point(&mut self) -> bool {
+        if self.fd.get_kvm_run().if_flag != 0 {
+            return true;
+        }
+        let since = self.shared.pause_state().since_ns;
+        self.shared.now().saturating_sub(since) > PAUSE_POINT_LIMIT_NS
+    }
+
+    /// Pause: stay out of the guest until resumed or stopped.
+    fn pause_park(&mut self) {
+        let shared = self.shared.clone();
+        let mut state = shared.pause_state();
+        state.parked += 1;
+        shared.pause_cv.notify_all();
+        while state.paused && !shared.stopping() {
+            state = shared
+                .pause_cv
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(sampling) = &shared.sampling {
+                // Still paused: no sample can follow, so a sampling stop may complete.
+                sampling.acknowledge(self.id);
+            }
+        }
+        state.parked -= 1;
+        shared.pause_cv.notify_all();
+    }
+
+    /// HLT: park the thread until an interrupt is deliverable or the VM stops.
+    /// A halted vCPU is idle for kperf: no sampling kicks until it wakes (KT-I-1).
+    pub(super) fn halt(&mut self) -> Result<(), VmExit> {
+        let shared = self.shared.clone();
+        let interrupts_off = self.fd.get_kvm_run().if_flag == 0;
+        if interrupts_off {
+            self.stats.dead_halts += 1;
+        }
+        if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
+            sampler
+                .before_halt(sampling)
+                .map_err(|e| super::host_error(self.id, "timer_settime", e))?;
+        }
+        self.park_until_pending(interrupts_off);
+        if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
+            sampler.after_halt(sampling);
+        }
+        Ok(())
+    }
+
+    fn park_until_pending(&mut self, interrupts_off: bool) {
+        let shared = self.shared.clone();
+        let slot = &shared.vcpus[self.id as usize];
+        let mut irq = slot.lock();
+        loop {
+            if let Some(sampling) = &shared.sampling {
+                sampling.acknowledge(self.id);
+            }
+            if shared.stopping() || shared.pausing() {
+                return;
+            }
+            let now = shared.now();
+            irq.poll_timer(now);
+            if !interrupts_off && irq.vic.deliverable().is_some() {
+                return;
+            }
+            let timeout = match irq.timer.next_deadline() {
+                Some(deadline) if !interrupts_off => deadline.saturating_sub(now),
+                _ => PARK_SAFETY_NS,
+            };
+            irq.parked = true;
+            let (guard, _) = slot
+                .wake
+                .wait_timeout(irq, Duration::from_nanos(timeout))
+                .unwrap_or_else(|p| p.into_inner());
+            irq = guard;
+            irq.parked = false;
+        }
+    }
+}

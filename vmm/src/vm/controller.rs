@@ -1,0 +1,182 @@
+//! Driving a running VM from any thread: pause, resume, hold a vCPU, stop,
+//! and host-side sampling on and off.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metronome_abi::Vector;
+
+use super::{VmExit, VmShared};
+use crate::sampling::SamplingShared;
+use crate::summary::ClockintrSummary;
+
+/// Why a control operation was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControlError {
+    /// The VM has ended or is ending.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// pause while paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// resume while running.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// No such vCPU.
+    #[error("there is no vCPU {0}")]
+    NoSuchVcpu(u32),
+}
+
+/// Why a sampling operation was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SamplingError {
+    /// The VM was built without sampling.
+    #[error("sampling is not configured for this VM")]
+    NotConfigured,
+    /// The VM has ended.
+    #[error("the VM is not running")]
+    NotRunning,
+    /// The engine refused.
+    #[error("kperf refused: {0}")]
+    Kperf(kperf::KperfError),
+}
+
+/// How a paused VM resumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeMode {
+    /// Just continue: the guest finds that its clock jumped.
+    Continue,
+    /// Tell the guest through the timer device (TIMER_RESUMES and a
+    /// TimerResume interrupt on every vCPU) so that it re-runs clockintr_cpu_init.
+    Reinit,
+}
+
+/// Drives a running VM from any thread: pause, resume, hold a vCPU, stop.
+/// The guest clock keeps running while vCPUs are paused or held (spec AMB-6).
+#[derive(Clone, Debug)]
+pub struct VmController {
+    shared: Arc<VmShared>,
+}
+
+impl VmController {
+    pub(crate) fn new(shared: Arc<VmShared>) -> Self {
+        Self { shared }
+    }
+
+    /// The guest clock (device time) in ns.
+    pub fn uptime_ns(&self) -> u64 {
+        self.shared.now()
+    }
+
+    /// Whether the VM has ended or is ending.
+    pub fn ended(&self) -> bool {
+        self.shared.exit_reason().is_some()
+    }
+
+    /// Stops every vCPU out of the guest and returns once all are parked.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        let mut state = self.shared.pause_state();
+        if self.ended() {
+            return Err(ControlError::NotRunning);
+        }
+        if state.paused {
+            return Err(ControlError::AlreadyPaused);
+        }
+        self.shared.set_paused(&mut state, true);
+        drop(state);
+        self.shared.wait_parked(|| self.ended());
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self, mode: ResumeMode) -> Result<(), ControlError> {
+        let shared = &self.shared;
+        let mut state = shared.pause_state();
+        if !state.paused {
+            return Err(ControlError::NotPaused);
+        }
+        if mode == ResumeMode::Reinit {
+            for slot in &shared.vcpus {
+                let mut irq = slot.lock();
+                irq.timer.note_resume();
+                irq.vic.raise(Vector::TimerResume as u8);
+            }
+        }
+        shared.set_paused(&mut state, false);
+        Ok(())
+    }
+
+    /// Keeps vCPU `id` out of the guest for `duration` (the guest clock runs on).
+    pub fn hold_vcpu(&self, id: u32, duration: Duration) -> Result<(), ControlError> {
+        let slot = self
+            .shared
+            .vcpus
+            .get(id as usize)
+            .ok_or(ControlError::NoSuchVcpu(id))?;
+        if self.ended() {
+            return Err(ControlError::NotRunning);
+        }
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let until = self.shared.now().saturating_add(nanos);
+        slot.hold_until.store(until, Ordering::Release);
+        self.shared.wake(id);
+        Ok(())
+    }
+
+    /// Ends the VM from the host.
+    pub fn stop(&self) {
+        self.shared.request_exit(VmExit::Stopped);
+    }
+
+    fn sampling(&self) -> Result<&SamplingShared, SamplingError> {
+        self.shared
+            .sampling
+            .as_ref()
+            .ok_or(SamplingError::NotConfigured)
+    }
+
+    /// Starts host-side sampling (KT-ST-*): every vCPU gets its kperf deadline.
+    pub fn sampling_start(&self) -> Result<(), SamplingError> {
+        let sampling = self.sampling()?;
+        if self.ended() {
+            return Err(SamplingError::NotRunning);
+        }
+        sampling
+            .start(self.shared.now())
+            .map_err(SamplingError::Kperf)?;
+        self.shared.wake_all();
+        Ok(())
+    }
+
+    /// Stops host-side sampling synchronously: when this returns, no vCPU
+    /// takes another sample (KT-SP-1, AMB-17; through SHUTDOWN, KT-F-1).
+    pub fn sampling_stop(&self) -> Result<(), SamplingError> {
+        let sampling = self.sampling()?;
+        let kick = |id| {
+            // Running or halted vCPUs are kicked or woken; paused ones wait on
+            // the pause condition variable, which a signal does not end.
+            self.shared.wake(id);
+            self.shared.pause_cv.notify_all();
+        };
+        sampling
+            .stop(kick, || self.shared.stopping())
+            .map_err(SamplingError::Kperf)
+    }
+
+    /// Samples taken so far, all vCPUs.
+    pub fn samples_taken(&self) -> u64 {
+        self.sampling().map_or(0, SamplingShared::samples_taken)
+    }
+
+    /// Every vCPU's clockintr statistics, each read consistently (TR-C-2), and
+    /// their field-wise sum (kern.clockintr.stats, spurious included).
+    pub fn clockintr_stats(&self) -> (Vec<ClockintrSummary>, ClockintrSummary) {
+        crate::summary::clockintr_stats(&self.shared)
+    }
+
+    /// Every vCPU's pending clockintr events, like ddb's `show all clockintr`.
+    pub fn dump_clockintr(&self) -> String {
+        crate::summary::clockintr_dump(&self.shared)
+    }
+}

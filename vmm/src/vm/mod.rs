@@ -1,0 +1,56 @@
+//! A VM: built from a [`VmConfig`], run to the end, driven meanwhile.
+//!
+//! - [`builder`]: KVM → VM → guest memory → (no irqchip: the VMM owns interrupt
+//!   delivery) → kernel load → page tables, GDT, TSSs, boot information →
+//!   vCPUs and their registers → devices on the buses ([`Vm::build`]).
+//! - [`run`]: one thread per vCPU; the calling thread runs an event-manager
+//!   loop ([`events`]) that waits for the guest's exit, SIGINT/SIGTERM or the
+//!   `--timeout`, then stops the vCPUs (stop flag + kick), joins them, and
+//!   builds the [`crate::Summary`] ([`RunningVm::wait`]).
+//! - [`controller`]: pause, resume, hold a vCPU, stop, sampling on and off,
+//!   from any thread ([`VmController`]).
+//! - [`shared`]: the state every thread of a running VM shares ([`VmShared`]).
+//! - [`stress`]: the kick-stress interrupt generator.
+//! - [`exit`]: why a VM ended ([`VmExit`]).
+
+pub mod builder;
+pub mod controller;
+pub mod events;
+pub mod exit;
+pub mod run;
+pub mod shared;
+pub mod stress;
+
+use std::sync::Arc;
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::config::VmConfig;
+use crate::devices::DeviceManager;
+
+pub use builder::BuildVmError;
+pub use controller::{ControlError, ResumeMode, SamplingError, VmController};
+pub use exit::VmExit;
+pub use run::RunningVm;
+pub use shared::VmShared;
+
+/// A built VM, ready to run.
+pub struct Vm {
+    pub(crate) config: VmConfig,
+    // Kept alive for the VM's lifetime: dropping it would tear the VM down.
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpus: Vec<VcpuFd>,
+    pub(crate) shared: Arc<VmShared>,
+    pub(crate) devices: DeviceManager,
+    /// The kernel ELF, for symbolizing profiles.
+    pub(crate) kernel_image: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,171 @@
+//! Running a built VM: the vCPU threads, the event loop on the calling
+//! thread, and the orderly end (stress drain, synchronous sampling stop, stop
+//! flag and kicks, joins, summary).
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+
+use super::events::{unblock_stop_signals, ExitSubscriber, SignalSubscriber, TimeoutSubscriber};
+use super::stress::{drain_stress, StressGenerator};
+use super::{Vm, VmController, VmExit};
+use crate::kick;
+use crate::summary::Summary;
+use crate::vcpu::{VcpuRunStats, VcpuRunner};
+
+/// How long the end of a run waits for every vCPU to reach an interruptible
+/// point before stopping it anyway.
+const QUIESCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Vm {
+    /// Runs the VM until it ends; `process_start` anchors the wall-clock figures.
+    pub fn run(self, process_start: Instant) -> Summary {
+        match self.start(process_start) {
+            Ok(running) => running.wait(),
+            Err((vm, reason)) => {
+                vm.shared.request_exit(reason);
+                crate::summary::collect(&vm, &[], process_start.elapsed(), process_start.elapsed())
+            }
+        }
+    }
+
+    /// Starts the vCPU threads (and the stress generator, if configured). The
+    /// calling thread must then [`RunningVm::wait`]; a [`VmController`] from
+    /// [`RunningVm::controller`] drives the VM from other threads meanwhile.
+    #[allow(clippy::result_large_err)]
+    pub fn start(mut self, process_start: Instant) -> Result<RunningVm, (Vm, VmExit)> {
+        let shared = self.shared.clone();
+        if let Err(e) = kick::install_handlers() {
+            return Err((self, VmExit::Host(format!("signal handlers: {e}"))));
+        }
+        let signals = match SignalSubscriber::new(shared.clone()) {
+            Ok(s) => s,
+            Err(e) => return Err((self, VmExit::Host(format!("signalfd: {e}")))),
+        };
+        let pio = Arc::new(std::mem::take(&mut self.devices.pio));
+        let mmio = Arc::new(std::mem::take(&mut self.devices.mmio));
+        let mut threads: Vec<JoinHandle<VcpuRunStats>> = Vec::new();
+        for (id, fd) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let runner = VcpuRunner::new(id as u32, fd, shared.clone(), pio.clone(), mmio.clone());
+            match std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || runner.run())
+            {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    shared.request_exit(VmExit::Host(format!("spawning vCPU thread: {e}")));
+                    break;
+                }
+            }
+        }
+        let stress = self
+            .config
+            .kick_stress_hz
+            .map(|hz| StressGenerator::start(shared.clone(), hz));
+        if shared.sampling.is_some() {
+            if let Err(e) = VmController::new(shared.clone()).sampling_start() {
+                shared.request_exit(VmExit::Host(format!("starting sampling: {e}")));
+            }
+        }
+        Ok(RunningVm {
+            vm: self,
+            threads,
+            stress,
+            signals: Some(signals),
+            process_start,
+        })
+    }
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    vm: Vm,
+    threads: Vec<JoinHandle<VcpuRunStats>>,
+    stress: Option<StressGenerator>,
+    signals: Option<SignalSubscriber>,
+    process_start: Instant,
+}
+
+impl std::fmt::Debug for RunningVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningVm")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningVm {
+    /// A handle to drive the VM from other threads.
+    pub fn controller(&self) -> VmController {
+        VmController::new(self.vm.shared.clone())
+    }
+
+    /// Runs the event loop until the VM ends (guest exit, fault, signal,
+    /// timeout, or [`VmController::stop`]), stops and joins the vCPUs, and
+    /// returns the summary.
+    pub fn wait(mut self) -> Summary {
+        let shared = self.vm.shared.clone();
+        let exit_wall = match self.event_loop() {
+            Ok(()) => self.process_start.elapsed(),
+            Err(reason) => {
+                shared.request_exit(reason);
+                self.process_start.elapsed()
+            }
+        };
+        // The signalfd is gone with the event loop: from here on SIGINT and
+        // SIGTERM take their default action, so a stuck shutdown can still be
+        // interrupted.
+        unblock_stop_signals();
+        if let Some(stress) = self.stress.take() {
+            stress.stop();
+            drain_stress(&shared);
+        }
+        let controller = self.controller();
+        if shared.sampling.is_some() {
+            // An error here only means sampling was already off.
+            let _ = controller.sampling_stop();
+        }
+        shared.quiesce(QUIESCE_LIMIT);
+        shared.stop_all();
+        let stats: Vec<VcpuRunStats> = std::mem::take(&mut self.threads)
+            .into_iter()
+            .map(|t| t.join().unwrap_or_default())
+            .collect();
+        let mut summary =
+            crate::summary::collect(&self.vm, &stats, self.process_start.elapsed(), exit_wall);
+        if let Some(sampling) = &shared.sampling {
+            summary.sampling = Some(crate::sampling::report::finish(
+                sampling,
+                &stats,
+                &self.vm.kernel_image,
+                summary.guest_uptime_ns,
+                &mut summary.errors,
+            ));
+        }
+        summary
+    }
+
+    fn event_loop(&mut self) -> Result<(), VmExit> {
+        let shared = self.vm.shared.clone();
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| VmExit::Host(format!("event manager: {e}")))?;
+        let exit_watch = Arc::new(Mutex::new(ExitSubscriber::new(shared.clone())));
+        manager.add_subscriber(exit_watch.clone());
+        if let Some(signals) = self.signals.take() {
+            manager.add_subscriber(Arc::new(Mutex::new(signals)));
+        }
+        if let Some(limit) = self.vm.config.timeout {
+            let timeout = TimeoutSubscriber::new(shared.clone(), limit)
+                .map_err(|e| VmExit::Host(format!("timerfd: {e}")))?;
+            manager.add_subscriber(Arc::new(Mutex::new(timeout)));
+        }
+        while !exit_watch.lock().unwrap_or_else(|p| p.into_inner()).fired {
+            manager
+                .run()
+                .map_err(|e| VmExit::Host(format!("event loop: {e}")))?;
+        }
+        Ok(())
+    }
+}
