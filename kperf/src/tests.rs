@@ -516,6 +516,32 @@ fn test_kt_sm1_system_only_action_samples_once_per_fire() {
 }
 
 #[test]
+fn test_kt_sm2_sample_request_carries_the_action_settings() {
+    let mut k = one_timer(sampler::TH_INFO | sampler::USTACK, MS);
+    k.set_action_ucallstack_depth(1, 16).unwrap();
+    k.set_action_kcallstack_depth(1, 8).unwrap();
+    k.set_action_filter(1, 42).unwrap();
+    k.set_action_userdata(1, 7).unwrap();
+    let deadlines = k.set_sampling(true, 0, 1).unwrap();
+    let (fires, _) = handled(k.expire(0, deadlines[0].unwrap() + 1));
+    let request = fires[0].sample.expect("the leader samples");
+    assert_eq!(request.settings, k.action(1));
+    assert_eq!(
+        (
+            request.settings.samplers,
+            request.settings.ucallstack_depth,
+            request.settings.kcallstack_depth,
+            request.settings.pid_filter,
+            request.settings.userdata,
+        ),
+        (sampler::TH_INFO | sampler::USTACK, 16, 8, 42, 7)
+    );
+    // The null action and ids beyond the count sample nothing.
+    assert_eq!(k.action(0).samplers, 0);
+    assert_eq!(k.action(5).samplers, 0);
+}
+
+#[test]
 fn test_kt_sm1_non_system_action_samples_every_busy_cpu() {
     let start = 0;
     let mut sim = Sim::new(

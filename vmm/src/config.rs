@@ -284,6 +284,47 @@ mod tests {
     }
 
     #[test]
+    fn test_sampling_rules_reject_with_kperf_reasons() {
+        let sampling = SamplingConfig {
+            period_ns: 1_000_000,
+            samplers: kperf::sampler::TH_INFO,
+            profile_dir: None,
+            trace_file: None,
+            filter_tid: -1,
+        };
+        let with = |sampling: SamplingConfig| VmConfig {
+            sampling: Some(sampling),
+            ..VmConfig::default()
+        };
+        assert_eq!(with(sampling.clone()).validate(), Ok(()));
+        let both_pmc = kperf::sampler::PMC_THREAD | kperf::sampler::PMC_CPU;
+        assert_eq!(
+            with(SamplingConfig {
+                samplers: both_pmc,
+                ..sampling.clone()
+            })
+            .validate(),
+            Err(ConfigError::Samplers(both_pmc, KperfError::Inval))
+        );
+        assert_eq!(
+            with(SamplingConfig {
+                period_ns: 999,
+                ..sampling.clone()
+            })
+            .validate(),
+            Err(ConfigError::SamplePeriod(0))
+        );
+        // Below the kptimer minimum is accepted and raised (KT-MIN-1).
+        let engine = SamplingConfig {
+            period_ns: 5_000,
+            ..sampling
+        }
+        .engine()
+        .unwrap();
+        assert_eq!(engine.timer_period(0), Ok(kperf::MIN_PERIOD_NS));
+    }
+
+    #[test]
     fn test_error_messages_name_the_rule() {
         let message = ConfigError::Vcpus(0).to_string();
         assert!(

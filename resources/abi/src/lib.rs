@@ -397,9 +397,11 @@ pub mod hist {
     }
 }
 
-/// The clockintr statistics of one CPU (`struct clockintr_stat`).
+/// The clockintr statistics of one CPU (`struct clockintr_stat`). With the
+/// `serde` feature it serializes with these field names (the VMM's summary).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct ClockintrStat {
     /// ns spent in dispatch.
     pub dispatched_ns: u64,
@@ -415,6 +417,21 @@ pub struct ClockintrStat {
     pub run: u64,
     /// Spurious dispatches.
     pub spurious: u64,
+}
+
+impl ClockintrStat {
+    /// Field-wise sum, spurious included (as `sysctl_clockintr` in
+    /// kern_clockintr.c 1.5 does); guest-written values saturate rather than
+    /// overflow.
+    pub fn add(&mut self, o: &Self) {
+        self.dispatched_ns = self.dispatched_ns.saturating_add(o.dispatched_ns);
+        self.early = self.early.saturating_add(o.early);
+        self.earliness_ns = self.earliness_ns.saturating_add(o.earliness_ns);
+        self.lateness_ns = self.lateness_ns.saturating_add(o.lateness_ns);
+        self.prompt = self.prompt.saturating_add(o.prompt);
+        self.run = self.run.saturating_add(o.run);
+        self.spurious = self.spurious.saturating_add(o.spurious);
+    }
 }
 
 /// Event kinds in [`PendingEvent::kind`].

@@ -142,3 +142,154 @@ pub fn capture(
     }
     Capture::Sample(sample)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guestmem::write_plain;
+    use vm_memory::Bytes;
+
+    const CR3: u64 = 0x8000;
+    const USER_STACK: u64 = 0x300_0000;
+    const KERNEL_STACK: u64 = 0x310_0000;
+
+    /// 64 MiB identity-mapped by one 1 GiB page; vCPU 0 runs thread 5,
+    /// "worker"; a user stack of two frames and a kernel stack of one.
+    fn guest() -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let w = |addr: u64, value: u64| mem.write_obj(value, GuestAddress(addr)).unwrap();
+        w(CR3, 0x9000 | 1);
+        w(0x9000, 1 | 1 << 7); // PDPT[0]: 1 GiB page at 0
+        let mut page = VcpuShared {
+            current_tid: 5,
+            current_state: thread_state::RUNNING,
+            ..Default::default()
+        };
+        page.current_name[..6].copy_from_slice(b"worker");
+        write_plain(
+            &mem,
+            GuestAddress(layout::percpu_region(0) + layout::PERCPU_SHARED),
+            &page,
+        )
+        .unwrap();
+        // User frames: fp -> (caller fp, return address).
+        w(USER_STACK, USER_STACK + 0x100);
+        w(USER_STACK + 8, 0x40_1111);
+        w(USER_STACK + 0x100, 0);
+        w(USER_STACK + 0x108, 0x40_2222);
+        w(KERNEL_STACK, 0);
+        w(KERNEL_STACK + 8, 0x20_3333);
+        mem
+    }
+
+    fn settings(samplers: u32, filter: i32) -> Action {
+        Action {
+            samplers,
+            pid_filter: filter,
+            ..Action::default()
+        }
+    }
+
+    fn regs(cpl: u16, rip: u64, rbp: u64) -> (kvm_regs, kvm_sregs) {
+        let regs = kvm_regs {
+            rip,
+            rbp,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr3: CR3,
+            ..Default::default()
+        };
+        sregs.cs.selector = 0x08 | cpl;
+        (regs, sregs)
+    }
+
+    fn sample(capture: Capture) -> RawSample {
+        match capture {
+            Capture::Sample(sample) => sample,
+            other => panic!("no sample: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_cpl3_sample_walks_the_user_stack_only() {
+        let mem = guest();
+        let (r, s) = regs(3, 0x40_0000, USER_STACK);
+        let all = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
+        let got = sample(capture(&mem, 0, 77, (&r, &s), &settings(all, -1)));
+        assert_eq!(
+            (got.tid, got.thread_name.as_str(), got.cpl),
+            (5, "worker", 3)
+        );
+        assert_eq!(got.time_ns, 77);
+        assert_eq!(got.user_stack.frames, [0x40_0000, 0x40_1111, 0x40_2222]);
+        assert!(got.kernel_stack.frames.is_empty());
+        assert!(!got.walk_error());
+    }
+
+    #[test]
+    fn test_kt_sm_4_filter_decides_before_any_walk() {
+        let mem = guest();
+        let (r, s) = regs(3, 0x40_0000, USER_STACK);
+        let all = sampler::TH_INFO | sampler::USTACK;
+        assert_eq!(
+            capture(&mem, 0, 1, (&r, &s), &settings(all, 6)),
+            Capture::FilteredOut
+        );
+        // A filter that does not match also wins over an action without
+        // thread samplers: the handler ran, nothing is counted as sampled.
+        assert_eq!(
+            capture(&mem, 0, 1, (&r, &s), &settings(sampler::SYS_MEM, 6)),
+            Capture::FilteredOut
+        );
+        assert_eq!(
+            capture(&mem, 0, 1, (&r, &s), &settings(sampler::SYS_MEM, -1)),
+            Capture::NoThreadSamplers
+        );
+        assert_eq!(
+            sample(capture(&mem, 0, 1, (&r, &s), &settings(all, 5))).tid,
+            5
+        );
+    }
+
+    #[test]
+    fn test_only_the_stacks_the_action_asks_for_are_walked() {
+        let mem = guest();
+        let (r, s) = regs(3, 0x40_0000, USER_STACK);
+        let got = sample(capture(
+            &mem,
+            0,
+            1,
+            (&r, &s),
+            &settings(sampler::TH_INFO, -1),
+        ));
+        assert!(got.user_stack.frames.is_empty(), "{got:?}");
+        // The action's depth limits the walk.
+        let mut shallow = settings(sampler::USTACK, -1);
+        shallow.ucallstack_depth = 2;
+        let got = sample(capture(&mem, 0, 1, (&r, &s), &shallow));
+        assert_eq!(got.user_stack.frames, [0x40_0000, 0x40_1111]);
+        assert!(got.user_stack.truncated);
+    }
+
+    #[test]
+    fn test_cpl0_sample_takes_the_user_stack_from_the_interrupt_frame() {
+        let mem = guest();
+        // The interrupted CPL3 context, where the guest's entry path saved it.
+        let frame = layout::interrupt_frame(0);
+        for (offset, value) in [
+            (offset_of!(InterruptFrame, rip), 0x40_0abc),
+            (offset_of!(InterruptFrame, rbp), USER_STACK),
+            (offset_of!(InterruptFrame, cs), 0x20 | 3),
+        ] {
+            mem.write_obj(value, GuestAddress(frame + offset as u64))
+                .unwrap();
+        }
+        let (r, s) = regs(0, 0x20_0100, KERNEL_STACK);
+        let both = sampler::USTACK | sampler::KSTACK;
+        let got = sample(capture(&mem, 0, 1, (&r, &s), &settings(both, -1)));
+        assert_eq!(got.cpl, 0);
+        assert_eq!(got.kernel_stack.frames, [0x20_0100, 0x20_3333]);
+        assert_eq!(got.user_stack.frames, [0x40_0abc, 0x40_1111, 0x40_2222]);
+    }
+}

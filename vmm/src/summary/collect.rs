@@ -27,6 +27,11 @@ const CONSISTENT_READ_TRIES: u32 = 1000;
 pub fn read_vcpu_page(shared: &VmShared, id: u32) -> Option<VcpuShared> {
     let addr = GuestAddress(layout::percpu_region(id) + layout::PERCPU_SHARED);
     let mut page: VcpuShared = read_plain(&shared.mem, addr)?;
+    if page.cpu_inits == 0 {
+        // clockintr_cpu_init has not run: nothing is published (the sysctl
+        // skips such CPUs too).
+        return Some(page);
+    }
     for _ in 0..CONSISTENT_READ_TRIES {
         std::sync::atomic::fence(Ordering::Acquire);
         let again: VcpuShared = read_plain(&shared.mem, addr)?;
@@ -45,7 +50,7 @@ pub fn clockintr_stats(shared: &VmShared) -> (Vec<ClockintrSummary>, ClockintrSu
     let records: Vec<ClockintrSummary> = (0..shared.vcpus.len() as u32)
         .map(|id| {
             read_vcpu_page(shared, id)
-                .map(|page| page.clockintr.into())
+                .map(|page| page.clockintr)
                 .unwrap_or_default()
         })
         .collect();
@@ -199,7 +204,7 @@ fn vcpu_summary(
         statclock: guest.statclock,
         schedclock: guest.schedclock,
         profclock: guest.profclock,
-        clockintr: guest.clockintr.into(),
+        clockintr: guest.clockintr,
         guest_lateness_ns: Percentiles {
             p50: hist::percentile(&guest.lateness_hist, guest.lateness_max, 50),
             p99: hist::percentile(&guest.lateness_hist, guest.lateness_max, 99),

@@ -98,52 +98,8 @@ pub struct GuestVcpuSummary {
     pub timer_resumes_seen: u64,
 }
 
-/// clockintr statistics (`struct clockintr_stat`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ClockintrSummary {
-    /// ns spent dispatching.
-    pub dispatched_ns: u64,
-    /// Early dispatches.
-    pub early: u64,
-    /// ns of earliness.
-    pub earliness_ns: u64,
-    /// ns of lateness.
-    pub lateness_ns: u64,
-    /// Prompt dispatches.
-    pub prompt: u64,
-    /// Callbacks run.
-    pub run: u64,
-    /// Spurious dispatches.
-    pub spurious: u64,
-}
-
-impl From<metronome_abi::ClockintrStat> for ClockintrSummary {
-    fn from(s: metronome_abi::ClockintrStat) -> Self {
-        Self {
-            dispatched_ns: s.dispatched_ns,
-            early: s.early,
-            earliness_ns: s.earliness_ns,
-            lateness_ns: s.lateness_ns,
-            prompt: s.prompt,
-            run: s.run,
-            spurious: s.spurious,
-        }
-    }
-}
-
-impl ClockintrSummary {
-    /// Field-wise sum, spurious included (OpenBSD 7.4; 7.3 reported 0 there).
-    pub fn add(&mut self, o: &Self) {
-        // Guest-written values: saturate rather than overflow.
-        self.dispatched_ns = self.dispatched_ns.saturating_add(o.dispatched_ns);
-        self.early = self.early.saturating_add(o.early);
-        self.earliness_ns = self.earliness_ns.saturating_add(o.earliness_ns);
-        self.lateness_ns = self.lateness_ns.saturating_add(o.lateness_ns);
-        self.prompt = self.prompt.saturating_add(o.prompt);
-        self.run = self.run.saturating_add(o.run);
-        self.spurious = self.spurious.saturating_add(o.spurious);
-    }
-}
+/// clockintr statistics (`struct clockintr_stat`), as the guest publishes them.
+pub type ClockintrSummary = metronome_abi::ClockintrStat;
 
 /// Statclock ticks by state (OpenBSD's cp_time; no nice or spin states).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
