@@ -16,6 +16,10 @@
 #![no_std]
 #![deny(missing_docs)]
 
+mod frame;
+
+pub use frame::InterruptFrame;
+
 /// Magic value at the start of [`BootInfo`]: "METRONOM" in ASCII.
 pub const BOOT_MAGIC: u64 = 0x4d4f_4e4f_5254_454d;
 /// Version of the [`BootInfo`] layout.
@@ -77,9 +81,21 @@ pub mod layout {
     /// Largest guest memory size the VMM accepts, in MiB (RAM must stay below the MMIO window).
     pub const MAX_MEM_MIB: u64 = 3072;
 
+    /// Offset in a per-vCPU region of the [`crate::InterruptFrame`] of the
+    /// interrupt or system call being handled: the top of IST1 minus the frame
+    /// (every interrupt and system call enters on IST1, which never nests).
+    pub const INTERRUPT_FRAME_OFFSET_IN_PERCPU: u64 =
+        PERCPU_IST1_TOP - core::mem::size_of::<crate::InterruptFrame>() as u64;
+
     /// Guest physical address of vCPU `id`'s region.
     pub const fn percpu_region(id: u32) -> u64 {
         PERCPU_BASE + id as u64 * PERCPU_STRIDE
+    }
+
+    /// Guest physical address of vCPU `id`'s [`crate::InterruptFrame`] while it
+    /// handles an interrupt or system call (see [`INTERRUPT_FRAME_OFFSET_IN_PERCPU`]).
+    pub const fn interrupt_frame(id: u32) -> u64 {
+        percpu_region(id) + INTERRUPT_FRAME_OFFSET_IN_PERCPU
     }
 }
 
@@ -523,6 +539,9 @@ pub struct VcpuShared {
     pub lateness_hist: hist::Counts,
     /// Largest guest-measured lateness.
     pub lateness_max: u64,
+    /// The [`mmio::TIMER_RESUMES`] value the guest read in its last
+    /// [`Vector::TimerResume`] handler (0 before the first such interrupt).
+    pub timer_resumes_seen: u64,
 }
 
 /// What the guest publishes about each thread, at [`layout::THREAD_TABLE`].
@@ -632,6 +651,17 @@ const _: () = {
             <= layout::PML4
     );
     assert!(gdt::tss_selector(MAX_VCPUS) as u64 <= 0x1000);
+    // VcpuShared is integer-only and padding-free (the VMM copies it as plain
+    // data): every field is a u64, a u64 array, a pair of u32 or 16 bytes, so
+    // the last field ends the struct exactly.
+    assert!(
+        core::mem::offset_of!(VcpuShared, timer_resumes_seen)
+            == core::mem::offset_of!(VcpuShared, lateness_max) + 8
+    );
+    assert!(
+        core::mem::offset_of!(VcpuShared, timer_resumes_seen) + 8
+            == core::mem::size_of::<VcpuShared>()
+    );
 };
 
 #[cfg(test)]
