@@ -185,13 +185,11 @@ extern "C" fn mixer(_vcpu: u64) -> ! {
 //                             -> leaf_ten              10 %
 // Every leaf runs the same loop per unit, so time follows the unit counts.
 
+/// The leaves' loop as a function of its own (the sampled frame of the
+/// sleepy, producer and consumer threads).
 #[inline(never)]
 fn spin_units(units: u64) -> u64 {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for i in 0..units * 20_000 {
-        x = core::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    x
+    spin_units_inline(units)
 }
 
 #[inline(never)]

@@ -6,6 +6,8 @@
 //! the same time cannot race; the VMM reads the record at the address the
 //! guest writes to the register.
 
+use core::mem::MaybeUninit;
+
 use metronome_abi::mmio::{CTL_BASE, CTL_FAULT, CTL_PANIC};
 use metronome_abi::{port, FaultReport, PanicReport, MAX_VCPUS};
 
@@ -13,33 +15,19 @@ use crate::arch;
 use crate::drivers::vic;
 use crate::text::Buf;
 
-/// Per-vCPU fault records.
-static mut FAULTS: [FaultReport; MAX_VCPUS as usize] = [FaultReport {
-    vector: 0,
-    error_code: 0,
-    rip: 0,
-    cs: 0,
-    rflags: 0,
-    rsp: 0,
-    cr2: 0,
-    vcpu: 0,
-    tid: 0,
-}; MAX_VCPUS as usize];
-
-/// Per-vCPU panic records and their message text.
-static mut PANICS: [PanicReport; MAX_VCPUS as usize] = [PanicReport {
-    message_addr: 0,
-    message_len: 0,
-    vcpu: 0,
-}; MAX_VCPUS as usize];
+/// Per-vCPU fault records, written once each, right before the vCPU stops.
+static mut FAULTS: [MaybeUninit<FaultReport>; MAX_VCPUS as usize] =
+    [const { MaybeUninit::uninit() }; MAX_VCPUS as usize];
+/// Per-vCPU panic records and their message text, likewise.
+static mut PANICS: [MaybeUninit<PanicReport>; MAX_VCPUS as usize] =
+    [const { MaybeUninit::uninit() }; MAX_VCPUS as usize];
 static mut PANIC_TEXT: [Buf<256>; MAX_VCPUS as usize] = [const { Buf::new() }; MAX_VCPUS as usize];
 
 /// Reports a fatal exception to the VMM, which ends the VM, and stops this vCPU.
 pub fn report_fault(report: FaultReport) -> ! {
     let id = (report.vcpu as usize).min(MAX_VCPUS as usize - 1);
     // SAFETY: each vCPU only writes its own slot, once, right before stopping.
-    let slot = unsafe { &mut *core::ptr::addr_of_mut!(FAULTS[id]) };
-    *slot = report;
+    let slot: &FaultReport = unsafe { (*core::ptr::addr_of_mut!(FAULTS[id])).write(report) };
     // SAFETY: CTL_FAULT takes the address of a FaultReport; the VMM ends the VM.
     unsafe { arch::mmio_write(CTL_BASE + CTL_FAULT, slot as *const FaultReport as u64) };
     // SAFETY: nothing more to do on this vCPU.
@@ -68,11 +56,11 @@ pub fn report_panic(message: &str, location: Option<(&str, u32)>) -> ! {
             .push(b":")
             .num(u64::from(line));
     }
-    *report = PanicReport {
+    let report: &PanicReport = report.write(PanicReport {
         message_addr: text.as_bytes().as_ptr() as u64,
         message_len: text.as_bytes().len() as u64,
         vcpu: id as u64,
-    };
+    });
     // SAFETY: CTL_PANIC takes the address of a PanicReport; the VMM ends the VM.
     unsafe { arch::mmio_write(CTL_BASE + CTL_PANIC, report as *const PanicReport as u64) };
     // SAFETY: nothing more to do on this vCPU.
