@@ -111,7 +111,9 @@ impl InterruptFrame {
 // aligned: an even word count keeps `rsp` 16-byte aligned at the handler call.
 const _: () = {
     assert!(core::mem::size_of::<InterruptFrame>() == InterruptFrame::WORDS * 8);
-    assert!(InterruptFrame::WORDS % 2 == 0);
+    assert!(InterruptFrame::WORDS.is_multiple_of(2));
+    // The frame lies inside IST1, which spans the boot-stack top to the IST1 top.
+    assert!(crate::layout::INTERRUPT_FRAME_OFFSET_IN_PERCPU > crate::layout::PERCPU_BOOT_STACK_TOP);
 };
 
 #[cfg(test)]
@@ -161,7 +163,5 @@ mod tests {
             layout::interrupt_frame(3),
             layout::percpu_region(3) + layout::PERCPU_IST1_TOP - 22 * 8
         );
-        // Inside IST1, above the boot stack.
-        assert!(layout::INTERRUPT_FRAME_OFFSET_IN_PERCPU > layout::PERCPU_BOOT_STACK_TOP);
     }
 }
