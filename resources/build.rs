@@ -6,6 +6,10 @@
 //! target directory of our own (so it never waits on the outer build's lock)
 //! and with the outer build's flag variables removed, so that they cannot leak
 //! into the freestanding build.
+//!
+//! Any change on the guest side rebuilds it: every file under `guest-kernel/`
+//! (the kernel, `clockintr`, manifests, `Cargo.lock`, linker script, cargo
+//! config) and under `resources/abi/`, build output directories excepted.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -17,16 +21,8 @@ fn main() {
     let kernel_dir = manifest_dir.join("../guest-kernel");
     let abi_dir = manifest_dir.join("abi");
 
-    for dir in [&kernel_dir.join("src"), &abi_dir.join("src")] {
-        watch(dir);
-    }
-    for file in ["Cargo.toml", "build.rs", "linker.ld", ".cargo/config.toml"] {
-        println!("cargo:rerun-if-changed={}", kernel_dir.join(file).display());
-    }
-    println!(
-        "cargo:rerun-if-changed={}",
-        abi_dir.join("Cargo.toml").display()
-    );
+    watch(&kernel_dir);
+    watch(&abi_dir);
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target_dir = out_dir.join("guest-target");
@@ -59,16 +55,30 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
 }
 
+/// Asks cargo to rerun this script when a file under `dir` changes, is added
+/// or is removed, skipping build output (`target/`, at any depth).
+///
+/// Cargo scans a directory given to `rerun-if-changed` recursively, so a
+/// directory that holds a `target/` is not named itself (its build output
+/// changes on every build); its files and clean subdirectories are.
 fn watch(dir: &Path) {
-    println!("cargo:rerun-if-changed={}", dir.display());
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                watch(&path);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut holds_target = false;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if entry.file_name() == "target" {
+                holds_target = true;
             } else {
-                println!("cargo:rerun-if-changed={}", path.display());
+                watch(&path);
             }
+        } else {
+            println!("cargo:rerun-if-changed={}", path.display());
         }
+    }
+    if !holds_target {
+        println!("cargo:rerun-if-changed={}", dir.display());
     }
 }

@@ -1,122 +1,32 @@
-//! x86_64 primitives: the boot entry, interrupt entry stubs, the IDT, port and
-//! MMIO access, and a few privileged instructions.
+//! x86_64 primitives: the idle and halt loops, the IDT, port and MMIO access,
+//! and a few privileged instructions. The bottom layer: it uses no other
+//! module of the kernel.
 //!
-//! The VMM enters `_start` in 64-bit long mode with paging, the GDT, the TSS and
-//! a per-vCPU stack already set up (see `vmm::builder`), `rdi` = vCPU id and
-//! `rsi` = guest address of the boot-information block. Interrupts are off.
+//! The VMM enters `_start` (in `main.rs`) in 64-bit long mode with paging, the
+//! GDT, the TSS and a per-vCPU stack already set up (see `vmm::builder`),
+//! `rdi` = vCPU id and `rsi` = guest address of the boot-information block.
+//! Interrupts are off.
 //!
 //! Every IDT gate uses an IST stack, so every interrupt and exception switches to
 //! a known stack: the precompiled `core` uses the red zone, and an interrupt
 //! taken on the interrupted stack would clobber it. IST1 serves interrupts and
 //! the system-call door, IST2 the exceptions that end the VM. All gates are
-//! interrupt gates (IF cleared on entry), so IST1 never nests.
+//! interrupt gates (IF cleared on entry), so IST1 never nests. The entry stubs
+//! the gates point at belong to the dispatcher (`trap`), which hands their
+//! addresses to [`build_idt`].
 
 use core::arch::{asm, global_asm};
 
 use metronome_abi::gdt::KERNEL_CS;
 
-/// The register state saved by the interrupt entry path, in stack order.
-///
-/// The entry stub pushes `vector` and `error_code` (a zero for vectors without
-/// one) on top of the CPU's frame; the common entry pushes the general-purpose
-/// registers. Handlers may rewrite the whole frame to switch contexts.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Frame {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rdi: u64,
-    pub rsi: u64,
-    pub rbp: u64,
-    pub rdx: u64,
-    pub rcx: u64,
-    pub rbx: u64,
-    pub rax: u64,
-    pub vector: u64,
-    pub error_code: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
+/// The register state saved by the interrupt entry path: the ABI's frame,
+/// which the VMM reads too.
+pub use metronome_abi::InterruptFrame as Frame;
 
-impl Frame {
-    /// The privilege level the interrupted code ran at.
-    pub fn cpl(&self) -> u64 {
-        self.cs & 3
-    }
-}
-
-// The boot entry and the interrupt entry path.
-//
-// `_start`: clear the frame pointer chain and call `kmain(vcpu_id, boot_info)`.
-//
-// `isr_common`: save the general-purpose registers, call `trap(frame)`, restore
-// (possibly another context's) registers, drop vector and error code, `iretq`.
-// The IST tops are 16-byte aligned and the CPU frame, the two stub words and the
-// fifteen registers are 22 words, so `rsp` is 16-byte aligned at the call.
+// `idle_loop`: the idle context. `halt_forever`: stop this vCPU for good.
 global_asm!(
     r#"
-    .section .text.boot, "ax"
-    .global _start
-    .type _start, @function
-_start:
-    xor ebp, ebp
-    call {kmain}
-    ud2
-    .size _start, . - _start
-
     .text
-    .global isr_common
-    .type isr_common, @function
-isr_common:
-    push rax
-    push rbx
-    push rcx
-    push rdx
-    push rbp
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
-    push r11
-    push r12
-    push r13
-    push r14
-    push r15
-    mov rdi, rsp
-    cld
-    // End the kernel's frame-pointer chain here: the interrupted context's
-    // frames are reached through the saved frame, not through RBP.
-    xor ebp, ebp
-    call {trap}
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rbp
-    pop rdx
-    pop rcx
-    pop rbx
-    pop rax
-    add rsp, 16
-    iretq
-    .size isr_common, . - isr_common
-
     .global idle_loop
     .type idle_loop, @function
 idle_loop:
@@ -133,58 +43,10 @@ halt_forever:
     hlt
     jmp halt_forever
     .size halt_forever, . - halt_forever
-
-    .macro isr_noerr n
-isr_\n:
-    push 0
-    push \n
-    jmp isr_common
-    .endm
-
-    .macro isr_err n
-isr_\n:
-    push \n
-    jmp isr_common
-    .endm
-
-    .altmacro
-    .macro isr_for n
-    .if (\n == 8) || (\n == 10) || (\n == 11) || (\n == 12) || (\n == 13) || (\n == 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
-    isr_err %n
-    .else
-    isr_noerr %n
-    .endif
-    .endm
-
-    .set i, 0
-    .rept 256
-    isr_for %i
-    .set i, i + 1
-    .endr
-
-    .macro isr_addr n
-    .quad isr_\n
-    .endm
-
-    .section .rodata
-    .balign 8
-    .global ISR_TABLE
-ISR_TABLE:
-    .set i, 0
-    .rept 256
-    isr_addr %i
-    .set i, i + 1
-    .endr
-    .noaltmacro
-    .text
-    "#,
-    kmain = sym crate::kmain,
-    trap = sym crate::trap::trap,
+    "#
 );
 
 extern "C" {
-    /// Addresses of the 256 entry stubs, in vector order.
-    static ISR_TABLE: [u64; 256];
     /// The idle context: `sti; hlt` forever at CPL0.
     pub fn idle_loop() -> !;
     /// Stops this vCPU for good: `cli; hlt` forever.
@@ -222,14 +84,14 @@ static mut IDT: Idt = Idt([Gate {
     reserved: 0,
 }; 256]);
 
-/// Fills the shared IDT: exceptions on IST2, everything else on IST1, the
-/// breakpoint gate (the system-call door) callable from CPL3.
+/// Fills the shared IDT with the entry stubs `stubs` (in vector order):
+/// exceptions on IST2, everything else on IST1, the breakpoint gate (the
+/// system-call door) callable from CPL3.
 ///
 /// # Safety
-/// Must run once, on the bootstrap vCPU, before any vCPU loads the IDT.
-pub unsafe fn build_idt() {
-    // SAFETY: ISR_TABLE is an immutable table emitted by the assembler above.
-    let table = unsafe { &*core::ptr::addr_of!(ISR_TABLE) };
+/// Must run once, on the bootstrap vCPU, before any vCPU loads the IDT; every
+/// address in `stubs` must be an interrupt entry point.
+pub unsafe fn build_idt(table: &[u64; 256]) {
     // SAFETY: the caller guarantees no other vCPU reads the IDT yet.
     let idt = unsafe { &mut *core::ptr::addr_of_mut!(IDT) };
     for (vector, gate) in idt.0.iter_mut().enumerate() {

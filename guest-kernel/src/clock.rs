@@ -1,60 +1,53 @@
 //! The clock: OpenBSD 7.3's clockintr on the VMM's per-vCPU timer device.
 //!
-//! The device (`metronome_abi::mmio::TIMER_*`) is banked: every vCPU reaches its
-//! own one-shot timer at the same address; it is this vCPU's `intrclock`
-//! ([`TimerDevice`]). The device clock counts nanoseconds since the VM was
-//! created and is also the guest's uptime clock (`nsecuptime`): one time base
-//! for the clock and the timer (spec AMB-2), so a dispatch is never early.
+//! Each vCPU's timer (`drivers::timer`) is its `intrclock`. The device clock
+//! counts nanoseconds since the VM was created and is also the guest's uptime
+//! clock (`nsecuptime`): one time base for the clock and the timer (spec
+//! AMB-2), so a rearmed timer never fires before the deadline clockintr
+//! computed. Early dispatches still happen, exactly in these cases:
+//! - the dispatch that the `clockintr_trigger` right after `clockintr_cpu_init`
+//!   causes, on every vCPU except the bootstrap vCPU at boot: there
+//!   `cpu_init` has placed every event strictly after the current uptime (the
+//!   bootstrap vCPU's first `cpu_init` leaves hardclock at 0, CI-CPU-3, so its
+//!   first dispatch is prompt). So each secondary vCPU counts one early
+//!   dispatch at boot, and every vCPU one more after each resume with
+//!   re-initialisation (which re-runs `cpu_init` and the trigger);
+//! - a dispatch after a rearm the device clamped to `TIMER_MAX_NS` (only with
+//!   periods above about 4.3 s, i.e. hz or stathz below 1).
 //!
 //! The kernel side of clockintr lives here too: `hardclock` (tick count,
-//! round-robin preemption every hz/10 ticks, sleep wake-ups), `statclock`
-//! (charges the current thread's user, system or interrupt time, or the vCPU's
-//! idle time; profclock while profiling), `schedclock` (estcpu and priority).
+//! round-robin preemption every hz/10 ticks), `statclock` (charges the current
+//! thread's user or interrupt time, or the vCPU's idle time; profclock while
+//! profiling; the statclock-driven schedclock when schedhz is 0), `schedclock`
+//! (estcpu and priority). What follows a hardclock (sleep wake-ups,
+//! preemption) is the scheduler's, which the dispatcher runs after
+//! [`interrupt`].
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use clockintr::{ClockIntr, Config, IntervalSink, IntrClock, Machine, Outcome};
-use metronome_abi::mmio::{TIMER_BASE, TIMER_NOW, TIMER_REARM_NS, TIMER_TRIGGER};
+use clockintr::{ClockIntr, ClockQueue, Config, IntervalSink, Machine, Outcome};
 use metronome_abi::{event_kind, hist, VcpuShared, STAT_INTERVALS};
 
 use crate::arch::{self, Frame};
-use crate::{percpu, sched};
+use crate::boot;
+use crate::drivers::control;
+use crate::drivers::timer::{self, Intrclock};
+use crate::percpu::{PerCpu, SchedTicks};
+use crate::sched;
 
 /// The global clockintr state (`clockintr_init` runs once, on vCPU 0).
 pub static CLOCKINTR: ClockIntr = ClockIntr::new();
-
-/// Guest uptime in ns: the device clock.
-pub fn uptime_ns() -> u64 {
-    // SAFETY: TIMER_NOW is a read-only register of this vCPU's timer bank.
-    unsafe { arch::mmio_read(TIMER_BASE + TIMER_NOW) }
-}
-
-/// This vCPU's timer device as clockintr's `intrclock`.
-#[derive(Debug)]
-pub struct TimerDevice;
-
-impl IntrClock for TimerDevice {
-    fn rearm(&mut self, nsecs: u64) {
-        // SAFETY: TIMER_REARM_NS is the rearm register of this vCPU's timer bank.
-        unsafe { arch::mmio_write(TIMER_BASE + TIMER_REARM_NS, nsecs) };
-    }
-
-    fn trigger(&mut self) {
-        // SAFETY: TIMER_TRIGGER is the trigger register of this vCPU's timer bank.
-        unsafe { arch::mmio_write(TIMER_BASE + TIMER_TRIGGER, 0) };
-    }
-}
 
 /// Panics with clockintr's message for `error` (fatal in OpenBSD too).
 #[track_caller]
 fn fatal(error: clockintr::Error) -> ! {
     let location = core::panic::Location::caller();
-    crate::trap::kernel_panic(error.message(), Some((location.file(), location.line())))
+    control::report_panic(error.message(), Some((location.file(), location.line())))
 }
 
 /// `clockintr_init` with the boot block's frequencies (vCPU 0, before the others start).
 pub fn init_global() {
-    let boot = crate::boot_info();
+    let boot = boot::info();
     let config = Config {
         hz: boot.hz,
         stathz: boot.stathz,
@@ -67,60 +60,57 @@ pub fn init_global() {
     }
 }
 
-/// Per-vCPU start: `clockintr_cpu_init` with the timer device, then
+/// Per-vCPU start: `clockintr_cpu_init` with the timer, then
 /// `clockintr_trigger`, as OpenBSD 7.3's drivers do.
-pub fn start(id: u32) {
-    let boot = crate::boot_info();
-    let cpu = percpu::get(id);
-    cpu.queue = clockintr::ClockQueue::new(id, boot.vcpu_count, id == 0, boot.stat_seed);
-    cpu_init(id);
+pub fn start(cpu: &mut PerCpu, shared: &mut VcpuShared) {
+    cpu_init(cpu, shared);
 }
 
-fn cpu_init(id: u32) {
-    let cpu = percpu::get(id);
-    let mut machine = GuestMachine {
-        id,
-        frame: None,
-        need_resched: false,
-    };
+fn cpu_init(cpu: &mut PerCpu, shared: &mut VcpuShared) {
+    let (mut machine, _) = GuestMachine::new(&mut cpu.ticks, cpu.current, shared, None);
     if let Err(e) = cpu
         .queue
-        .cpu_init(&CLOCKINTR, &mut machine, Some(TimerDevice))
+        .cpu_init(&CLOCKINTR, &mut machine, Some(Intrclock))
     {
         fatal(e);
     }
     cpu.first_since_init = true;
     cpu.programmed_deadline = None;
-    percpu::shared(id).cpu_inits += 1;
-    publish(id);
+    shared.cpu_inits += 1;
+    publish(&cpu.queue, shared);
     if let Err(e) = cpu.queue.trigger() {
         fatal(e);
     }
 }
 
-/// The resume interrupt: the VM was paused and the clock jumped; re-place the
-/// events on their grid past now (the resume rule, CI-CPU-6).
-pub fn resume(id: u32) {
-    cpu_init(id);
+/// The resume interrupt: the VM was paused and the clock jumped; record the
+/// device's resume count and re-place the events on their grid past now (the
+/// resume rule, CI-CPU-6).
+pub fn resume(cpu: &mut PerCpu, shared: &mut VcpuShared) {
+    shared.timer_resumes_seen = timer::resumes();
+    cpu_init(cpu, shared);
 }
 
-/// The timer interrupt: `clockintr_dispatch`, then preemption if hardclock asked.
-pub fn interrupt(id: u32, frame: &mut Frame) {
-    let shared = percpu::shared(id);
+/// What a dispatch that ran hardclock asks of the scheduler.
+#[derive(Clone, Copy, Debug)]
+pub struct Hardclock {
+    /// The uptime at the end of the dispatch.
+    pub now: u64,
+    /// Round-robin asked for a preemption.
+    pub need_resched: bool,
+}
+
+/// The timer interrupt: `clockintr_dispatch`. Returns what the scheduler must
+/// do when hardclock ran.
+pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Option<Hardclock> {
     shared.timer_interrupts += 1;
-    let cpu = percpu::get(id);
-    let mut machine = GuestMachine {
-        id,
-        frame: Some(frame),
-        need_resched: false,
-    };
-    let mut sink = Sink(id);
+    let (mut machine, mut sink) =
+        GuestMachine::new(&mut cpu.ticks, cpu.current, shared, Some(frame));
     let report = match cpu.queue.dispatch(&CLOCKINTR, &mut machine, &mut sink) {
         Ok(report) => report,
         Err(e) => fatal(e),
     };
     let need_resched = machine.need_resched;
-    let shared = percpu::shared(id);
     if let Some(deadline) = cpu.programmed_deadline {
         if report.start >= deadline {
             let late = report.start - deadline;
@@ -141,19 +131,18 @@ pub fn interrupt(id: u32, frame: &mut Frame) {
         }
     }
     shared.last_dispatch_ns = report.end;
-    publish(id);
-    if report.calls.hardclock > 0 {
-        sched::hardclock_tick(id, frame, report.end, need_resched);
-    }
+    publish(&cpu.queue, shared);
+    (report.calls.hardclock > 0).then_some(Hardclock {
+        now: report.end,
+        need_resched,
+    })
 }
 
 /// Copies the queue's statistics and pending events to the shared page.
-fn publish(id: u32) {
-    let cpu = percpu::get(id);
-    let shared = percpu::shared(id);
+fn publish(queue: &ClockQueue<Intrclock>, shared: &mut VcpuShared) {
     let gen = shared.clockintr_gen;
     shared.clockintr_gen = 0;
-    let (stats, _) = cpu.queue.stats();
+    let (stats, _) = queue.stats();
     shared.clockintr = metronome_abi::ClockintrStat {
         dispatched_ns: stats.dispatched,
         early: stats.early,
@@ -164,7 +153,7 @@ fn publish(id: u32) {
         spurious: stats.spurious,
     };
     let mut n = 0;
-    for event in cpu.queue.pending() {
+    for event in queue.pending() {
         shared.pending[n] = metronome_abi::PendingEvent {
             kind: kind_code(event.kind),
             expiration: event.expiration,
@@ -172,7 +161,7 @@ fn publish(id: u32) {
         n += 1;
     }
     shared.pending_count = n as u64;
-    for event in cpu.queue.idle_events() {
+    for event in queue.idle_events() {
         if n < shared.pending.len() {
             shared.pending[n] = metronome_abi::PendingEvent {
                 kind: kind_code(event.kind) | 0x100,
@@ -184,7 +173,7 @@ fn publish(id: u32) {
     for slot in &mut shared.pending[n..] {
         *slot = metronome_abi::PendingEvent::default();
     }
-    shared.running = cpu.queue.running().map_or(event_kind::NONE, kind_code);
+    shared.running = queue.running().map_or(event_kind::NONE, kind_code);
     shared.clockintr_gen = gen.wrapping_add(1).max(1);
 }
 
@@ -196,34 +185,96 @@ fn kind_code(kind: clockintr::EventKind) -> u64 {
     }
 }
 
-/// Records randomized statclock intervals in vCPU `.0`'s shared page.
-struct Sink(u32);
+/// Records randomized statclock intervals in the shared page's
+/// `stat_interval*` fields.
+struct Sink<'a> {
+    count: &'a mut u64,
+    sum: &'a mut u64,
+    min: &'a mut u64,
+    max: &'a mut u64,
+    first: &'a mut [u64; STAT_INTERVALS],
+}
 
-impl IntervalSink for Sink {
+impl IntervalSink for Sink<'_> {
     fn interval(&mut self, ns: u64) {
-        let s: &mut VcpuShared = percpu::shared(self.0);
-        if (s.stat_interval_count as usize) < STAT_INTERVALS {
-            s.stat_intervals[s.stat_interval_count as usize] = ns;
+        if (*self.count as usize) < STAT_INTERVALS {
+            self.first[*self.count as usize] = ns;
         }
-        if s.stat_interval_count == 0 || ns < s.stat_interval_min {
-            s.stat_interval_min = ns;
+        if *self.count == 0 || ns < *self.min {
+            *self.min = ns;
         }
-        s.stat_interval_max = s.stat_interval_max.max(ns);
-        s.stat_interval_count += 1;
-        s.stat_interval_sum += ns;
+        *self.max = (*self.max).max(ns);
+        *self.count += 1;
+        *self.sum += ns;
     }
 }
 
-/// The kernel around clockintr on one vCPU, with the interrupted frame.
+/// The kernel around clockintr on one vCPU, with the interrupted frame. It
+/// borrows the shared page's callback counters and the [`SchedTicks`]; the
+/// queue it runs in is borrowed separately, so no part of the vCPU's data is
+/// reachable twice during a dispatch.
 struct GuestMachine<'a> {
-    id: u32,
     frame: Option<&'a Frame>,
+    /// The current thread's slot; callbacks never switch threads.
+    current: Option<usize>,
+    ticks: &'a mut SchedTicks,
+    hardclock: &'a mut u64,
+    ticks_count: &'a mut u64,
+    statclock: &'a mut u64,
+    profclock: &'a mut u64,
+    schedclock: &'a mut u64,
+    cp_time: &'a mut [u64; 4],
     need_resched: bool,
+}
+
+impl<'a> GuestMachine<'a> {
+    /// Splits `shared` between the machine and the interval sink.
+    fn new(
+        ticks: &'a mut SchedTicks,
+        current: Option<usize>,
+        shared: &'a mut VcpuShared,
+        frame: Option<&'a Frame>,
+    ) -> (Self, Sink<'a>) {
+        let VcpuShared {
+            hardclock,
+            ticks: ticks_count,
+            statclock,
+            profclock,
+            schedclock,
+            cp_time,
+            stat_interval_count,
+            stat_interval_sum,
+            stat_interval_min,
+            stat_interval_max,
+            stat_intervals,
+            ..
+        } = shared;
+        let machine = Self {
+            frame,
+            current,
+            ticks,
+            hardclock,
+            ticks_count,
+            statclock,
+            profclock,
+            schedclock,
+            cp_time,
+            need_resched: false,
+        };
+        let sink = Sink {
+            count: stat_interval_count,
+            sum: stat_interval_sum,
+            min: stat_interval_min,
+            max: stat_interval_max,
+            first: stat_intervals,
+        };
+        (machine, sink)
+    }
 }
 
 impl Machine for GuestMachine<'_> {
     fn nsecuptime(&mut self) -> u64 {
-        uptime_ns()
+        timer::uptime_ns()
     }
 
     fn at_clock_ipl(&self) -> bool {
@@ -232,44 +283,50 @@ impl Machine for GuestMachine<'_> {
     }
 
     fn hardclock(&mut self) {
-        let shared = percpu::shared(self.id);
-        shared.hardclock += 1;
-        shared.ticks += 1;
-        let cpu = percpu::get(self.id);
-        cpu.rr_ticks = cpu.rr_ticks.saturating_sub(1);
-        if cpu.rr_ticks == 0 {
+        *self.hardclock += 1;
+        *self.ticks_count += 1;
+        let ticks = &mut *self.ticks;
+        ticks.rr_ticks = ticks.rr_ticks.saturating_sub(1);
+        if ticks.rr_ticks == 0 {
             // roundrobin(): every hz/10 ticks (100 ms), as OpenBSD's rrticks_init.
-            cpu.rr_ticks = (CLOCKINTR.config().hz / 10).max(1);
+            ticks.rr_ticks = (CLOCKINTR.config().hz / 10).max(1);
             self.need_resched = true;
         }
     }
 
     fn statclock(&mut self) {
-        let shared = percpu::shared(self.id);
-        shared.statclock += 1;
-        let cpu = percpu::get(self.id);
+        *self.statclock += 1;
+        let ticks = &mut *self.ticks;
         if PROFILING.load(Ordering::Relaxed) {
             // profclock runs at profhz; accounting divides down to stathz.
-            shared.profclock += 1;
-            cpu.pscnt = cpu.pscnt.saturating_sub(1);
-            if cpu.pscnt > 0 {
+            *self.profclock += 1;
+            ticks.pscnt = ticks.pscnt.saturating_sub(1);
+            if ticks.pscnt > 0 {
                 return;
             }
-            cpu.pscnt = PSDIV.load(Ordering::Relaxed).max(1);
+            ticks.pscnt = PSDIV.load(Ordering::Relaxed).max(1);
         } else {
-            cpu.pscnt = 1;
+            ticks.pscnt = 1;
         }
         let user = self.frame.is_some_and(|f| f.cpl() == 3);
-        sched::charge_stat_tick(self.id, user);
+        sched::charge_stat_tick(self.current, self.cp_time, user);
+        // With schedhz == 0, statclock drives schedclock every 4th tick of a
+        // thread, as OpenBSD does (not counted as schedclock events).
+        if self.current.is_some() && CLOCKINTR.schedclock_period() == 0 {
+            ticks.schedticks = ticks.schedticks.wrapping_add(1);
+            if ticks.schedticks & 3 == 0 {
+                sched::schedclock(self.current);
+            }
+        }
     }
 
     fn has_curproc(&self) -> bool {
-        percpu::get(self.id).current.is_some()
+        self.current.is_some()
     }
 
     fn schedclock(&mut self) {
-        percpu::shared(self.id).schedclock += 1;
-        sched::schedclock(self.id);
+        *self.schedclock += 1;
+        sched::schedclock(self.current);
     }
 }
 

@@ -11,47 +11,80 @@
 //! block and builds the IDT; every vCPU loads the IDT, initialises its per-vCPU
 //! data and shared page, creates its workload threads, arms its timer and
 //! drops into its idle context, from which the first timer tick schedules.
+//!
+//! # Module dependencies
+//!
+//! Dependencies point one way, from the top of this list down; a module uses
+//! only modules listed below it (modules on one line do not use each other):
+//!
+//! ```text
+//! main       wiring: _start, kmain, the panic handler
+//! trap       interrupt entry path and dispatch: the only caller of percpu::with
+//!            at run time; drives clock, sched, syscall and the workload hooks
+//! workloads  built-in workloads: CPL3 thread bodies and kernel hooks
+//! syscall    the system-call door: kernel dispatch and user-side wrappers
+//! clock      clockintr on the timer: dispatch callbacks, statistics, profiling
+//! sched      threads, run queues, context switches (no workload or clock knowledge)
+//! percpu     per-vCPU data, lent by percpu::with
+//! drivers    vic, timer, console, control: one module per emulated device
+//! runq       the run-queue ring
+//! arch       CPU primitives, the IDT, the frame type
+//! boot, text, mem   boot block, text buffer, memcpy and friends
+//! ```
 
 #![no_std]
 #![no_main]
 
 mod arch;
+mod boot;
 mod clock;
-mod console;
+mod drivers;
 mod mem;
 mod percpu;
+mod runq;
 mod sched;
 mod syscall;
+mod text;
 mod trap;
 mod workloads;
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::arch::global_asm;
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use metronome_abi::{BootInfo, BOOT_MAGIC, BOOT_VERSION};
+use metronome_abi::{BOOT_MAGIC, BOOT_VERSION};
 
 /// Set by the bootstrap vCPU once the IDT is built and the boot block checked.
 static BOOT_READY: AtomicBool = AtomicBool::new(false);
-/// vCPUs that finished their own initialisation.
-pub static ONLINE: AtomicU32 = AtomicU32::new(0);
 
-/// The boot-information block (written by the VMM before any vCPU ran).
-pub fn boot_info() -> &'static BootInfo {
-    // SAFETY: the VMM writes a BootInfo at this fixed, identity-mapped address
-    // before the first instruction and never changes it afterwards.
-    unsafe { &*(metronome_abi::layout::BOOT_INFO as *const BootInfo) }
-}
+// The boot entry: clear the frame-pointer chain and call
+// `kmain(vcpu_id, boot_info)` with the registers the VMM set.
+global_asm!(
+    r#"
+    .section .text.boot, "ax"
+    .global _start
+    .type _start, @function
+_start:
+    xor ebp, ebp
+    call {kmain}
+    ud2
+    .size _start, . - _start
+    .text
+    "#,
+    kmain = sym kmain,
+);
 
 /// Kernel entry, called by `_start` on every vCPU with its id.
 #[no_mangle]
 extern "C" fn kmain(vcpu_id: u64, _boot: u64) -> ! {
     let id = vcpu_id as u32;
     if id == 0 {
-        let boot = boot_info();
+        let boot = boot::info();
         if boot.magic != BOOT_MAGIC || boot.version != BOOT_VERSION {
             panic!("bad boot-information block");
         }
-        // SAFETY: only the bootstrap vCPU runs this, before BOOT_READY releases the others.
-        unsafe { arch::build_idt() };
+        // SAFETY: only the bootstrap vCPU runs this, before BOOT_READY releases
+        // the others; the table holds the interrupt entry stubs.
+        unsafe { arch::build_idt(trap::entry_stubs()) };
         clock::init_global();
         BOOT_READY.store(true, Ordering::Release);
     } else {
@@ -62,9 +95,10 @@ extern "C" fn kmain(vcpu_id: u64, _boot: u64) -> ! {
     // SAFETY: BOOT_READY guarantees the IDT is complete.
     unsafe { arch::load_idt() };
     percpu::init(id);
-    ONLINE.fetch_add(1, Ordering::AcqRel);
-    workloads::start(id);
-    clock::start(id);
+    percpu::with(id, |cpu, shared| {
+        workloads::start(cpu);
+        clock::start(cpu, shared);
+    });
     sched::enter_idle(id)
 }
 
@@ -73,7 +107,18 @@ extern "C" fn kmain(vcpu_id: u64, _boot: u64) -> ! {
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
 
+/// Reports the panic to the VMM and stops this vCPU.
+///
+/// Messages are never formatted here: `core`'s number formatting uses SSE,
+/// which CPL0 code cannot run on kvm_pvm. A literal message is copied; any
+/// other (a compiler-inserted bounds check, say) is replaced by a fixed text,
+/// and the location tells where it happened.
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    trap::report_panic(info)
+    let message = info
+        .message()
+        .as_str()
+        .unwrap_or("panic with a formatted message (not formatted at CPL0)");
+    let location = info.location().map(|l| (l.file(), l.line()));
+    drivers::control::report_panic(message, location)
 }

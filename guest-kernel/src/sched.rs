@@ -11,14 +11,19 @@
 //! When nothing is runnable the vCPU switches to its idle context, a CPL0 loop
 //! of `sti; hlt` on the vCPU's boot stack; the VMM parks the vCPU thread on HLT
 //! until an interrupt is pending for it.
+//!
+//! The scheduler knows nothing of workloads or of the clock: the dispatcher
+//! passes it the vCPU's data (see `percpu::with`), the clock's verdicts
+//! (`need_resched`, the uptime) and the workload's tick hook.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use metronome_abi::gdt::{KERNEL_CS, KERNEL_DS, USER_CS, USER_DS};
-use metronome_abi::{layout, thread_state, ThreadInfo, MAX_THREADS};
+use metronome_abi::{layout, thread_state, ThreadInfo, VcpuShared, MAX_THREADS};
 
 use crate::arch::{self, Frame, FxArea};
-use crate::percpu;
+use crate::boot;
+use crate::percpu::{self, PerCpu};
 
 /// cp_time indices (OpenBSD CP_USER, CP_SYS, CP_INTR, CP_IDLE; no CP_NICE/CP_SPIN).
 const CP_USER: usize = 0;
@@ -67,30 +72,7 @@ static mut THREADS: [Thread; MAX_THREADS] = [const {
         name: [0; 16],
         wake_at: 0,
         wait_channel: 0,
-        frame: Frame {
-            r15: 0,
-            r14: 0,
-            r13: 0,
-            r12: 0,
-            r11: 0,
-            r10: 0,
-            r9: 0,
-            r8: 0,
-            rdi: 0,
-            rsi: 0,
-            rbp: 0,
-            rdx: 0,
-            rcx: 0,
-            rbx: 0,
-            rax: 0,
-            vector: 0,
-            error_code: 0,
-            rip: 0,
-            cs: 0,
-            rflags: 0,
-            rsp: 0,
-            ss: 0,
-        },
+        frame: Frame::ZERO,
         fx: FxArea::initial(),
     }
 }; MAX_THREADS];
@@ -116,65 +98,25 @@ fn thread(slot: usize) -> &'static mut Thread {
     unsafe { &mut *core::ptr::addr_of_mut!(THREADS[slot]) }
 }
 
-/// A fixed ring of thread-table slots.
-pub struct RunQueue {
-    slots: [u16; MAX_THREADS],
-    head: usize,
-    len: usize,
-}
-
-impl RunQueue {
-    /// An empty queue.
-    pub const fn new() -> Self {
-        Self {
-            slots: [0; MAX_THREADS],
-            head: 0,
-            len: 0,
-        }
-    }
-
-    fn push(&mut self, slot: usize) {
-        // Cannot overflow: a vCPU owns at most MAX_THREADS threads and each is queued once.
-        let tail = (self.head + self.len) % MAX_THREADS;
-        self.slots[tail] = slot as u16;
-        self.len += 1;
-    }
-
-    fn pop(&mut self) -> Option<usize> {
-        if self.len == 0 {
-            return None;
-        }
-        let slot = self.slots[self.head] as usize;
-        self.head = (self.head + 1) % MAX_THREADS;
-        self.len -= 1;
-        Some(slot)
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 /// A user thread's entry point.
 pub type Entry = extern "C" fn(arg: u64) -> !;
 
-/// Creates a runnable CPL3 thread on vCPU `id` running `entry(arg)`.
+/// Creates a runnable CPL3 thread on vCPU `cpu` running `entry(arg)`.
 ///
 /// Returns the thread id, or `None` when the table or the heap is full.
-pub fn spawn(id: u32, name: &[u8], entry: Entry, arg: u64) -> Option<u32> {
+pub fn spawn(cpu: &mut PerCpu, name: &[u8], entry: Entry, arg: u64) -> Option<u32> {
     let slot = NEXT_SLOT.fetch_add(1, Ordering::Relaxed);
     if slot >= MAX_THREADS {
         return None;
     }
-    let boot = crate::boot_info();
     let stack_index = NEXT_STACK.fetch_add(1, Ordering::Relaxed) as u64;
     let stack_top = layout::HEAP_BASE + (stack_index + 1) * STACK_SIZE;
-    if stack_top > boot.heap_end {
+    if stack_top > boot::info().heap_end {
         return None;
     }
     let t = thread(slot);
     t.tid = slot as u32 + 1;
-    t.vcpu = id;
+    t.vcpu = cpu.id;
     t.state = thread_state::RUNNABLE;
     t.has_run = false;
     let n = name.len().min(t.name.len());
@@ -188,18 +130,17 @@ pub fn spawn(id: u32, name: &[u8], entry: Entry, arg: u64) -> Option<u32> {
         rsp: stack_top - 8,
         ss: u64::from(USER_DS),
         rdi: arg,
-        ..Frame::default()
+        ..Frame::ZERO
     };
     t.fx = FxArea::initial();
     *info(slot) = ThreadInfo {
         tid: u64::from(t.tid),
-        vcpu: u64::from(id),
+        vcpu: u64::from(cpu.id),
         state: u64::from(thread_state::RUNNABLE),
         name: t.name,
         priority: PUSER,
         ..ThreadInfo::default()
     };
-    let cpu = percpu::get(id);
     cpu.owned[cpu.owned_len] = slot as u16;
     cpu.owned_len += 1;
     cpu.runq.push(slot);
@@ -208,16 +149,17 @@ pub fn spawn(id: u32, name: &[u8], entry: Entry, arg: u64) -> Option<u32> {
 
 /// Leaves kernel initialisation for the idle context of vCPU `id`.
 pub fn enter_idle(id: u32) -> ! {
-    let cpu = percpu::get(id);
     let stack_top = layout::percpu_region(id) + layout::PERCPU_BOOT_STACK_TOP;
-    cpu.idle_frame = Frame {
-        rip: arch::idle_loop as *const () as u64,
-        cs: u64::from(KERNEL_CS),
-        rflags: 0x2,
-        rsp: stack_top,
-        ss: u64::from(KERNEL_DS),
-        ..Frame::default()
-    };
+    percpu::with(id, |cpu, _| {
+        cpu.idle_frame = Frame {
+            rip: arch::idle_loop as *const () as u64,
+            cs: u64::from(KERNEL_CS),
+            rflags: 0x2,
+            rsp: stack_top,
+            ss: u64::from(KERNEL_DS),
+            ..Frame::ZERO
+        };
+    });
     // SAFETY: the boot stack is no longer needed by kmain (it never returns) and
     // becomes the idle context's stack; idle_loop only runs `sti; hlt`.
     unsafe {
@@ -227,7 +169,7 @@ pub fn enter_idle(id: u32) -> ! {
 }
 
 /// Saves the running context of `cpu` from `frame`.
-fn save_current(cpu: &mut percpu::PerCpu, frame: &Frame) {
+fn save_current(cpu: &mut PerCpu, frame: &Frame) {
     match cpu.current {
         Some(slot) => {
             let t = thread(slot);
@@ -240,8 +182,7 @@ fn save_current(cpu: &mut percpu::PerCpu, frame: &Frame) {
 }
 
 /// Loads `next` (a slot, or idle) into `frame` and publishes it in the shared page.
-fn load(cpu: &mut percpu::PerCpu, frame: &mut Frame, next: Option<usize>) {
-    let shared = percpu::shared(cpu.id);
+fn load(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, next: Option<usize>) {
     shared.context_switches += 1;
     cpu.current = next;
     match next {
@@ -271,7 +212,7 @@ fn load(cpu: &mut percpu::PerCpu, frame: &mut Frame, next: Option<usize>) {
 
 /// Switches away from the current context (whose state the caller has set) to
 /// the next runnable thread, or to idle.
-fn reschedule(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
+fn reschedule(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
     let next = cpu.runq.pop();
     if next.is_none() && cpu.current.is_none() {
         return;
@@ -284,26 +225,32 @@ fn reschedule(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
         }
     }
     save_current(cpu, frame);
-    load(cpu, frame, next);
+    load(cpu, shared, frame, next);
 }
 
-/// After a dispatch that ran hardclock: wake sleepers, run the workload's
-/// tick hook, and preempt when round-robin asked for it (or when idle and a
-/// thread became runnable).
-pub fn hardclock_tick(id: u32, frame: &mut Frame, now: u64, need_resched: bool) {
-    let cpu = percpu::get(id);
+/// After a dispatch that ran hardclock: run the workload's tick hook
+/// `on_tick(cpu, now)`, wake sleepers, and preempt when round-robin asked for
+/// it (`need_resched`) or when idle and a thread became runnable. Once the
+/// workload has decided to exit (`cpu.exiting`), park in idle instead.
+pub fn hardclock_tick(
+    cpu: &mut PerCpu,
+    shared: &mut VcpuShared,
+    frame: &mut Frame,
+    now: u64,
+    need_resched: bool,
+    on_tick: impl FnOnce(&mut PerCpu, u64),
+) {
     if cpu.exiting {
         return;
     }
-    crate::workloads::on_tick(id, now);
-    let cpu = percpu::get(id);
+    on_tick(cpu, now);
     if cpu.exiting {
         // The workload decided to end the VM: park in idle until the VMM stops us.
         if let Some(slot) = cpu.current {
             set_state(slot, thread_state::RUNNABLE);
         }
         save_current(cpu, frame);
-        load(cpu, frame, None);
+        load(cpu, shared, frame, None);
         return;
     }
     for i in 0..cpu.owned_len {
@@ -321,42 +268,32 @@ pub fn hardclock_tick(id: u32, frame: &mut Frame, now: u64, need_resched: bool) 
         set_state(slot, thread_state::RUNNABLE);
         cpu.runq.push(slot);
     }
-    reschedule(cpu, frame);
+    reschedule(cpu, shared, frame);
 }
 
-/// Statclock accounting (kern_clock.c `statclock`): a tick of user time, of
-/// system or interrupt time for the current thread, or of idle time.
-pub fn charge_stat_tick(id: u32, user: bool) {
-    let shared = percpu::shared(id);
-    match percpu::get(id).current {
+/// Statclock accounting (kern_clock.c `statclock`): a tick of user time or of
+/// interrupt time for the `current` thread, or of idle time, in `cp_time`.
+pub fn charge_stat_tick(current: Option<usize>, cp_time: &mut [u64; 4], user: bool) {
+    match current {
         Some(slot) => {
             let i = info(slot);
             if user {
-                shared.cp_time[CP_USER] += 1;
+                cp_time[CP_USER] += 1;
                 i.user_ticks += 1;
             } else {
                 // Threads only enter the kernel with interrupts off, so a tick
                 // that finds a thread in kernel mode is interrupt time.
-                shared.cp_time[CP_INTR] += 1;
+                cp_time[CP_INTR] += 1;
                 i.intr_ticks += 1;
             }
-            // With schedhz == 0, statclock drives schedclock every 4th tick, as
-            // OpenBSD does (those calls are not counted as schedclock events).
-            if crate::clock::CLOCKINTR.schedclock_period() == 0 {
-                let cpu = percpu::get(id);
-                cpu.schedticks = cpu.schedticks.wrapping_add(1);
-                if cpu.schedticks & 3 == 0 {
-                    schedclock(id);
-                }
-            }
         }
-        None => shared.cp_time[CP_IDLE] += 1,
+        None => cp_time[CP_IDLE] += 1,
     }
 }
 
-/// schedclock(p): raise the current thread's estcpu and recompute its priority.
-pub fn schedclock(id: u32) {
-    if let Some(slot) = percpu::get(id).current {
+/// schedclock(p): raise the `current` thread's estcpu and recompute its priority.
+pub fn schedclock(current: Option<usize>) {
+    if let Some(slot) = current {
         let i = info(slot);
         i.estcpu = (i.estcpu + 1).min(ESTCPULIM);
         i.priority = (PUSER + i.estcpu / 4).min(MAXPRI);
@@ -364,8 +301,7 @@ pub fn schedclock(id: u32) {
 }
 
 /// System call: give up the CPU to the next runnable thread.
-pub fn yield_now(id: u32, frame: &mut Frame) {
-    let cpu = percpu::get(id);
+pub fn yield_now(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
     if cpu.runq.is_empty() {
         return;
     }
@@ -373,34 +309,31 @@ pub fn yield_now(id: u32, frame: &mut Frame) {
         set_state(slot, thread_state::RUNNABLE);
         cpu.runq.push(slot);
     }
-    reschedule(cpu, frame);
+    reschedule(cpu, shared, frame);
 }
 
 /// System call: sleep until `wake_at` (uptime ns); woken by a later tick.
-pub fn sleep_until(id: u32, frame: &mut Frame, wake_at: u64) {
-    let cpu = percpu::get(id);
+pub fn sleep_until(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, wake_at: u64) {
     if let Some(slot) = cpu.current {
         set_state(slot, thread_state::WAITING);
         thread(slot).wake_at = wake_at;
     }
-    reschedule_or_idle(cpu, frame);
+    reschedule_or_idle(cpu, shared, frame);
 }
 
 /// System call: block the current thread on `channel` until a wake on it.
-pub fn wait_on(id: u32, frame: &mut Frame, channel: u64) {
-    let cpu = percpu::get(id);
+pub fn wait_on(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, channel: u64) {
     if let Some(slot) = cpu.current {
         set_state(slot, thread_state::WAITING);
         let t = thread(slot);
         t.wake_at = u64::MAX;
         t.wait_channel = channel;
     }
-    reschedule_or_idle(cpu, frame);
+    reschedule_or_idle(cpu, shared, frame);
 }
 
 /// System call: make every thread of this vCPU waiting on `channel` runnable.
-pub fn wake_all(id: u32, channel: u64) -> u64 {
-    let cpu = percpu::get(id);
+pub fn wake_all(cpu: &mut PerCpu, channel: u64) -> u64 {
     let mut woken = 0;
     for i in 0..cpu.owned_len {
         let slot = cpu.owned[i] as usize;
@@ -416,24 +349,16 @@ pub fn wake_all(id: u32, channel: u64) -> u64 {
 }
 
 /// System call: end the current thread.
-pub fn exit_current(id: u32, frame: &mut Frame) {
-    let cpu = percpu::get(id);
+pub fn exit_current(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
     if let Some(slot) = cpu.current {
         set_state(slot, thread_state::EXITED);
     }
-    reschedule_or_idle(cpu, frame);
+    reschedule_or_idle(cpu, shared, frame);
 }
 
 /// Like `reschedule`, but the current thread cannot continue: go idle if the queue is empty.
-fn reschedule_or_idle(cpu: &mut percpu::PerCpu, frame: &mut Frame) {
+fn reschedule_or_idle(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
     let next = cpu.runq.pop();
     save_current(cpu, frame);
-    load(cpu, frame, next);
-}
-
-/// The current thread's id (0 for idle).
-pub fn current_tid(id: u32) -> u64 {
-    percpu::get(id)
-        .current
-        .map_or(0, |slot| u64::from(thread(slot).tid))
+    load(cpu, shared, frame, next);
 }

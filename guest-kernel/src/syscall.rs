@@ -15,10 +15,12 @@
 
 use core::arch::asm;
 
-use metronome_abi::{layout, GuestReport, MAX_REPORTS};
+use metronome_abi::{layout, GuestReport, VcpuShared, MAX_REPORTS};
 
 use crate::arch::Frame;
-use crate::{clock, console, sched};
+use crate::drivers::{console, timer};
+use crate::percpu::PerCpu;
+use crate::{boot, clock, sched};
 
 /// Give up the CPU.
 pub const SYS_YIELD: u64 = 0;
@@ -45,25 +47,25 @@ pub const EINVAL: u64 = u64::MAX;
 const MAX_WRITE: u64 = 4096;
 
 /// Kernel side: decode and run the system call in `frame`.
-pub fn dispatch(id: u32, frame: &mut Frame) {
-    crate::percpu::shared(id).syscalls += 1;
+pub fn dispatch(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
+    shared.syscalls += 1;
     let (a, b) = (frame.rdi, frame.rsi);
     match frame.rax {
         SYS_YIELD => {
             frame.rax = 0;
-            sched::yield_now(id, frame);
+            sched::yield_now(cpu, shared, frame);
         }
         SYS_SLEEP => {
             frame.rax = 0;
-            let wake_at = clock::uptime_ns().saturating_add(a);
-            sched::sleep_until(id, frame, wake_at);
+            let wake_at = timer::uptime_ns().saturating_add(a);
+            sched::sleep_until(cpu, shared, frame, wake_at);
         }
-        SYS_EXIT => sched::exit_current(id, frame),
+        SYS_EXIT => sched::exit_current(cpu, shared, frame),
         SYS_WRITE => {
             let ok = b <= MAX_WRITE
                 && a >= 0x1000
                 && a.checked_add(b)
-                    .is_some_and(|end| end <= crate::boot_info().mem_bytes);
+                    .is_some_and(|end| end <= boot::info().mem_bytes);
             if ok {
                 // SAFETY: the range was checked to lie inside guest RAM, which is
                 // identity mapped; the bytes are only copied out to the UART.
@@ -75,7 +77,7 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
             }
         }
         SYS_REPORT => frame.rax = if report(a, b) { 0 } else { EINVAL },
-        SYS_UPTIME => frame.rax = clock::uptime_ns(),
+        SYS_UPTIME => frame.rax = timer::uptime_ns(),
         SYS_PROFIL => {
             clock::set_profiling(a != 0);
             frame.rax = 0;
@@ -84,7 +86,7 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
             let ok = a >= 0x1000
                 && a % 8 == 0
                 && a.checked_add(8)
-                    .is_some_and(|end| end <= crate::boot_info().mem_bytes);
+                    .is_some_and(|end| end <= boot::info().mem_bytes);
             if !ok {
                 frame.rax = EINVAL;
             } else {
@@ -92,11 +94,11 @@ pub fn dispatch(id: u32, frame: &mut Frame) {
                 // SAFETY: the address was checked to be an aligned u64 inside guest RAM.
                 let current = unsafe { core::ptr::read_volatile(a as *const u64) };
                 if current == b {
-                    sched::wait_on(id, frame, a);
+                    sched::wait_on(cpu, shared, frame, a);
                 }
             }
         }
-        SYS_WAKE => frame.rax = sched::wake_all(id, a),
+        SYS_WAKE => frame.rax = sched::wake_all(cpu, a),
         _ => frame.rax = EINVAL,
     }
 }

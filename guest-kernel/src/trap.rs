@@ -1,15 +1,24 @@
-//! Interrupt, exception and system-call dispatch.
+//! The interrupt entry path and dispatch of interrupts, exceptions and system
+//! calls.
 //!
-//! Every vector enters `trap` with interrupts disabled on one of the vCPU's IST
-//! stacks (see `arch`). Interrupts from the VMM's virtual interrupt controller
-//! are acknowledged with an EOI write first, then handled. An exception other
-//! than the system-call door is fatal: the kernel reports vector, error code,
-//! RIP, CR2 and vCPU to the VMM, which ends the VM with that report.
+//! Every vector enters [`trap`] with interrupts disabled on one of the vCPU's
+//! IST stacks (see `arch`), through its stub below and `isr_common`, which
+//! save a `metronome_abi::InterruptFrame`. Interrupts from the VMM's virtual
+//! interrupt controller are acknowledged with an EOI write first, then handled.
+//! An exception other than the system-call door is fatal: the kernel reports
+//! vector, error code, RIP, CR2 and vCPU to the VMM, which ends the VM with
+//! that report.
+//!
+//! This is the top of the kernel's call graph: each arm borrows the vCPU's data
+//! once (`percpu::with`) and drives the clock, the scheduler, system calls and
+//! the workload hooks with it.
 
-use metronome_abi::mmio::{CTL_BASE, CTL_FAULT, CTL_PANIC, VIC_BASE, VIC_EOI};
-use metronome_abi::{exception, FaultReport, PanicReport, Vector};
+use core::arch::global_asm;
+
+use metronome_abi::{exception, FaultReport, Vector};
 
 use crate::arch::{self, Frame};
+use crate::drivers::{control, vic};
 use crate::{clock, percpu, sched, syscall, workloads};
 
 const TIMER: u64 = Vector::Timer as u64;
@@ -17,62 +26,163 @@ const TIMER_RESUME: u64 = Vector::TimerResume as u64;
 const IPI: u64 = Vector::Ipi as u64;
 const STRESS: u64 = Vector::Stress as u64;
 
-/// Signals end of interrupt to this vCPU's virtual interrupt controller.
-pub fn eoi() {
-    // SAFETY: VIC_EOI is the EOI register of this vCPU's interrupt-controller bank.
-    unsafe { arch::mmio_write(VIC_BASE + VIC_EOI, 0) };
+// The interrupt entry path.
+//
+// `isr_N` (one per vector): push a zero error code unless the CPU pushed one,
+// push the vector, jump to `isr_common`. `ISR_TABLE`: their addresses, for the IDT.
+//
+// `isr_common`: save the general-purpose registers, call `trap(frame)`, restore
+// (possibly another context's) registers, drop vector and error code, `iretq`.
+// The pushes build exactly an `InterruptFrame` (22 words, checked in the ABI);
+// the IST tops are 16-byte aligned and 22 is even, so `rsp` is 16-byte aligned
+// at the call.
+global_asm!(
+    r#"
+    .text
+    .global isr_common
+    .type isr_common, @function
+isr_common:
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    push rbp
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    cld
+    // End the kernel's frame-pointer chain here: the interrupted context's
+    // frames are reached through the saved frame, not through RBP.
+    xor ebp, ebp
+    call {trap}
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rbp
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    add rsp, 16
+    iretq
+    .size isr_common, . - isr_common
+
+    .macro isr_noerr n
+isr_\n:
+    push 0
+    push \n
+    jmp isr_common
+    .endm
+
+    .macro isr_err n
+isr_\n:
+    push \n
+    jmp isr_common
+    .endm
+
+    .altmacro
+    .macro isr_for n
+    .if (\n == 8) || (\n == 10) || (\n == 11) || (\n == 12) || (\n == 13) || (\n == 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    isr_err %n
+    .else
+    isr_noerr %n
+    .endif
+    .endm
+
+    .set i, 0
+    .rept 256
+    isr_for %i
+    .set i, i + 1
+    .endr
+
+    .macro isr_addr n
+    .quad isr_\n
+    .endm
+
+    .section .rodata
+    .balign 8
+    .global ISR_TABLE
+ISR_TABLE:
+    .set i, 0
+    .rept 256
+    isr_addr %i
+    .set i, i + 1
+    .endr
+    .noaltmacro
+    .text
+    "#,
+    trap = sym trap,
+);
+
+extern "C" {
+    /// Addresses of the 256 entry stubs, in vector order.
+    static ISR_TABLE: [u64; 256];
+}
+
+/// The entry stubs, in vector order, for `arch::build_idt`.
+pub fn entry_stubs() -> &'static [u64; 256] {
+    // SAFETY: ISR_TABLE is an immutable table emitted by the assembler above.
+    unsafe { &*core::ptr::addr_of!(ISR_TABLE) }
 }
 
 /// The common handler, called from `isr_common` with the saved frame.
-pub extern "C" fn trap(frame: &mut Frame) {
+extern "C" fn trap(frame: &mut Frame) {
     let id = percpu::id_of_frame(frame);
     match frame.vector {
         v if v == u64::from(exception::BREAKPOINT) && frame.cpl() == 3 => {
-            syscall::dispatch(id, frame)
+            percpu::with(id, |cpu, shared| syscall::dispatch(cpu, shared, frame));
         }
         0..=31 => report_fault(id, frame),
         TIMER => {
-            eoi();
-            clock::interrupt(id, frame);
+            vic::eoi();
+            percpu::with(id, |cpu, shared| {
+                if let Some(tick) = clock::interrupt(cpu, shared, frame) {
+                    let (now, resched) = (tick.now, tick.need_resched);
+                    sched::hardclock_tick(cpu, shared, frame, now, resched, workloads::on_tick);
+                }
+            });
         }
         TIMER_RESUME => {
-            eoi();
-            clock::resume(id);
+            vic::eoi();
+            percpu::with(id, clock::resume);
         }
         IPI => {
-            eoi();
-            percpu::shared(id).ipis_received += 1;
-            workloads::on_ipi(id);
+            vic::eoi();
+            percpu::with(id, |cpu, shared| {
+                shared.ipis_received += 1;
+                workloads::on_ipi(cpu, shared);
+            });
         }
         STRESS => {
-            percpu::shared(id).stress_received += 1;
-            eoi();
+            percpu::with(id, |_, shared| shared.stress_received += 1);
+            vic::eoi();
         }
         _ => {
             // Not a vector we use: acknowledge it and carry on (counted by the VMM).
-            eoi();
+            vic::eoi();
         }
     }
 }
 
-/// Per-vCPU fault records, so that a fault on one vCPU cannot race another's.
-static mut FAULTS: [FaultReport; metronome_abi::MAX_VCPUS as usize] = [FaultReport {
-    vector: 0,
-    error_code: 0,
-    rip: 0,
-    cs: 0,
-    rflags: 0,
-    rsp: 0,
-    cr2: 0,
-    vcpu: 0,
-    tid: 0,
-};
-    metronome_abi::MAX_VCPUS as usize];
-
+/// Reports a fatal exception taken by vCPU `id` and stops the vCPU. It may
+/// interrupt kernel code that holds the vCPU's data, so it does not borrow it.
 fn report_fault(id: u32, frame: &Frame) -> ! {
-    // SAFETY: each vCPU only writes its own slot, once, right before stopping.
-    let report = unsafe { &mut *core::ptr::addr_of_mut!(FAULTS[id as usize]) };
-    *report = FaultReport {
+    control::report_fault(FaultReport {
         vector: frame.vector,
         error_code: frame.error_code,
         rip: frame.rip,
@@ -81,65 +191,6 @@ fn report_fault(id: u32, frame: &Frame) -> ! {
         rsp: frame.rsp,
         cr2: arch::read_cr2(),
         vcpu: u64::from(id),
-        tid: sched::current_tid(id),
-    };
-    // SAFETY: CTL_FAULT takes the address of a FaultReport; the VMM ends the VM.
-    unsafe { arch::mmio_write(CTL_BASE + CTL_FAULT, report as *const FaultReport as u64) };
-    // SAFETY: nothing more to do on this vCPU.
-    unsafe { arch::halt_forever() }
-}
-
-static mut PANICS: [PanicReport; metronome_abi::MAX_VCPUS as usize] = [PanicReport {
-    message_addr: 0,
-    message_len: 0,
-    vcpu: 0,
-};
-    metronome_abi::MAX_VCPUS as usize];
-static mut PANIC_TEXT: [crate::console::Buf<256>; metronome_abi::MAX_VCPUS as usize] =
-    [const { crate::console::Buf::new() }; metronome_abi::MAX_VCPUS as usize];
-
-/// Reports a kernel panic to the VMM and stops this vCPU.
-///
-/// Messages are never formatted here: `core`'s number formatting uses SSE,
-/// which CPL0 code cannot run on kvm_pvm. A literal message is copied; any
-/// other (a compiler-inserted bounds check, say) is replaced by a fixed text,
-/// and the location tells where it happened.
-pub fn report_panic(info: &core::panic::PanicInfo) -> ! {
-    let message = info
-        .message()
-        .as_str()
-        .unwrap_or("panic with a formatted message (not formatted at CPL0)");
-    let location = info.location().map(|l| (l.file(), l.line()));
-    kernel_panic(message, location)
-}
-
-/// Reports `message` (and where) to the VMM as a kernel panic and stops this vCPU.
-pub fn kernel_panic(message: &str, location: Option<(&str, u32)>) -> ! {
-    arch::cli();
-    // SAFETY: VIC_ID is a read-only register returning the reader's vCPU id.
-    let id = unsafe { arch::mmio_read(VIC_BASE + metronome_abi::mmio::VIC_ID) } as usize;
-    let id = id.min(metronome_abi::MAX_VCPUS as usize - 1);
-    // SAFETY: each vCPU only uses its own slots, once, right before stopping.
-    let (report, text) = unsafe {
-        (
-            &mut *core::ptr::addr_of_mut!(PANICS[id]),
-            &mut *core::ptr::addr_of_mut!(PANIC_TEXT[id]),
-        )
-    };
-    text.push(message.as_bytes());
-    if let Some((file, line)) = location {
-        text.push(b" at ")
-            .push(file.as_bytes())
-            .push(b":")
-            .num(u64::from(line));
-    }
-    *report = PanicReport {
-        message_addr: text.as_bytes().as_ptr() as u64,
-        message_len: text.as_bytes().len() as u64,
-        vcpu: id as u64,
-    };
-    // SAFETY: CTL_PANIC takes the address of a PanicReport; the VMM ends the VM.
-    unsafe { arch::mmio_write(CTL_BASE + CTL_PANIC, report as *const PanicReport as u64) };
-    // SAFETY: nothing more to do on this vCPU.
-    unsafe { arch::halt_forever() }
+        tid: percpu::fault_tid(id),
+    })
 }

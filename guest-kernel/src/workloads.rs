@@ -6,11 +6,12 @@
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use metronome_abi::mmio::{VIC_BASE, VIC_IPI};
-use metronome_abi::{boot_flags, exit, layout, port, report_key, GuestReport, Vector, Workload};
+use metronome_abi::{boot_flags, exit, layout, report_key, GuestReport, VcpuShared, Workload};
 
-use crate::console::Buf;
-use crate::{arch, percpu, sched, syscall};
+use crate::drivers::{console, control, timer, vic};
+use crate::percpu::{self, PerCpu};
+use crate::text::Buf;
+use crate::{arch, boot, sched, syscall};
 
 /// Total ping-pong round trips completed (vCPU 0's view).
 static PINGPONG_DONE: AtomicU64 = AtomicU64::new(0);
@@ -19,128 +20,123 @@ static PINGPONG_STARTED: AtomicBool = AtomicBool::new(false);
 static DEMO_WORK: AtomicU64 = AtomicU64::new(0);
 
 fn workload() -> Option<Workload> {
-    Workload::from_u32(crate::boot_info().workload)
+    Workload::from_u32(boot::info().workload)
 }
 
 /// Creates this vCPU's threads (or runs a special boot-time workload).
-pub fn start(id: u32) {
+pub fn start(cpu: &mut PerCpu) {
+    let id = cpu.id;
     match workload() {
-        Some(Workload::ExitNow) if id == 0 => exit_vm(id, exit::GUEST_OK),
+        Some(Workload::ExitNow) if id == 0 => exit_vm(cpu, exit::GUEST_OK),
         Some(Workload::SpinCpl0) if id == 0 => {
-            crate::console::write(b"spinning at CPL0 with interrupts off\n");
+            console::write(b"spinning at CPL0 with interrupts off\n");
             arch::cli();
             loop {
                 arch::pause();
             }
         }
         Some(Workload::Fault) if id == 0 => {
-            spawn(id, b"faulter", faulter, 0);
+            spawn(cpu, b"faulter", faulter, 0);
         }
-        Some(Workload::Profile) => spawn_profile(id),
-        Some(_) => spawn_demo(id),
+        Some(Workload::Profile) => spawn_profile(cpu),
+        Some(_) => spawn_demo(cpu),
         None => panic!("unknown workload in boot-information block"),
     }
 }
 
-fn spawn(id: u32, base: &[u8], entry: sched::Entry, arg: u64) {
+fn spawn(cpu: &mut PerCpu, base: &[u8], entry: sched::Entry, arg: u64) {
     let mut name = Buf::<16>::new();
-    name.push(base).push(b"/").num(u64::from(id));
-    if sched::spawn(id, name.as_bytes(), entry, arg).is_none() {
+    name.push(base).push(b"/").num(u64::from(cpu.id));
+    if sched::spawn(cpu, name.as_bytes(), entry, arg).is_none() {
         panic!("out of thread slots or stack memory");
     }
 }
 
-fn spawn_demo(id: u32) {
-    spawn(id, b"spin", spinner, u64::from(id));
-    spawn(id, b"sleep", sleeper, u64::from(id));
-    spawn(id, b"mix", mixer, u64::from(id));
-    if id == 0 && crate::boot_info().flags & boot_flags::PROFILE_MIDDLE_THIRD != 0 {
-        spawn(id, b"profil", profiler, crate::boot_info().duration_ns);
+fn spawn_demo(cpu: &mut PerCpu) {
+    let id = u64::from(cpu.id);
+    spawn(cpu, b"spin", spinner, id);
+    spawn(cpu, b"sleep", sleeper, id);
+    spawn(cpu, b"mix", mixer, id);
+    if id == 0 && boot::info().flags & boot_flags::PROFILE_MIDDLE_THIRD != 0 {
+        spawn(cpu, b"profil", profiler, boot::info().duration_ns);
     }
 }
 
-fn spawn_profile(id: u32) {
-    let vcpus = crate::boot_info().vcpu_count;
-    if vcpus >= 3 && id == vcpus - 1 {
+fn spawn_profile(cpu: &mut PerCpu) {
+    let vcpus = boot::info().vcpu_count;
+    if vcpus >= 3 && cpu.id == vcpus - 1 {
         // With three or more vCPUs the last one mostly idles (halted), so
         // that host-side sampling can be seen to leave it alone (KT-I-1).
-        spawn(id, b"sleepy", sleepy_thread, 0);
+        spawn(cpu, b"sleepy", sleepy_thread, 0);
         return;
     }
-    spawn(id, b"split", split_thread, 0);
-    spawn(id, b"sleepy", sleepy_thread, 0);
-    spawn(id, b"producer", producer_thread, u64::from(id));
-    spawn(id, b"consumer", consumer_thread, u64::from(id));
+    let id = u64::from(cpu.id);
+    spawn(cpu, b"split", split_thread, 0);
+    spawn(cpu, b"sleepy", sleepy_thread, 0);
+    spawn(cpu, b"producer", producer_thread, id);
+    spawn(cpu, b"consumer", consumer_thread, id);
 }
 
-/// Kernel hook on every scheduler tick of vCPU `id`.
-pub fn on_tick(id: u32, now: u64) {
-    if id != 0 {
+/// Kernel hook on every scheduler tick (a dispatch that ran hardclock) of `cpu`.
+pub fn on_tick(cpu: &mut PerCpu, now: u64) {
+    if cpu.id != 0 {
         return;
     }
-    let boot = crate::boot_info();
+    let boot = boot::info();
     if workload() == Some(Workload::PingPong)
         && !PINGPONG_STARTED.load(Ordering::Relaxed)
-        && crate::ONLINE.load(Ordering::Acquire) == boot.vcpu_count
+        && percpu::online() == boot.vcpu_count
     {
         PINGPONG_STARTED.store(true, Ordering::Relaxed);
         if boot.vcpu_count < 2 || boot.workload_arg == 0 {
-            crate::console::write(b"ping-pong needs at least 2 vCPUs and 1 round\n");
-            exit_vm(id, exit::GUEST_CHECK_FAILED);
+            console::write(b"ping-pong needs at least 2 vCPUs and 1 round\n");
+            exit_vm(cpu, exit::GUEST_CHECK_FAILED);
             return;
         }
-        send_ipi(1);
+        vic::send_ipi(1);
     }
     if boot.duration_ns != 0 && now >= boot.duration_ns && workload() != Some(Workload::PingPong) {
         syscall::report(report_key::DEMO_WORK, DEMO_WORK.load(Ordering::Relaxed));
-        exit_vm(id, exit::GUEST_OK);
+        exit_vm(cpu, exit::GUEST_OK);
     }
 }
 
-/// Kernel hook on every IPI taken by vCPU `id`: the ping-pong protocol.
+/// Kernel hook on every IPI taken by `cpu`: the ping-pong protocol.
 ///
 /// vCPU 0 pings partners 1..n-1 in turn; a partner answers each ping with a
 /// pong; vCPU 0 counts a round trip per pong and sends the next ping until every
 /// partner has done `workload_arg` round trips.
-pub fn on_ipi(id: u32) {
+pub fn on_ipi(cpu: &mut PerCpu, shared: &mut VcpuShared) {
     if workload() != Some(Workload::PingPong) {
         return;
     }
-    let shared = percpu::shared(id);
     shared.pingpong += 1;
-    if id != 0 {
-        send_ipi(0);
+    if cpu.id != 0 {
+        vic::send_ipi(0);
         return;
     }
-    let boot = crate::boot_info();
+    let boot = boot::info();
     let done = PINGPONG_DONE.fetch_add(1, Ordering::Relaxed) + 1;
     let partners = u64::from(boot.vcpu_count - 1);
     if done >= boot.workload_arg * partners {
         syscall::report(report_key::PINGPONG_ROUNDS, done);
-        exit_vm(id, exit::GUEST_OK);
+        exit_vm(cpu, exit::GUEST_OK);
     } else {
-        send_ipi((done % partners) as u32 + 1);
+        vic::send_ipi((done % partners) as u32 + 1);
     }
-}
-
-fn send_ipi(target: u32) {
-    let value = (u64::from(target) << 32) | Vector::Ipi as u64;
-    // SAFETY: VIC_IPI sends an IPI; target is a valid vCPU id.
-    unsafe { arch::mmio_write(VIC_BASE + VIC_IPI, value) };
 }
 
 /// Ends the VM with `code`: records the uptime, writes the debug-exit port and
 /// leaves this vCPU idle (interrupts on) until the VMM stops it.
-pub fn exit_vm(id: u32, code: u32) {
+pub fn exit_vm(cpu: &mut PerCpu, code: u32) {
     // SAFETY: the report page is fixed and identity mapped; only the exiting
-    // vCPU writes this field.
+    // vCPU writes this field, through a raw place.
     unsafe {
         let page = layout::GUEST_REPORT as *mut GuestReport;
-        (*page).uptime_at_exit_ns = crate::clock::uptime_ns();
+        (*page).uptime_at_exit_ns = timer::uptime_ns();
     }
-    percpu::get(id).exiting = true;
-    // SAFETY: DEBUG_EXIT is the VMM's exit port.
-    unsafe { arch::outl(port::DEBUG_EXIT, code) };
+    cpu.exiting = true;
+    control::debug_exit(code);
 }
 
 // --- CPL3 thread bodies -------------------------------------------------------
@@ -189,13 +185,11 @@ extern "C" fn mixer(_vcpu: u64) -> ! {
 //                             -> leaf_ten              10 %
 // Every leaf runs the same loop per unit, so time follows the unit counts.
 
+/// The leaves' loop as a function of its own (the sampled frame of the
+/// sleepy, producer and consumer threads).
 #[inline(never)]
 fn spin_units(units: u64) -> u64 {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for i in 0..units * 20_000 {
-        x = core::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-    x
+    spin_units_inline(units)
 }
 
 #[inline(never)]

@@ -2419,30 +2419,62 @@ fn test_tr_c_1_run_counts_callbacks_not_calls() {
     assert_eq!(s.lateness, 40 * MS);
 }
 
-#[test]
-fn test_tr_c_1_stats_record_has_seven_fields() {
-    let s = Stats {
-        dispatched: 1,
-        early: 2,
-        earliness: 3,
-        lateness: 4,
-        prompt: 5,
-        run: 6,
-        spurious: 7,
+/// Dispatches once; returns the report and how each of the seven statistics
+/// changed, in TR-C-1 order: dispatched, early, earliness, lateness, prompt,
+/// run, spurious.
+fn dispatch_delta(q: &mut Queue, g: &ClockIntr, m: &mut FakeMachine) -> (DispatchReport, [u64; 7]) {
+    let fields = |s: Stats| {
+        [
+            s.dispatched,
+            s.early,
+            s.earliness,
+            s.lateness,
+            s.prompt,
+            s.run,
+            s.spurious,
+        ]
     };
+    let before = fields(stats(q));
+    let r = dispatch(q, g, m);
+    let after = fields(stats(q));
+    (r, core::array::from_fn(|i| after[i] - before[i]))
+}
+
+#[test]
+fn test_tr_c_1_each_dispatch_updates_exactly_its_fields() {
+    // Secondary CPU 1 of 2, hz = stathz = 100 in fixed mode: cpu_init places
+    // hardclock and statclock both at 5 ms, so the first dispatch is early.
+    let g = global(fixed(100, 100));
+    let mut m = FakeMachine::at(MS);
+    m.on_hardclock_advance = 1_000;
+    let mut q = started(&g, 1, 2, false, Some(rc(1)), &mut m);
     assert_eq!(
-        Stats::default(),
-        Stats {
-            dispatched: 0,
-            early: 0,
-            earliness: 0,
-            lateness: 0,
-            prompt: 0,
-            run: 0,
-            spurious: 0
-        }
+        pending_kinds(&q),
+        vec![EventKind::Hardclock, EventKind::Statclock]
     );
-    assert_ne!(s, Stats::default());
+    let first = head(&q).expiration;
+    assert_eq!(first, 5 * MS);
+
+    // Early: early + 1, earliness + (head - now); nothing else.
+    let (r, delta) = dispatch_delta(&mut q, &g, &mut m);
+    assert_eq!(r.outcome, Outcome::Early);
+    assert_eq!(delta, [0, 1, first - MS, 0, 0, 0, 0]);
+
+    // Prompt, 3 ms late, both events due: dispatched + the 1 us the hardclock
+    // took, lateness + 3 ms, prompt + 1, run + 2 (callbacks, not calls).
+    m.now = first + 3 * MS;
+    let (r, delta) = dispatch_delta(&mut q, &g, &mut m);
+    assert_eq!(r.outcome, Outcome::Prompt);
+    assert_eq!((r.calls.hardclock, r.calls.statclock), (1, 1));
+    assert_eq!(delta, [1_000, 0, 0, 3 * MS, 1, 2, 0]);
+
+    // Spurious (white-box: empty the queue): spurious + 1; nothing else.
+    for slot in 0..MAX_EVENTS {
+        q.unlink(slot);
+    }
+    let (r, delta) = dispatch_delta(&mut q, &g, &mut m);
+    assert_eq!(r.outcome, Outcome::Spurious);
+    assert_eq!(delta, [0, 0, 0, 0, 0, 0, 1]);
 }
 
 #[test]
@@ -2516,24 +2548,43 @@ fn test_tr_c_3_add_includes_spurious() {
 }
 
 #[test]
-fn test_tr_c_4_pending_in_expiration_order() {
+fn test_tr_c_4_pending_listing_is_the_queue_dispatch_follows() {
+    // After every real cpu_init and dispatch, the listing holds 2-3 events in
+    // increasing expiration order, all after the cached uptime, and it is the
+    // queue the next dispatch runs: a dispatch at the head's expiration calls
+    // back exactly the listed events that are due, in listed order, and
+    // re-lists each of them later.
     for schedhz in [0, 16] {
         let g = global(Config {
             schedhz,
-            ..Config::openbsd_amd64()
+            ..fixed(100, 64)
         });
-        let mut m = FakeMachine::at(0);
+        let mut m = FakeMachine::recording(0);
         let mut q = started(&g, 2, 3, false, Some(rc(2)), &mut m);
-        let mut jitter = Lcg(8);
-        for _ in 0..1000 {
-            m.now += jitter.below(20 * MS);
-            dispatch(&mut q, &g, &mut m);
-            let exps: Vec<u64> = q.pending().map(|e| e.expiration).collect();
-            assert!((2..=3).contains(&exps.len()));
-            assert!(exps.windows(2).all(|w| w[0] <= w[1]), "{exps:?}");
-            assert!(exps.iter().all(|&e| e > q.uptime()));
+        for round in 0..300 {
+            let listing: Vec<Event> = q.pending().collect();
+            let expected = if schedhz == 0 { 2 } else { 3 };
+            assert_eq!(listing.len(), expected, "round {round}: {listing:?}");
+            assert!(listing
+                .windows(2)
+                .all(|w| w[0].expiration <= w[1].expiration));
+            assert!(listing.iter().all(|e| e.expiration > q.uptime()));
             assert_eq!(q.idle_events().count(), 0);
             assert_eq!(q.running(), None);
+
+            m.now = listing[0].expiration;
+            m.log.clear();
+            let r = dispatch(&mut q, &g, &mut m);
+            assert_eq!(r.outcome, Outcome::Prompt);
+            let due: Vec<EventKind> = listing
+                .iter()
+                .filter(|e| e.expiration <= m.now)
+                .map(|e| e.kind)
+                .collect();
+            assert_eq!(m.kinds_logged(), due, "round {round}: {listing:?}");
+            for kind in due {
+                assert!(expiration_of(&q, kind) > m.now);
+            }
         }
     }
 }
@@ -2566,11 +2617,4 @@ fn test_tr_c_4_idle_events_lists_established_non_pending() {
     );
     assert_eq!(q.pending().count(), 2);
     assert!(q.pending().all(|e| e.kind != EventKind::Statclock));
-}
-
-#[test]
-fn test_tr_c_4_event_names() {
-    assert_eq!(EventKind::Hardclock.name(), "clockintr_hardclock");
-    assert_eq!(EventKind::Statclock.name(), "clockintr_statclock");
-    assert_eq!(EventKind::Schedclock.name(), "clockintr_schedclock");
 }

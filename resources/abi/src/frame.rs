@@ -56,13 +56,16 @@ pub struct InterruptFrame {
     pub vector: u64,
     /// The CPU's error code, or 0 pushed by the stub for vectors without one.
     pub error_code: u64,
-    /// Interrupted instruction pointer (for a trap such as `int3`: the next instruction).
+    /// Interrupted instruction pointer: for a trap such as `int3`, the
+    /// instruction after it. The VMM's sampler reads it.
     pub rip: u64,
-    /// Interrupted code segment selector; its low two bits are the CPL.
+    /// Interrupted code segment selector; its low two bits are the privilege
+    /// level the interrupted code ran at ([`Self::cpl`]).
     pub cs: u64,
     /// Interrupted RFLAGS.
     pub rflags: u64,
-    /// Interrupted stack pointer.
+    /// Interrupted stack pointer (the CPU switched to IST1 or IST2 from it, so
+    /// the frame is never on this stack).
     pub rsp: u64,
     /// Interrupted stack segment selector.
     pub ss: u64,
@@ -109,6 +112,8 @@ impl InterruptFrame {
 const _: () = {
     assert!(core::mem::size_of::<InterruptFrame>() == InterruptFrame::WORDS * 8);
     assert!(InterruptFrame::WORDS.is_multiple_of(2));
+    // The frame lies inside IST1, which spans the boot-stack top to the IST1 top.
+    assert!(crate::layout::INTERRUPT_FRAME_OFFSET_IN_PERCPU > crate::layout::PERCPU_BOOT_STACK_TOP);
 };
 
 #[cfg(test)]
@@ -158,7 +163,5 @@ mod tests {
             layout::interrupt_frame(3),
             layout::percpu_region(3) + layout::PERCPU_IST1_TOP - 22 * 8
         );
-        // Inside IST1, above the boot stack.
-        const { assert!(layout::INTERRUPT_FRAME_OFFSET_IN_PERCPU > layout::PERCPU_BOOT_STACK_TOP) };
     }
 }

@@ -1,0 +1,75 @@
+//! The VMM's control page (`metronome_abi::mmio::CTL_*`: fault and panic
+//! reports, each of which ends the VM) and the debug-exit port
+//! (`metronome_abi::port::DEBUG_EXIT`: a normal guest exit with a status).
+//!
+//! Reports are written to per-vCPU static records, so that vCPUs failing at
+//! the same time cannot race; the VMM reads the record at the address the
+//! guest writes to the register.
+
+use core::mem::MaybeUninit;
+
+use metronome_abi::mmio::{CTL_BASE, CTL_FAULT, CTL_PANIC};
+use metronome_abi::{port, FaultReport, PanicReport, MAX_VCPUS};
+
+use crate::arch;
+use crate::drivers::vic;
+use crate::text::Buf;
+
+/// Per-vCPU fault records, written once each, right before the vCPU stops.
+static mut FAULTS: [MaybeUninit<FaultReport>; MAX_VCPUS as usize] =
+    [const { MaybeUninit::uninit() }; MAX_VCPUS as usize];
+/// Per-vCPU panic records and their message text, likewise.
+static mut PANICS: [MaybeUninit<PanicReport>; MAX_VCPUS as usize] =
+    [const { MaybeUninit::uninit() }; MAX_VCPUS as usize];
+static mut PANIC_TEXT: [Buf<256>; MAX_VCPUS as usize] = [const { Buf::new() }; MAX_VCPUS as usize];
+
+/// Reports a fatal exception to the VMM, which ends the VM, and stops this vCPU.
+pub fn report_fault(report: FaultReport) -> ! {
+    let id = (report.vcpu as usize).min(MAX_VCPUS as usize - 1);
+    // SAFETY: each vCPU only writes its own slot, once, right before stopping.
+    let slot: &FaultReport = unsafe { (*core::ptr::addr_of_mut!(FAULTS[id])).write(report) };
+    // SAFETY: CTL_FAULT takes the address of a FaultReport; the VMM ends the VM.
+    unsafe { arch::mmio_write(CTL_BASE + CTL_FAULT, slot as *const FaultReport as u64) };
+    // SAFETY: nothing more to do on this vCPU.
+    unsafe { arch::halt_forever() }
+}
+
+/// Reports `message` (and where) to the VMM as a kernel panic, which ends the
+/// VM, and stops this vCPU.
+///
+/// The message is copied, never formatted: `core`'s number formatting uses
+/// SSE, which CPL0 code cannot run on kvm_pvm.
+pub fn report_panic(message: &str, location: Option<(&str, u32)>) -> ! {
+    arch::cli();
+    let id = (vic::vcpu_id() as usize).min(MAX_VCPUS as usize - 1);
+    // SAFETY: each vCPU only uses its own slots, once, right before stopping.
+    let (report, text) = unsafe {
+        (
+            &mut *core::ptr::addr_of_mut!(PANICS[id]),
+            &mut *core::ptr::addr_of_mut!(PANIC_TEXT[id]),
+        )
+    };
+    text.push(message.as_bytes());
+    if let Some((file, line)) = location {
+        text.push(b" at ")
+            .push(file.as_bytes())
+            .push(b":")
+            .num(u64::from(line));
+    }
+    let report: &PanicReport = report.write(PanicReport {
+        message_addr: text.as_bytes().as_ptr() as u64,
+        message_len: text.as_bytes().len() as u64,
+        vcpu: id as u64,
+    });
+    // SAFETY: CTL_PANIC takes the address of a PanicReport; the VMM ends the VM.
+    unsafe { arch::mmio_write(CTL_BASE + CTL_PANIC, report as *const PanicReport as u64) };
+    // SAFETY: nothing more to do on this vCPU.
+    unsafe { arch::halt_forever() }
+}
+
+/// Asks the VMM to end the VM with guest exit status `code`. The VMM stops
+/// the vCPUs asynchronously: this returns, and the caller keeps the vCPU idle.
+pub fn debug_exit(code: u32) {
+    // SAFETY: DEBUG_EXIT is the VMM's exit port; writing it has no other effect.
+    unsafe { arch::outl(port::DEBUG_EXIT, code) };
+}
