@@ -79,23 +79,47 @@ static mut THREADS: [Thread; MAX_THREADS] = [const {
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 static NEXT_STACK: AtomicUsize = AtomicUsize::new(0);
 
-/// The thread table the VMM reads: slot `i` describes thread slot `i`.
-fn info(slot: usize) -> &'static mut ThreadInfo {
+// The thread table and the VMM's copy of it.
+//
+// The rule: slots are handed out once by NEXT_SLOT to the vCPU that spawns
+// the thread; after that only that vCPU touches the slot, always in the
+// kernel with interrupts disabled (so never concurrently), and a reference to
+// a slot's `Thread` or `ThreadInfo` is used only until the next call to
+// `thread`, `info` or `set_state` for the same slot (references are taken
+// afresh, never kept across such a call). `thread` and `info` are `unsafe fn`
+// so that every caller states why it keeps that rule.
+
+/// The thread table entry the VMM reads for `slot`.
+///
+/// # Safety
+/// `slot` is below `MAX_THREADS` and owned by the calling vCPU, and no other
+/// reference to its `ThreadInfo` is used while the returned one is (see the
+/// rule above).
+unsafe fn info(slot: usize) -> &'static mut ThreadInfo {
     // SAFETY: the table is a fixed, identity-mapped page array of MAX_THREADS
-    // entries; slot ownership is as for THREADS (see `thread`).
+    // entries; the caller guarantees ownership and no other live reference.
     unsafe { &mut *((layout::THREAD_TABLE as *mut ThreadInfo).add(slot)) }
 }
 
-fn set_state(slot: usize, state: u32) {
-    thread(slot).state = state;
-    info(slot).state = u64::from(state);
+/// The kernel's record of `slot`.
+///
+/// # Safety
+/// `slot` is below `MAX_THREADS` and owned by the calling vCPU, and no other
+/// reference to its `Thread` is used while the returned one is (see the rule
+/// above).
+unsafe fn thread(slot: usize) -> &'static mut Thread {
+    // SAFETY: the caller guarantees ownership and no other live reference.
+    unsafe { &mut *core::ptr::addr_of_mut!(THREADS[slot]) }
 }
 
-fn thread(slot: usize) -> &'static mut Thread {
-    // SAFETY: slots are handed out once by NEXT_SLOT; after that only the owning
-    // vCPU touches a slot, with interrupts disabled, so there is never a second
-    // live reference to the same slot.
-    unsafe { &mut *core::ptr::addr_of_mut!(THREADS[slot]) }
+/// Sets the state of a slot the calling vCPU owns, in both records.
+fn set_state(slot: usize, state: u32) {
+    // SAFETY: callers pass a slot of their own vCPU (from its run queue, its
+    // `owned` list or `current`); both references end within this function.
+    unsafe {
+        thread(slot).state = state;
+        info(slot).state = u64::from(state);
+    }
 }
 
 /// A user thread's entry point.
@@ -114,7 +138,9 @@ pub fn spawn(cpu: &mut PerCpu, name: &[u8], entry: Entry, arg: u64) -> Option<u3
     if stack_top > boot::info().heap_end {
         return None;
     }
-    let t = thread(slot);
+    // SAFETY: the slot was just handed to this vCPU by NEXT_SLOT; `t` is the
+    // only reference to it until the end of this function.
+    let t = unsafe { thread(slot) };
     t.tid = slot as u32 + 1;
     t.vcpu = cpu.id;
     t.state = thread_state::RUNNABLE;
@@ -133,7 +159,8 @@ pub fn spawn(cpu: &mut PerCpu, name: &[u8], entry: Entry, arg: u64) -> Option<u3
         ..Frame::ZERO
     };
     t.fx = FxArea::initial();
-    *info(slot) = ThreadInfo {
+    // SAFETY: as above, for the slot's table entry.
+    *unsafe { info(slot) } = ThreadInfo {
         tid: u64::from(t.tid),
         vcpu: u64::from(cpu.id),
         state: u64::from(thread_state::RUNNABLE),
@@ -172,7 +199,8 @@ pub fn enter_idle(id: u32) -> ! {
 fn save_current(cpu: &mut PerCpu, frame: &Frame) {
     match cpu.current {
         Some(slot) => {
-            let t = thread(slot);
+            // SAFETY: `current` is a slot of this vCPU; `t` is the only reference.
+            let t = unsafe { thread(slot) };
             t.frame = *frame;
             // SAFETY: we are at CPL0 with OSFXSR set; the area belongs to this thread.
             unsafe { arch::fxsave(&mut t.fx) };
@@ -188,8 +216,11 @@ fn load(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, next: Opti
     match next {
         Some(slot) => {
             set_state(slot, thread_state::RUNNING);
-            info(slot).switches += 1;
-            let t = thread(slot);
+            // SAFETY: `next` came from this vCPU's run queue; each reference
+            // is the only one while it is used.
+            unsafe { info(slot).switches += 1 };
+            // SAFETY: as above.
+            let t = unsafe { thread(slot) };
             if !t.has_run {
                 t.has_run = true;
                 shared.user_threads_run += 1;
@@ -255,7 +286,9 @@ pub fn hardclock_tick(
     }
     for i in 0..cpu.owned_len {
         let slot = cpu.owned[i] as usize;
-        let t = thread(slot);
+        // SAFETY: `owned` lists this vCPU's slots; `t` is not used after
+        // `set_state` takes its own reference.
+        let t = unsafe { thread(slot) };
         if t.state == thread_state::WAITING && t.wake_at <= now {
             set_state(slot, thread_state::RUNNABLE);
             cpu.runq.push(slot);
@@ -276,7 +309,8 @@ pub fn hardclock_tick(
 pub fn charge_stat_tick(current: Option<usize>, cp_time: &mut [u64; 4], user: bool) {
     match current {
         Some(slot) => {
-            let i = info(slot);
+            // SAFETY: `current` is a slot of this vCPU; `i` is the only reference.
+            let i = unsafe { info(slot) };
             if user {
                 cp_time[CP_USER] += 1;
                 i.user_ticks += 1;
@@ -294,7 +328,8 @@ pub fn charge_stat_tick(current: Option<usize>, cp_time: &mut [u64; 4], user: bo
 /// schedclock(p): raise the `current` thread's estcpu and recompute its priority.
 pub fn schedclock(current: Option<usize>) {
     if let Some(slot) = current {
-        let i = info(slot);
+        // SAFETY: `current` is a slot of this vCPU; `i` is the only reference.
+        let i = unsafe { info(slot) };
         i.estcpu = (i.estcpu + 1).min(ESTCPULIM);
         i.priority = (PUSER + i.estcpu / 4).min(MAXPRI);
     }
@@ -316,7 +351,8 @@ pub fn yield_now(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
 pub fn sleep_until(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, wake_at: u64) {
     if let Some(slot) = cpu.current {
         set_state(slot, thread_state::WAITING);
-        thread(slot).wake_at = wake_at;
+        // SAFETY: `current` is a slot of this vCPU; the reference ends here.
+        unsafe { thread(slot).wake_at = wake_at };
     }
     reschedule_or_idle(cpu, shared, frame);
 }
@@ -325,7 +361,8 @@ pub fn sleep_until(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame,
 pub fn wait_on(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, channel: u64) {
     if let Some(slot) = cpu.current {
         set_state(slot, thread_state::WAITING);
-        let t = thread(slot);
+        // SAFETY: `current` is a slot of this vCPU; `t` is the only reference.
+        let t = unsafe { thread(slot) };
         t.wake_at = u64::MAX;
         t.wait_channel = channel;
     }
@@ -337,7 +374,9 @@ pub fn wake_all(cpu: &mut PerCpu, channel: u64) -> u64 {
     let mut woken = 0;
     for i in 0..cpu.owned_len {
         let slot = cpu.owned[i] as usize;
-        let t = thread(slot);
+        // SAFETY: `owned` lists this vCPU's slots; `t` is not used after
+        // `set_state` takes its own reference.
+        let t = unsafe { thread(slot) };
         if t.state == thread_state::WAITING && t.wait_channel == channel && channel != 0 {
             t.wait_channel = 0;
             set_state(slot, thread_state::RUNNABLE);
