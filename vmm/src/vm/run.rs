@@ -1,6 +1,7 @@
 //! Running a built VM: the vCPU threads, the event loop on the calling
-//! thread, and the orderly end (stress drain, synchronous sampling stop, stop
-//! flag and kicks, joins, summary).
+//! thread, and the orderly end: stress drain, synchronous sampling stop,
+//! quiesce (every vCPU parked at an interruptible point), stop flag and kicks,
+//! joins, summary.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -124,7 +125,8 @@ impl RunningVm {
         }
         let controller = self.controller();
         if shared.sampling.is_some() {
-            // An error here only means sampling was already off.
+            // Stopping while off does nothing; an error means another thread's
+            // stop is in progress, which the stop flag below completes.
             let _ = controller.sampling_stop();
         }
         shared.quiesce(QUIESCE_LIMIT);
