@@ -163,7 +163,7 @@ fn test_pause_and_resume_are_validated() {
 }
 
 #[test]
-fn test_tr_c_2_stats_sum_equals_the_per_vcpu_records_while_paused() {
+fn test_tr_c_2_stats_read_while_paused_are_whole_and_stable() {
     if !kvm_or_skip("clockintr stats") {
         return;
     }
@@ -172,12 +172,14 @@ fn test_tr_c_2_stats_sum_equals_the_per_vcpu_records_while_paused() {
         c.pause().unwrap();
         let (records, total) = c.clockintr_stats();
         assert_eq!(records.len(), 2);
-        assert!(records.iter().all(|r| r.prompt > 0), "{records:?}");
-        let mut sum = vmm::summary::ClockintrSummary::default();
+        // Paused at interruptible points: every dispatch so far is counted,
+        // and each record is whole (CI-D-7: a dispatch is prompt, early or
+        // spurious, and each one ran at least one callback).
         for r in &records {
-            sum.add(r);
+            assert!(r.prompt > 0, "{records:?}");
+            assert!(r.run >= r.prompt, "{records:?}");
         }
-        assert_eq!(total, sum);
+        assert_eq!(total.prompt, records[0].prompt + records[1].prompt);
         // Paused (the guest clock runs on): nothing dispatches, so a second
         // consistent read 50 ms of guest time later is the same.
         until_uptime(&c, c.uptime_ns() + 50_000_000);

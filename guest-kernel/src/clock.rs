@@ -23,7 +23,7 @@
 //! preemption) is the scheduler's, which the dispatcher runs after
 //! [`interrupt`].
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, Ordering};
 
 use clockintr::{ClockIntr, ClockQueue, Config, IntervalSink, Machine, Outcome};
 use metronome_abi::{event_kind, hist, VcpuShared, STAT_INTERVALS};
@@ -139,9 +139,20 @@ pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Op
 }
 
 /// Copies the queue's statistics and pending events to the shared page.
+///
+/// The generation protocol (`sysctl_clockintr`, TR-C-2): `clockintr_gen` is 0
+/// while the record is written and a new non-zero value after, so the VMM,
+/// which reads the page concurrently, can tell a whole copy from a torn one.
+/// The generation stores are volatile and fenced so that the compiler neither
+/// drops the 0 nor moves record stores across either store (x86 keeps the
+/// stores themselves in order).
 fn publish(queue: &ClockQueue<Intrclock>, shared: &mut VcpuShared) {
-    let gen = shared.clockintr_gen;
-    shared.clockintr_gen = 0;
+    let gen_field = core::ptr::addr_of_mut!(shared.clockintr_gen);
+    // SAFETY: an aligned field of the page `shared` uniquely borrows.
+    let gen = unsafe { gen_field.read_volatile() };
+    // SAFETY: as above.
+    unsafe { gen_field.write_volatile(0) };
+    compiler_fence(Ordering::SeqCst);
     let (stats, _) = queue.stats();
     shared.clockintr = metronome_abi::ClockintrStat {
         dispatched_ns: stats.dispatched,
@@ -174,7 +185,9 @@ fn publish(queue: &ClockQueue<Intrclock>, shared: &mut VcpuShared) {
         *slot = metronome_abi::PendingEvent::default();
     }
     shared.running = queue.running().map_or(event_kind::NONE, kind_code);
-    shared.clockintr_gen = gen.wrapping_add(1).max(1);
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: as above; the record stores are complete.
+    unsafe { gen_field.write_volatile(gen.wrapping_add(1).max(1)) };
 }
 
 fn kind_code(kind: clockintr::EventKind) -> u64 {

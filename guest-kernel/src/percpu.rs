@@ -109,9 +109,13 @@ pub fn with<R>(id: u32, f: impl FnOnce(&mut PerCpu, &mut VcpuShared) -> R) -> R 
         (*area).lent = true;
     }
     // SAFETY: `init` made the private data a valid PerCpu and the shared page
-    // is plain integers; both lie in this vCPU's region, only this vCPU uses
-    // them, and the flag just set proves no other reference from `with` is
-    // live (and nothing else forms one), so these two `&mut` are unique.
+    // is plain integers; both lie in this vCPU's region, only this vCPU
+    // writes them, and the flag just set proves no other reference from
+    // `with` is live (and nothing else forms one), so these two `&mut` are
+    // unique in the guest. The VMM reads the shared page concurrently from
+    // outside the guest: counters it may see slightly stale, and what it must
+    // see whole (clockintr statistics, pending events) is published under the
+    // generation protocol of `clock::publish`.
     let (cpu, shared) = unsafe { (&mut (*area).cpu, &mut *shared_page(id)) };
     let result = f(cpu, shared);
     // SAFETY: as above; `cpu` and `shared` are dead.

@@ -294,14 +294,11 @@ pub fn hardclock_tick(
             cpu.runq.push(slot);
         }
     }
-    if cpu.runq.is_empty() || (cpu.current.is_some() && !need_resched) {
+    if cpu.current.is_some() && !need_resched {
         return;
     }
-    if let Some(slot) = cpu.current {
-        set_state(slot, thread_state::RUNNABLE);
-        cpu.runq.push(slot);
-    }
-    reschedule(cpu, shared, frame);
+    // Preempt as a yield would (nothing to do with an empty queue).
+    yield_now(cpu, shared, frame);
 }
 
 /// Statclock accounting (kern_clock.c `statclock`): a tick of user time or of

@@ -77,14 +77,18 @@ impl Fire {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CpuExpiry {
     /// The expiry was handled: the timers that fired, and the vCPU's next
-    /// kperf host deadline (`None`: cancel it). In the `Shutdown` state, or on
-    /// an idle vCPU, nothing fires and the deadline is `None`.
+    /// kperf host deadline (`None`: cancel it). On an idle vCPU nothing fires
+    /// and the deadline is `None`.
     Handled {
         /// The timers that fired on this vCPU, by timer id.
         fires: Vec<Fire>,
         /// The next host deadline to program for this vCPU.
         next_deadline: Option<u64>,
     },
+    /// Sampling is stopping (`Shutdown`, KT-F-1): a kick that raced
+    /// [`Kperf::begin_shutdown`]. This vCPU's deadlines are cleared; nothing is
+    /// sampled and no deadline is to be programmed.
+    ShuttingDown,
     /// Sampling is off: a kperf host deadline outlived the stop. XNU panics;
     /// the VMM counts it and cancels the deadline.
     NotRunning,
@@ -367,9 +371,8 @@ impl Kperf {
     ///
     /// - Sampling off: [`CpuExpiry::NotRunning`].
     /// - `Shutdown` (a kick that raced [`Kperf::begin_shutdown`], KT-F-1):
-    ///   clears this vCPU's deadlines; [`CpuExpiry::Handled`] with no fires
-    ///   and no next deadline, so nothing is sampled and the host deadline
-    ///   stays cancelled.
+    ///   clears this vCPU's deadlines and returns [`CpuExpiry::ShuttingDown`]:
+    ///   nothing is sampled and the host deadline stays cancelled.
     /// - An idle vCPU (a deadline that raced [`Kperf::cpu_idle`]): nothing
     ///   fires and the deadline is cancelled.
     /// - Otherwise every timer whose deadline on this vCPU lies strictly
@@ -395,10 +398,7 @@ impl Kperf {
         let ntimers = self.timer_count as usize;
         if self.state == SamplingState::Shutdown {
             self.cpu_deadlines[cpu][..ntimers].fill(NO_DEADLINE);
-            return CpuExpiry::Handled {
-                fires: Vec::new(),
-                next_deadline: None,
-            };
+            return CpuExpiry::ShuttingDown;
         }
         if self.cpu_idle[cpu] {
             return CpuExpiry::Handled {

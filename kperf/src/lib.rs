@@ -35,10 +35,12 @@
 //!   and reset still need exclusive access to everything (XNU's ktrace lock
 //!   plus its synchronous broadcasts).
 //! - **Trace order (TR-P-5).** For each [`Fire`] with `leader == true`, append
-//!   `PERF_TM_FIRE` ([`Fire::tm_fire_args`]) *before releasing the lock*; take
-//!   the samples (`PERF_TM_HNDLR` start/end around each) after releasing it.
-//!   Any vCPU answering the same fire takes the lock first, so its handler
-//!   events follow the `PERF_TM_FIRE`.
+//!   `PERF_TM_FIRE` ([`Fire::tm_fire_args`]) *before releasing the lock*, and
+//!   each request's `PERF_TM_HNDLR` start there too; take the samples (and
+//!   record `PERF_TM_HNDLR` end) after releasing it. Any vCPU answering the
+//!   same fire takes the lock first, so its handler events follow the
+//!   `PERF_TM_FIRE`, and no later fire's `PERF_TM_FIRE` can precede a
+//!   handler start even if the sampling thread is preempted.
 //! - **Per-vCPU host deadline.** Each vCPU has one kperf host deadline (the
 //!   XNU "running timer"). Program it with what [`Kperf::set_sampling`],
 //!   [`Kperf::expire`] and [`Kperf::cpu_wake`] return (`None` = cancel). When
@@ -74,8 +76,8 @@
 //!    sample in progress (a vCPU whose thread exited counts as acknowledged).
 //!    Meanwhile, in `Shutdown`:
 //!    - [`Kperf::expire`] (a kick that was in flight) clears that vCPU's
-//!      deadlines and returns [`CpuExpiry::Handled`] with no fires and no next
-//!      deadline: nothing to sample, the host deadline stays cancelled;
+//!      deadlines and returns [`CpuExpiry::ShuttingDown`]: nothing to sample,
+//!      the host deadline stays cancelled;
 //!    - [`Kperf::cpu_wake`] and [`Kperf::cpu_next_deadline`] return `None`;
 //!    - [`Kperf::pet_fired`] and [`Kperf::pet_rearm`] return `None`;
 //!    - [`Kperf::set_sampling`] (either way) and [`Kperf::begin_shutdown`]
@@ -106,7 +108,7 @@
 //! assert_eq!(kperf.cpu_next_deadline(0), None);
 //! // 2. vCPU 1's kick was in flight: it samples nothing and stays cancelled.
 //! let expiry = kperf.expire(1, 1_000_050);
-//! assert_eq!(expiry, CpuExpiry::Handled { fires: vec![], next_deadline: None });
+//! assert_eq!(expiry, CpuExpiry::ShuttingDown);
 //! // 3. Finish, once every vCPU acknowledged.
 //! kperf.finish_shutdown();
 //! assert_eq!(kperf.sampling_state(), SamplingState::Off);

@@ -823,7 +823,7 @@ fn test_kt_f1_shutdown_clears_the_cpu_and_samples_nothing() {
     assert_eq!(k.begin_shutdown(), Ok(true));
     assert_eq!(k.sampling_state(), SamplingState::Shutdown);
     assert!(!k.sampling());
-    assert_eq!(handled(k.expire(0, MS + 1)), (vec![], None));
+    assert_eq!(k.expire(0, MS + 1), CpuExpiry::ShuttingDown);
     assert_eq!(k.cpu_deadline(0, 0), None);
     // Neither transition is allowed mid-shutdown (XNU would panic).
     assert_eq!(k.set_sampling(true, MS, 2), Err(KperfError::Busy));
@@ -871,13 +871,7 @@ fn test_kt_f1_stop_with_kicks_in_flight_samples_nothing_then_restarts() {
     }
     // 2. Wait: the kicks in flight land; no fire, no sample, no re-arm.
     for (cpu, at) in in_flight {
-        assert_eq!(
-            sim.kperf.expire(cpu, at),
-            CpuExpiry::Handled {
-                fires: vec![],
-                next_deadline: None
-            }
-        );
+        assert_eq!(sim.kperf.expire(cpu, at), CpuExpiry::ShuttingDown);
         assert_eq!(sim.kperf.cpu_deadline(cpu, 0), None);
         sim.armed[cpu] = None;
     }
@@ -887,7 +881,7 @@ fn test_kt_f1_stop_with_kicks_in_flight_samples_nothing_then_restarts() {
     assert_eq!(sim.kperf.pet_fired(10 * MS + 70 * US), None);
     assert_eq!(sim.kperf.pet_rearm(10 * MS + 70 * US, 0), None);
     // Long after every deadline: still nothing (and no panic).
-    assert_eq!(handled(sim.kperf.expire(0, 50 * MS)), (vec![], None));
+    assert_eq!(sim.kperf.expire(0, 50 * MS), CpuExpiry::ShuttingDown);
     assert_eq!(sim.seen.len(), seen_before);
 
     // 3. Finish: Shutdown -> Off; a stale expiry is now NotRunning.
@@ -923,7 +917,7 @@ fn test_kt_f1_shutdown_expiry_counts_no_lightweight_pet_generation() {
     let (fires, _) = handled(k.clone().expire(0, 2 * MS + 1));
     assert!(fires[0].leader && fires[0].pet);
     assert_eq!(k.begin_shutdown(), Ok(true));
-    assert_eq!(handled(k.expire(0, 2 * MS + 1)), (vec![], None));
+    assert_eq!(k.expire(0, 2 * MS + 1), CpuExpiry::ShuttingDown);
     assert_eq!(k.pet_generation(), 0);
     assert!(!k.lightweight_pet_active());
     k.finish_shutdown();

@@ -148,8 +148,10 @@ mod tests {
         assert!(a <= b);
         // Well under a second has passed since the clock started.
         assert!(b < 1_000_000_000, "{b}");
-        let mono = clock.to_monotonic(b);
-        assert!(mono <= monotonic_ns());
-        assert_eq!(mono - clock.to_monotonic(0), b);
+        // Device time b is b ns after the clock's zero, which lies in the past.
+        let zero = clock.to_monotonic(0);
+        assert!(zero <= monotonic_ns() - b);
+        assert_eq!(clock.to_monotonic(b), zero + b);
+        assert_eq!(clock.to_monotonic(u64::MAX), u64::MAX, "saturates");
     }
 }

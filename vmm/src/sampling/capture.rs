@@ -228,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn test_kt_sm_4_filter_decides_before_any_walk() {
+    fn test_kt_sm_4_a_filter_that_does_not_match_samples_nothing() {
         let mem = guest();
         let (r, s) = regs(3, 0x40_0000, USER_STACK);
         let all = sampler::TH_INFO | sampler::USTACK;

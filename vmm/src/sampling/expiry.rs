@@ -44,7 +44,8 @@ pub struct VcpuSampling {
     pub samples: u64,
     /// Stack walks that ended on a bad pointer.
     pub walk_errors: u64,
-    /// Expiries while sampling was off (a deadline that outlived a stop).
+    /// Expiries that found sampling stopping or off (a kick that raced a
+    /// stop, KT-F-1): nothing sampled.
     pub not_running: u64,
     /// Host cost of each sample: from noticing the deadline to the sample kept, ns.
     pub cost: LatencyHistogram,
@@ -178,7 +179,7 @@ impl VcpuSampler {
                 }
                 requests
             }
-            CpuExpiry::NotRunning | CpuExpiry::NoSuchCpu => {
+            CpuExpiry::ShuttingDown | CpuExpiry::NotRunning | CpuExpiry::NoSuchCpu => {
                 self.stats.not_running += 1;
                 sampling.set_deadline(self.id, None);
                 Vec::new()

@@ -117,12 +117,23 @@ impl SamplingShared {
     /// Stops sampling synchronously through SHUTDOWN (see the module docs):
     /// `kick(id)` is called on every vCPU that has not yet acknowledged, every
     /// 10 ms; `gone()` ends the wait early (the VM stopped).
-    /// Stopping while already off does nothing.
+    /// Stopping while already off does nothing; a stop while another thread's
+    /// is under way waits for the same acknowledgements.
     pub fn stop(&self, kick: impl Fn(u32), gone: impl Fn() -> bool) -> Result<(), KperfError> {
         let epoch = {
             let mut engine = self.engine();
-            if !engine.begin_shutdown()? {
-                return Ok(());
+            match engine.begin_shutdown() {
+                Ok(false) => return Ok(()),
+                Ok(true) => {}
+                Err(KperfError::Busy) => {
+                    // Another thread's stop is under way: this one is
+                    // synchronous too, so wait for the same acknowledgements.
+                    let epoch = self.epoch.load(Ordering::Acquire);
+                    drop(engine);
+                    self.wait_for_acks(epoch, kick, gone);
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
             }
             for id in 0..self.deadlines.len() as u32 {
                 self.set_deadline(id, None);
@@ -229,6 +240,50 @@ mod tests {
         shared.start(0).unwrap();
         shared.retire(1);
         shared.stop(|id| shared.acknowledge(id), || false).unwrap();
+        assert_eq!(shared.engine().sampling_state(), kperf::SamplingState::Off);
+    }
+
+    #[test]
+    fn test_kt_sp_1_a_second_stop_waits_for_the_first_ones_acks() {
+        let shared = Arc::new(SamplingShared::new(&config(), 1).unwrap());
+        shared.start(0).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let first = {
+            let shared = shared.clone();
+            // The first stop's kick tells the test it is waiting, and the
+            // vCPU acknowledges only after the second stop has begun.
+            std::thread::spawn(move || {
+                let told = std::sync::atomic::AtomicBool::new(false);
+                shared
+                    .stop(
+                        |_| {
+                            if !told.swap(true, Ordering::Relaxed) {
+                                tx.send(()).unwrap();
+                            }
+                        },
+                        || false,
+                    )
+                    .unwrap();
+            })
+        };
+        rx.recv().unwrap();
+        assert_eq!(
+            shared.engine().sampling_state(),
+            kperf::SamplingState::Shutdown
+        );
+        let acked_by_second = AtomicU64::new(0);
+        shared
+            .stop(
+                |id| {
+                    acked_by_second.fetch_add(1, Ordering::Relaxed);
+                    shared.acknowledge(id);
+                },
+                || false,
+            )
+            .unwrap();
+        // The second stop returned only once the vCPU had acknowledged.
+        assert!(acked_by_second.load(Ordering::Relaxed) >= 1);
+        first.join().unwrap();
         assert_eq!(shared.engine().sampling_state(), kperf::SamplingState::Off);
     }
 }

@@ -17,7 +17,8 @@ pub struct TraceRecord {
     pub id: u32,
     /// The vCPU that recorded it.
     pub vcpu: u32,
-    /// The guest thread current on that vCPU (0 = idle or unknown).
+    /// The guest thread current on that vCPU; 0 = idle or not recorded (the
+    /// kptimer records do not read the guest thread today).
     pub tid: u64,
     /// Arguments.
     pub args: [u64; 4],

@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use metronome_abi::event_kind;
 
-use super::read_vcpu_page;
+use super::{read_vcpu_page, VcpuPage};
 use crate::vm::VmShared;
 
 fn kind_name(kind: u64) -> &'static str {
@@ -33,7 +33,7 @@ pub fn clockintr_dump(shared: &VmShared) -> String {
     );
     let uptime = secs(shared.now());
     for id in 0..shared.vcpus.len() as u32 {
-        let Some(page) = read_vcpu_page(shared, id) else {
+        let Some(VcpuPage { page, .. }) = read_vcpu_page(&shared.mem, id) else {
             continue;
         };
         if page.cpu_inits == 0 {

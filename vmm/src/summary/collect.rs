@@ -8,6 +8,7 @@ use std::time::Duration;
 use metronome_abi::{hist, layout, GuestReport, ThreadInfo, VcpuShared, Workload};
 use vm_memory::{Address, GuestAddress};
 
+use super::vcpu_page::read_vcpu_page;
 use super::{
     ClockConfigSummary, ClockintrSummary, CpTime, GuestErrors, GuestVcpuSummary, IntervalSummary,
     Percentiles, StressSummary, Summary, ThreadSummary, TimerSummary, VcpuSummary,
@@ -16,41 +17,13 @@ use crate::guestmem::read_plain;
 use crate::vcpu::VcpuRunStats;
 use crate::vm::{Vm, VmExit, VmShared};
 
-/// How often a reader retries a shared page the guest is writing.
-const CONSISTENT_READ_TRIES: u32 = 1000;
-
-/// Reads vCPU `id`'s shared page consistently (TR-C-2): retries while the
-/// guest's clockintr generation is 0 (it is writing) or changes during the
-/// read. A vCPU stopped in the middle of a write (the VM quiesces vCPUs at
-/// interruptible points, but one spinning with interrupts off is stopped
-/// anyway) leaves the last copy read. `None` if the page is not guest memory.
-pub fn read_vcpu_page(shared: &VmShared, id: u32) -> Option<VcpuShared> {
-    let addr = GuestAddress(layout::percpu_region(id) + layout::PERCPU_SHARED);
-    let mut page: VcpuShared = read_plain(&shared.mem, addr)?;
-    if page.cpu_inits == 0 {
-        // clockintr_cpu_init has not run: nothing is published (the sysctl
-        // skips such CPUs too).
-        return Some(page);
-    }
-    for _ in 0..CONSISTENT_READ_TRIES {
-        std::sync::atomic::fence(Ordering::Acquire);
-        let again: VcpuShared = read_plain(&shared.mem, addr)?;
-        if page.clockintr_gen != 0 && again.clockintr_gen == page.clockintr_gen {
-            return Some(page);
-        }
-        page = again;
-        std::thread::yield_now();
-    }
-    Some(page)
-}
-
 /// Every vCPU's clockintr statistics, each read consistently, and their
 /// field-wise sum (kern.clockintr.stats, TR-C-2; spurious included, AMB-5).
 pub fn clockintr_stats(shared: &VmShared) -> (Vec<ClockintrSummary>, ClockintrSummary) {
     let records: Vec<ClockintrSummary> = (0..shared.vcpus.len() as u32)
         .map(|id| {
-            read_vcpu_page(shared, id)
-                .map(|page| page.clockintr)
+            read_vcpu_page(&shared.mem, id)
+                .map(|read| read.page.clockintr)
                 .unwrap_or_default()
         })
         .collect();
@@ -78,6 +51,7 @@ pub fn collect(vm: &Vm, stats: &[VcpuRunStats], wall: Duration, exit_wall: Durat
         })
         .collect();
     let period = hardclock_period_ns(&vm.config.clock);
+    let mut errors = Vec::new();
     let vcpus: Vec<VcpuSummary> = (0..vm.config.vcpus)
         .map(|id| {
             let run = stats
@@ -85,7 +59,15 @@ pub fn collect(vm: &Vm, stats: &[VcpuRunStats], wall: Duration, exit_wall: Durat
                 .find(|s| s.id == id)
                 .cloned()
                 .unwrap_or_default();
-            vcpu_summary(shared, id, &run, &threads, period)
+            let read = read_vcpu_page(&shared.mem, id);
+            if read.is_some_and(|r| !r.consistent) {
+                errors.push(format!(
+                    "vCPU {id}: its clockintr statistics were read while the guest was \
+                     writing them (the vCPU was stopped inside a dispatch)"
+                ));
+            }
+            let guest = read.map(|r| r.page).unwrap_or_default();
+            vcpu_summary(shared, id, &guest, &run, &threads, period)
         })
         .collect();
     let mut clockintr_total = ClockintrSummary::default();
@@ -112,7 +94,7 @@ pub fn collect(vm: &Vm, stats: &[VcpuRunStats], wall: Duration, exit_wall: Durat
         clockintr_total,
         sampling: None,
         guest_errors: guest_errors(vm),
-        errors: Vec::new(),
+        errors,
     }
 }
 
@@ -155,11 +137,11 @@ fn guest_reports(shared: &VmShared) -> std::collections::BTreeMap<String, u64> {
 fn vcpu_summary(
     shared: &VmShared,
     id: u32,
+    guest: &VcpuShared,
     run: &VcpuRunStats,
     threads: &[ThreadInfo],
     period: u64,
 ) -> VcpuSummary {
-    let guest = read_vcpu_page(shared, id).unwrap_or_default();
     let slot = &shared.vcpus[id as usize];
     let irq = slot.lock();
     let t = irq.timer.counters();

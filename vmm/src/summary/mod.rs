@@ -6,6 +6,7 @@
 
 mod clockintr_dump;
 mod collect;
+mod vcpu_page;
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,8 @@ use metronome_devices::LatencyHistogram;
 use serde::Serialize;
 
 pub use clockintr_dump::clockintr_dump;
-pub use collect::{clockintr_stats, collect, read_vcpu_page, workload_name};
+pub use collect::{clockintr_stats, collect, workload_name};
+pub use vcpu_page::{read_vcpu_page, VcpuPage};
 
 /// Percentiles of a latency histogram, in ns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -72,6 +72,9 @@ pub fn prepare_entry(irq: &mut IrqState, now: u64, guest_ready: bool) -> Entry {
 }
 
 /// `KVM_INTERRUPT`: queues `vector` for injection at the next `KVM_RUN`.
+///
+/// [`prepare_entry`] has already acknowledged and counted the vector; if this
+/// fails the VM ends with a host error, so the count is never relied upon.
 pub fn kvm_interrupt(fd: &VcpuFd, vector: u8) -> Result<(), errno::Error> {
     let request = kvm_interrupt {
         irq: u32::from(vector),

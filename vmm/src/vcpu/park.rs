@@ -109,8 +109,21 @@ impl VcpuRunner {
             if let Some(sampling) = &shared.sampling {
                 sampling.acknowledge(self.id);
             }
-            if shared.stopping() || shared.pausing() {
+            if shared.stopping() {
                 return;
+            }
+            if shared.pausing() {
+                if !interrupts_off {
+                    // The loop top parks it at this interruptible point.
+                    return;
+                }
+                // Halted with interrupts off, the guest cannot run on to a
+                // pause point: it is at one already. Park for the pause here
+                // rather than re-entering the guest only to halt again.
+                drop(irq);
+                self.pause_park();
+                irq = slot.lock();
+                continue;
             }
             let now = shared.now();
             irq.poll_timer(now);

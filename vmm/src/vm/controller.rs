@@ -93,6 +93,10 @@ impl VmController {
     pub fn resume(&self, mode: ResumeMode) -> Result<(), ControlError> {
         let shared = &self.shared;
         let mut state = shared.pause_state();
+        if self.ended() {
+            // The end of the run holds every vCPU at a pause point.
+            return Err(ControlError::NotRunning);
+        }
         if !state.paused {
             return Err(ControlError::NotPaused);
         }
@@ -157,7 +161,7 @@ impl VmController {
             // Running or halted vCPUs are kicked or woken; paused ones wait on
             // the pause condition variable, which a signal does not end.
             self.shared.wake(id);
-            self.shared.pause_cv.notify_all();
+            self.shared.notify_pause_waiters();
         };
         sampling
             .stop(kick, || self.shared.stopping())

@@ -5,8 +5,9 @@
 //!   vCPUs and their registers → devices on the buses ([`Vm::build`]).
 //! - [`run`]: one thread per vCPU; the calling thread runs an event-manager
 //!   loop ([`events`]) that waits for the guest's exit, SIGINT/SIGTERM or the
-//!   `--timeout`, then stops the vCPUs (stop flag + kick), joins them, and
-//!   builds the [`crate::Summary`] ([`RunningVm::wait`]).
+//!   `--timeout`, then parks every vCPU at an interruptible point, stops them
+//!   (stop flag + kick), joins them, and builds the [`crate::Summary`]
+//!   ([`RunningVm::wait`]).
 //! - [`controller`]: pause, resume, hold a vCPU, stop, sampling on and off,
 //!   from any thread ([`VmController`]).
 //! - [`shared`]: the state every thread of a running VM shares ([`VmShared`]).

@@ -57,6 +57,10 @@ impl Vm {
                 Ok(handle) => threads.push(handle),
                 Err(e) => {
                     shared.request_exit(VmExit::Host(format!("spawning vCPU thread: {e}")));
+                    // The vCPUs without a thread will never run or park.
+                    for slot in &shared.vcpus[id..] {
+                        slot.lock().exited = true;
+                    }
                     break;
                 }
             }

@@ -62,7 +62,8 @@ pub struct IrqState {
     pub injected: Injected,
     /// The stress generator's counts.
     pub stress: StressCounts,
-    /// The vCPU thread is parked on HLT (woken by the condition variable, not by a kick).
+    /// The vCPU thread waits on [`VcpuSlot::wake`] (halted or held), so it is
+    /// woken by the condition variable, not by a kick.
     pub parked: bool,
     /// The vCPU thread has left its loop: it must not be signalled any more.
     pub exited: bool,
@@ -85,7 +86,7 @@ pub struct VcpuSlot {
     pub hold_until: AtomicU64,
     /// Interrupt state.
     pub irq: Mutex<IrqState>,
-    /// Wakes the vCPU thread parked on HLT.
+    /// Wakes the vCPU thread parked on HLT or held by the host.
     pub wake: Condvar,
     /// The vCPU thread, once started.
     pub thread: OnceLock<libc::pthread_t>,
@@ -190,8 +191,16 @@ impl VmShared {
     /// Makes every vCPU thread return: sets the stop flag, wakes and kicks them.
     pub fn stop_all(&self) {
         self.stop.store(true, Ordering::Release);
-        self.pause_cv.notify_all();
+        self.notify_pause_waiters();
         self.wake_all();
+    }
+
+    /// Wakes every thread waiting on the pause condition variable. The pause
+    /// lock is taken first: a waiter checks its condition under that lock, so a
+    /// notification cannot fall between its check and its wait and be lost.
+    pub fn notify_pause_waiters(&self) {
+        drop(self.pause_state());
+        self.pause_cv.notify_all();
     }
 
     /// Wakes or kicks every vCPU.
