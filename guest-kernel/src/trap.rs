@@ -183,12 +183,7 @@ extern "C" fn trap(frame: &mut Frame) {
 /// interrupt kernel code that holds the vCPU's data, so it does not borrow it.
 fn report_fault(id: u32, frame: &Frame) -> ! {
     control::report_fault(FaultReport {
-        vector: frame.vector,
-        error_code: frame.error_code,
-        rip: frame.rip,
-        cs: frame.cs,
-        rflags: frame.rflags,
-        rsp: frame.rsp,
+        frame: *frame,
         cr2: arch::read_cr2(),
         vcpu: u64::from(id),
         tid: percpu::fault_tid(id),

@@ -210,7 +210,7 @@ impl BusDevice for ControlPage {
             mmio::CTL_FAULT => match self.read_report::<FaultReport>(addr) {
                 Some(mut report) => {
                     report.vcpu = u64::from(vcpu);
-                    self.shared.request_exit(VmExit::Fault(report));
+                    self.shared.request_exit(VmExit::Fault(Box::new(report)));
                 }
                 None => self.shared.request_exit(VmExit::Emulation {
                     vcpu,

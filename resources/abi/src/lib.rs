@@ -606,18 +606,10 @@ pub struct GuestReport {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultReport {
-    /// Exception vector.
-    pub vector: u64,
-    /// Error code pushed by the CPU (0 when the vector has none).
-    pub error_code: u64,
-    /// Faulting instruction pointer.
-    pub rip: u64,
-    /// Code segment at the fault (its low two bits are the CPL).
-    pub cs: u64,
-    /// RFLAGS at the fault.
-    pub rflags: u64,
-    /// Stack pointer at the fault.
-    pub rsp: u64,
+    /// The registers at the fault, as the entry path saved them: the vector,
+    /// the error code (0 when the vector has none), RIP, CS (its low two bits
+    /// are the CPL), RFLAGS, RSP and the general-purpose registers.
+    pub frame: InterruptFrame,
     /// CR2 (the faulting address for a page fault).
     pub cr2: u64,
     /// The vCPU that faulted.

@@ -11,7 +11,7 @@ pub enum VmExit {
         code: u32,
     },
     /// The guest took an exception it could not handle.
-    Fault(FaultReport),
+    Fault(Box<FaultReport>),
     /// The guest kernel panicked.
     Panic {
         /// The vCPU that panicked.
@@ -51,17 +51,18 @@ impl std::fmt::Display for VmExit {
         match self {
             Self::Guest { code } => write!(f, "guest exited with status {code}"),
             Self::Fault(r) => {
+                let frame = &r.frame;
                 write!(
                     f,
                     "guest fault on vCPU {}: {} (vector {}), error code {:#x}, RIP {:#x} at CPL{}",
                     r.vcpu,
-                    metronome_abi::exception::name(r.vector),
-                    r.vector,
-                    r.error_code,
-                    r.rip,
-                    r.cs & 3
+                    metronome_abi::exception::name(frame.vector),
+                    frame.vector,
+                    frame.error_code,
+                    frame.rip,
+                    frame.cpl()
                 )?;
-                if r.vector == u64::from(metronome_abi::exception::PAGE_FAULT) {
+                if frame.vector == u64::from(metronome_abi::exception::PAGE_FAULT) {
                     write!(f, ", CR2 {:#x}", r.cr2)?;
                 }
                 if r.tid != 0 {
