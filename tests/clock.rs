@@ -34,13 +34,23 @@ fn check_counts(vcpus: u32) {
         let uptime = u(v, "last_dispatch_ns");
         assert!(uptime >= 2_000_000_000, "{v}");
         let phase = u(v, "hardclock_phase_ns");
-        // Grid points offset + k*P in (0, uptime], plus the one at 0 on vCPU 0 (CI-CPU-3).
-        let expected = ((uptime - phase) / PERIOD) as f64 + if id == 0 { 1.0 } else { 0.0 };
-        within(
-            u(v, "hardclock"),
-            expected,
-            0.01,
-            &format!("vCPU {id} hardclock"),
+        // The last dispatch ran every event due at its start: hardclock ran
+        // once per grid point phase + k*P after cpu_init and up to that start
+        // (CI-EV-1: catch-up repeats, nothing is lost, however late the host
+        // ran the vCPU); the primary's first init skips none, so vCPU 0 also
+        // ran the one at 0, while a secondary skips those before its init
+        // (CI-CPU-3). One either way for the clock reads around the bounds.
+        let start = u(v, "last_dispatch_start_ns");
+        let grid = |t: u64| (t as i64 - phase as i64).div_euclid(PERIOD as i64);
+        let expected = if id == 0 {
+            start / PERIOD + 1
+        } else {
+            (grid(start) - grid(u(v, "last_cpu_init_ns"))) as u64
+        };
+        let hardclock = u(v, "hardclock");
+        assert!(
+            hardclock.abs_diff(expected) <= 1,
+            "vCPU {id} hardclock {hardclock}, expected {expected} +-1: {v}"
         );
         within(
             u(v, "statclock"),

@@ -135,6 +135,7 @@ fn test_profile_formats_folded_svg_pprof() {
         thread_name: thread.into(),
         user_stack: user,
         kernel_stack: kernel,
+        user_leaf_after_trap: false,
         weight: 1,
     };
     // `work` called from `spinner` (a return address, looked up one byte

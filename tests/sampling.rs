@@ -57,6 +57,7 @@ fn sampled_config(timeout_secs: u64) -> vmm::VmConfig {
             profile_dir: None,
             trace_file: None,
             filter_tid: -1,
+            pet_period_ns: None,
         }),
         ..vmm::VmConfig::default()
     }

@@ -77,6 +77,7 @@ fn cpu_init(cpu: &mut PerCpu, shared: &mut VcpuShared) {
     cpu.first_since_init = true;
     cpu.programmed_deadline = None;
     shared.cpu_inits += 1;
+    shared.last_cpu_init_ns = cpu.queue.uptime();
     publish(&cpu.queue, shared);
     if let Err(e) = cpu.queue.trigger() {
         fatal(e);
@@ -130,6 +131,7 @@ pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Op
             }
         }
     }
+    shared.last_dispatch_start_ns = report.start;
     shared.last_dispatch_ns = report.end;
     publish(&cpu.queue, shared);
     (report.calls.hardclock > 0).then_some(Hardclock {

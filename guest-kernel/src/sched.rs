@@ -166,6 +166,10 @@ pub fn spawn(cpu: &mut PerCpu, name: &[u8], entry: Entry, arg: u64) -> Option<u3
         state: u64::from(thread_state::RUNNABLE),
         name: t.name,
         priority: PUSER,
+        saved_rip: t.frame.rip,
+        saved_rbp: t.frame.rbp,
+        stack_lo: stack_top - STACK_SIZE,
+        stack_hi: stack_top,
         ..ThreadInfo::default()
     };
     cpu.owned[cpu.owned_len] = slot as u16;
@@ -204,6 +208,12 @@ fn save_current(cpu: &mut PerCpu, frame: &Frame) {
             t.frame = *frame;
             // SAFETY: we are at CPL0 with OSFXSR set; the area belongs to this thread.
             unsafe { arch::fxsave(&mut t.fx) };
+            // What the host's PET reads of a thread that is not running.
+            // SAFETY: as above, for the slot's table entry; `t` is not used after.
+            let i = unsafe { info(slot) };
+            i.saved_rip = frame.rip;
+            i.saved_rbp = frame.rbp;
+            i.saved_vector = frame.vector;
         }
         None => cpu.idle_frame = *frame,
     }

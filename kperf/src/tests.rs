@@ -287,6 +287,12 @@ fn test_tr_e2_kptimer_event_ids() {
     assert_eq!(TM_FIRE, 0x2503_0000);
     assert_eq!(TM_HNDLR, 0x2503_0008);
     assert_eq!(PET_SCHED, 0x2504_0018);
+    assert_eq!(PET_ERROR, 0x2504_0004);
+    assert_eq!(PET_RUN, 0x2504_0008);
+    assert_eq!(PET_IDLE, 0x2504_0010);
+    assert_eq!(PET_SAMPLE, 0x2504_0014);
+    assert_eq!(PET_SAMPLE_TASK, 0x2504_0020);
+    assert_eq!(PET_SAMPLE_THREAD, 0x2504_0024);
     assert_eq!(TM_HNDLR | DBG_FUNC_START, 0x2503_0009);
     assert_eq!(TM_FIRE | DBG_FUNC_END, 0x2503_0002);
 }

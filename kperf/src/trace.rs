@@ -35,3 +35,17 @@ pub const TM_HNDLR: u32 = kdebug_id(DBG_PERF, PERF_TIMER, 2, DBG_FUNC_NONE);
 /// `PERF_PET_SCHED`: the PET one-shot was re-armed; args (period,
 /// adjusted period, sample duration, deadline) (TR-P-3, [`crate::PetSchedule`]).
 pub const PET_SCHED: u32 = kdebug_id(DBG_PERF, PERF_PET, 6, DBG_FUNC_NONE);
+/// `PERF_PET_ERROR`: the PET sampler could not sample a task or a thread;
+/// args (error kind, code) (TR-P-6).
+pub const PET_ERROR: u32 = kdebug_id(DBG_PERF, PERF_PET, 1, DBG_FUNC_NONE);
+/// `PERF_PET_RUN`: the PET sampler woke for a pass (TR-P-6).
+pub const PET_RUN: u32 = kdebug_id(DBG_PERF, PERF_PET, 2, DBG_FUNC_NONE);
+/// `PERF_PET_IDLE`: the PET sampler goes to sleep (TR-P-6).
+pub const PET_IDLE: u32 = kdebug_id(DBG_PERF, PERF_PET, 4, DBG_FUNC_NONE);
+/// `PERF_PET_SAMPLE`: brackets a PET pass; end arg: tasks sampled (TR-P-6).
+pub const PET_SAMPLE: u32 = kdebug_id(DBG_PERF, PERF_PET, 5, DBG_FUNC_NONE);
+/// `PERF_PET_SAMPLE_TASK`: brackets one task's sampling; end arg: its threads
+/// sampled, or 1 when it could not be suspended (TR-P-6).
+pub const PET_SAMPLE_TASK: u32 = kdebug_id(DBG_PERF, PERF_PET, 8, DBG_FUNC_NONE);
+/// `PERF_PET_SAMPLE_THREAD`: brackets one thread's PET sample (TR-P-6).
+pub const PET_SAMPLE_THREAD: u32 = kdebug_id(DBG_PERF, PERF_PET, 9, DBG_FUNC_NONE);

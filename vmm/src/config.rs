@@ -74,6 +74,8 @@ pub struct SamplingConfig {
     pub trace_file: Option<PathBuf>,
     /// Sample only this guest thread id (kperf's pid filter; -1 = all).
     pub filter_tid: i32,
+    /// A traditional PET timer with this period (timer 1, the same action).
+    pub pet_period_ns: Option<u64>,
 }
 
 impl SamplingConfig {
@@ -84,9 +86,15 @@ impl SamplingConfig {
         kperf.set_action_count(1)?;
         kperf.set_action_samplers(1, self.samplers)?;
         kperf.set_action_filter(1, self.filter_tid)?;
-        kperf.set_timer_count(1)?;
+        let timers = if self.pet_period_ns.is_some() { 2 } else { 1 };
+        kperf.set_timer_count(timers)?;
         kperf.set_timer_period(0, self.period_ns)?;
         kperf.set_timer_action(0, 1)?;
+        if let Some(period) = self.pet_period_ns {
+            kperf.set_timer_period(1, period)?;
+            kperf.set_timer_action(1, 1)?;
+            kperf.set_pet_timer(1)?;
+        }
         Ok(kperf)
     }
 }
@@ -291,6 +299,7 @@ mod tests {
             profile_dir: None,
             trace_file: None,
             filter_tid: -1,
+            pet_period_ns: None,
         };
         let with = |sampling: SamplingConfig| VmConfig {
             sampling: Some(sampling),

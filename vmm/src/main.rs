@@ -203,6 +203,7 @@ impl RunArgs {
                 profile_dir: self.profile_dir.clone(),
                 trace_file: self.trace.clone(),
                 filter_tid: self.sample_tid,
+                pet_period_ns: None,
             }),
         }
     }

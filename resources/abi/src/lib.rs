@@ -559,6 +559,12 @@ pub struct VcpuShared {
     /// The [`mmio::TIMER_RESUMES`] value the guest read in its last
     /// [`Vector::TimerResume`] handler (0 before the first such interrupt).
     pub timer_resumes_seen: u64,
+    /// Uptime at the start of the last dispatch: that dispatch ran every event
+    /// due by then (`last_dispatch_ns` is its end).
+    pub last_dispatch_start_ns: u64,
+    /// Uptime at the last `clockintr_cpu_init` (a secondary vCPU's first
+    /// hardclock is the first grid point after it, CI-CPU-3).
+    pub last_cpu_init_ns: u64,
 }
 
 /// What the guest publishes about each thread, at [`layout::THREAD_TABLE`].
@@ -585,7 +591,33 @@ pub struct ThreadInfo {
     pub priority: u64,
     /// Context switches onto this thread.
     pub switches: u64,
+    /// RIP of the thread's saved user context while it is not running (for
+    /// PET, which samples every thread: AMB-9). Valid once it has run or been
+    /// created; a running thread's registers are its vCPU's.
+    pub saved_rip: u64,
+    /// RBP (frame pointer) of the saved user context.
+    pub saved_rbp: u64,
+    /// The vector through which the thread last entered the kernel before it
+    /// was switched out: [`exception::BREAKPOINT`] for the `int3` system-call
+    /// door (then `saved_rip` is where the call returns to), the timer's for a
+    /// preemption (then `saved_rip` is the next instruction to run); 0 for a
+    /// thread that has not run.
+    pub saved_vector: u64,
+    /// Lowest address of the thread's user stack.
+    pub stack_lo: u64,
+    /// One past the highest address of the thread's user stack.
+    pub stack_hi: u64,
 }
+
+/// Bytes of one [`ThreadInfo`] slot: the table of [`MAX_THREADS`] slots must
+/// fit between [`layout::THREAD_TABLE`] and [`layout::PML4`].
+const _: () = {
+    assert!(core::mem::size_of::<ThreadInfo>() == 16 * 8);
+    assert!(
+        layout::THREAD_TABLE + (MAX_THREADS * core::mem::size_of::<ThreadInfo>()) as u64
+            <= layout::PML4
+    );
+};
 
 /// Largest number of key/value pairs in the [`GuestReport`].
 pub const MAX_REPORTS: usize = 32;
@@ -668,7 +700,15 @@ const _: () = {
             == core::mem::offset_of!(VcpuShared, lateness_max) + 8
     );
     assert!(
-        core::mem::offset_of!(VcpuShared, timer_resumes_seen) + 8
+        core::mem::offset_of!(VcpuShared, last_dispatch_start_ns)
+            == core::mem::offset_of!(VcpuShared, timer_resumes_seen) + 8
+    );
+    assert!(
+        core::mem::offset_of!(VcpuShared, last_cpu_init_ns)
+            == core::mem::offset_of!(VcpuShared, last_dispatch_start_ns) + 8
+    );
+    assert!(
+        core::mem::offset_of!(VcpuShared, last_cpu_init_ns) + 8
             == core::mem::size_of::<VcpuShared>()
     );
 };

@@ -90,6 +90,10 @@ pub struct Sample {
     /// guest kernel: the sampled instruction pointer, then return addresses.
     /// Empty when it was sampled in user mode.
     pub kernel_stack: Vec<u64>,
+    /// The user stack's leaf is the address after a trap (the `int3` system
+    /// call door), like a return address: symbolized as the instruction
+    /// before it, so a thread blocked in a system call shows the call.
+    pub user_leaf_after_trap: bool,
     /// How many samples this one stands for (normally 1).
     pub weight: u64,
 }
@@ -103,6 +107,15 @@ struct StackKey {
     vcpu: u32,
     user_stack: Vec<u64>,
     kernel_stack: Vec<u64>,
+    user_leaf_after_trap: bool,
+}
+
+impl StackKey {
+    /// Whether frame `i` of the user (`user`) or kernel stack is looked up as
+    /// a return address (the instruction before it).
+    fn is_return_address(&self, user: bool, i: usize) -> bool {
+        i > 0 || (user && self.user_leaf_after_trap)
+    }
 }
 
 /// An aggregated guest profile: the summed weight of every distinct
@@ -136,6 +149,7 @@ impl Profile {
             vcpu: sample.vcpu,
             user_stack: sample.user_stack.clone(),
             kernel_stack: sample.kernel_stack.clone(),
+            user_leaf_after_trap: sample.user_leaf_after_trap,
         };
         let weight = self.stacks.entry(key).or_insert(0);
         *weight = weight.saturating_add(sample.weight);
@@ -202,6 +216,7 @@ mod tests {
             thread_name: "t".into(),
             user_stack: vec![0x10],
             kernel_stack: vec![],
+            user_leaf_after_trap: false,
             weight: 2,
         };
         p.add(&s);

@@ -44,9 +44,9 @@ impl Profile {
         }
         for (key, weight) in self.weighted_stacks() {
             let mut location_id = Vec::with_capacity(key.kernel_stack.len() + key.user_stack.len());
-            for stack in [&key.kernel_stack, &key.user_stack] {
+            for (user, stack) in [(false, &key.kernel_stack), (true, &key.user_stack)] {
                 for (i, &addr) in stack.iter().enumerate() {
-                    location_id.push(b.location(addr, i > 0));
+                    location_id.push(b.location(addr, key.is_return_address(user, i)));
                 }
             }
             let label = vec![

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use inferno::flamegraph::color::MultiPalette;
 use inferno::flamegraph::{self, Palette};
@@ -89,10 +89,12 @@ impl Profile {
         for (key, weight) in self.weighted_stacks() {
             let mut stack = String::new();
             push_frame(&mut stack, &thread_root(key), "");
-            for (stack_addrs, suffix) in [(&key.user_stack, ""), (&key.kernel_stack, KERNEL_SUFFIX)]
-            {
+            for (user, stack_addrs, suffix) in [
+                (true, &key.user_stack, ""),
+                (false, &key.kernel_stack, KERNEL_SUFFIX),
+            ] {
                 for (i, &addr) in stack_addrs.iter().enumerate().rev() {
-                    for frame in cache.get(addr, i > 0).iter().rev() {
+                    for frame in cache.get(addr, key.is_return_address(user, i)).iter().rev() {
                         push_frame(&mut stack, &frame.function, suffix);
                     }
                 }
@@ -134,6 +136,13 @@ impl Profile {
     /// Fails with [`ProfileError::Empty`], writing nothing, if the profile has
     /// no samples.
     pub fn write_all(&self, dir: &Path) -> Result<(), ProfileError> {
+        self.write_files(dir, "profile").map(drop)
+    }
+
+    /// Writes `<stem>.folded`, `<stem>.svg` and `<stem>.pb.gz` into `dir`
+    /// (creating it if need be) and returns their paths; as
+    /// [`Profile::write_all`] otherwise.
+    pub fn write_files(&self, dir: &Path, stem: &str) -> Result<[PathBuf; 3], ProfileError> {
         if self.weighted_stacks().next().is_none() {
             return Err(ProfileError::Empty);
         }
@@ -141,12 +150,14 @@ impl Profile {
             path: dir.to_owned(),
             source,
         })?;
-        write_file(&dir.join(FOLDED_FILE), |w| {
+        let files = ["folded", "svg", "pb.gz"].map(|ext| dir.join(format!("{stem}.{ext}")));
+        write_file(&files[0], |w| {
             w.write_all(self.folded().as_bytes())?;
             Ok(())
         })?;
-        write_file(&dir.join(SVG_FILE), |w| self.write_svg(w))?;
-        write_file(&dir.join(PPROF_FILE), |w| self.write_pprof(w))
+        write_file(&files[1], |w| self.write_svg(w))?;
+        write_file(&files[2], |w| self.write_pprof(w))?;
+        Ok(files)
     }
 }
 
@@ -193,6 +204,7 @@ mod tests {
             thread_name: thread.into(),
             user_stack: user.to_vec(),
             kernel_stack: kernel.to_vec(),
+            user_leaf_after_trap: false,
             weight,
         }
     }

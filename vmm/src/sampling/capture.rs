@@ -38,6 +38,9 @@ pub struct RawSample {
     pub user_stack: Stack,
     /// The kernel stack (empty when sampled at CPL3 or `kstack` was not asked for).
     pub kernel_stack: Stack,
+    /// The user stack's leaf is the address after the `int3` system-call
+    /// trap (a thread blocked in a system call), a return address in effect.
+    pub user_leaf_after_trap: bool,
 }
 
 impl RawSample {

@@ -21,7 +21,7 @@
 
 use std::io;
 
-use kperf::{trace, CpuExpiry, SampleRequest};
+use kperf::{trace, CpuExpiry, SampleRequest, PET_HANDLER_CPU};
 use kvm_ioctls::VcpuFd;
 use metronome_devices::LatencyHistogram;
 use vm_memory::GuestMemoryMmap;
@@ -47,6 +47,8 @@ pub struct VcpuSampling {
     /// Expiries that found sampling stopping or off (a kick that raced a
     /// stop, KT-F-1): nothing sampled.
     pub not_running: u64,
+    /// Traditional PET fires this vCPU handled (the handler vCPU only).
+    pub pet_fires: u64,
     /// Host cost of each sample: from noticing the deadline to the sample kept, ns.
     pub cost: LatencyHistogram,
 }
@@ -73,19 +75,39 @@ impl VcpuSampler {
     }
 
     /// At the vCPU loop top, with the guest stopped (and a pending stop
-    /// acknowledged): runs the expiry if the deadline passed, and arms the
-    /// POSIX timer for the next deadline.
+    /// acknowledged): takes a PET sample another vCPU asked for, services the
+    /// PET one-shot on the handler vCPU (AMB-7; `kick` reaches the others),
+    /// runs the expiry if the deadline passed, and arms the POSIX timer for
+    /// the next deadline.
     pub fn at_loop_top(
         &mut self,
         sampling: &SamplingShared,
         mem: &GuestMemoryMmap,
         fd: &VcpuFd,
+        kick: &dyn Fn(u32),
     ) -> io::Result<()> {
         let now = self.clock.now();
+        if let Some(request) = sampling.pet.take_request(self.id as usize) {
+            self.pet_remote_sample(sampling, mem, fd, request, now);
+        }
+        if let Some(due) = self
+            .handles_pet()
+            .then(|| sampling.pet.deadline())
+            .flatten()
+        {
+            if due <= now {
+                self.pet_fire(sampling, mem, fd, (due, now), kick);
+            }
+        }
         if sampling.deadline(self.id).is_some_and(|d| d <= now) {
             self.expire(sampling, mem, fd, now);
         }
         self.arm(sampling)
+    }
+
+    /// Whether this vCPU services the traditional PET one-shot (AMB-7).
+    pub fn handles_pet(&self) -> bool {
+        self.id as usize == PET_HANDLER_CPU
     }
 
     /// The vCPU halts: it is idle for kperf (KT-I-1), no sampling kicks until
@@ -112,10 +134,86 @@ impl VcpuSampler {
     }
 
     fn arm(&mut self, sampling: &SamplingShared) -> io::Result<()> {
-        let at = sampling
-            .deadline(self.id)
-            .map(|d| self.clock.to_monotonic(d));
-        self.timer.program(at)
+        let own = sampling.deadline(self.id);
+        let pet = self
+            .handles_pet()
+            .then(|| sampling.pet.deadline())
+            .flatten();
+        let next = match (own, pet) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.timer.program(next.map(|d| self.clock.to_monotonic(d)))
+    }
+
+    /// The traditional PET one-shot fired (PET-H-2): `PERF_TM_FIRE` (the
+    /// broadcast counted by the engine), a PET sample asked of every other
+    /// vCPU without waiting, the PET sampler woken, this vCPU's own sample
+    /// with `SYSTEM`, then `PERF_TM_FIRE` end. No re-arm here (PET-R-1).
+    fn pet_fire(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        fd: &VcpuFd,
+        (due, now): (u64, u64),
+        kick: &dyn Fn(u32),
+    ) {
+        let fire = {
+            let mut engine = sampling.engine();
+            let fire = engine.pet_fired(now);
+            sampling.pet.set_deadline(engine.pet_deadline());
+            if let Some(fire) = &fire {
+                sampling.record(TraceRecord {
+                    time_ns: self.clock.now(),
+                    id: trace::TM_FIRE,
+                    vcpu: self.id,
+                    tid: 0,
+                    args: fire.tm_fire_args(),
+                    deadline_ns: due,
+                });
+            }
+            fire
+        };
+        let Some(fire) = fire else { return };
+        self.stats.pet_fires += 1;
+        for &cpu in &fire.remote_cpus {
+            sampling.pet.request(cpu, fire.remote_sample);
+            kick(cpu as u32);
+        }
+        sampling.pet.wake();
+        let started = monotonic_ns();
+        sampling.record(self.handler_record(&fire.handler_sample, trace::DBG_FUNC_START));
+        self.take(sampling, mem, fd, &fire.handler_sample, now, started);
+        sampling.record(TraceRecord {
+            time_ns: self.clock.now(),
+            id: trace::TM_FIRE | trace::DBG_FUNC_END,
+            vcpu: self.id,
+            tid: 0,
+            args: fire.tm_fire_args(),
+            deadline_ns: 0,
+        });
+    }
+
+    /// A PET sample the handler vCPU asked of this one: taken only if sampling
+    /// is still on (PET-H-2).
+    fn pet_remote_sample(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        fd: &VcpuFd,
+        request: SampleRequest,
+        now: u64,
+    ) {
+        let started = monotonic_ns();
+        {
+            let engine = sampling.engine();
+            if !engine.sampling() {
+                self.stats.not_running += 1;
+                return;
+            }
+            sampling.record(self.handler_record(&request, trace::DBG_FUNC_START));
+        }
+        self.take(sampling, mem, fd, &request, now, started);
     }
 
     /// The kperf deadline passed: the expiry under the engine lock, then this
@@ -124,27 +222,42 @@ impl VcpuSampler {
         let started = monotonic_ns();
         let requests = self.elect(sampling, now);
         for request in requests {
-            let regs = fd.sync_regs();
-            match capture(
-                mem,
-                self.id,
-                now,
-                (&regs.regs, &regs.sregs),
-                &request.settings,
-            ) {
-                Capture::FilteredOut => {}
-                Capture::NoThreadSamplers => self.count_sample(sampling),
-                Capture::Sample(raw) => {
-                    self.count_sample(sampling);
-                    self.stats.walk_errors += u64::from(raw.walk_error());
-                    sampling.samples.push(raw);
-                }
-            }
-            sampling.record(self.handler_record(&request, trace::DBG_FUNC_END));
-            self.stats
-                .cost
-                .record(monotonic_ns().saturating_sub(started));
+            self.take(sampling, mem, fd, &request, now, started);
         }
+    }
+
+    /// Takes one sample of this vCPU for `request` (its `PERF_TM_HNDLR` start
+    /// already recorded), keeps it, records the end and the host cost since
+    /// `started`.
+    fn take(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        fd: &VcpuFd,
+        request: &SampleRequest,
+        now: u64,
+        started: u64,
+    ) {
+        let regs = fd.sync_regs();
+        match capture(
+            mem,
+            self.id,
+            now,
+            (&regs.regs, &regs.sregs),
+            &request.settings,
+        ) {
+            Capture::FilteredOut => {}
+            Capture::NoThreadSamplers => self.count_sample(sampling),
+            Capture::Sample(raw) => {
+                self.count_sample(sampling);
+                self.stats.walk_errors += u64::from(raw.walk_error());
+                sampling.samples.push(raw);
+            }
+        }
+        sampling.record(self.handler_record(request, trace::DBG_FUNC_END));
+        self.stats
+            .cost
+            .record(monotonic_ns().saturating_sub(started));
     }
 
     /// Runs [`kperf::Kperf::expire`] under the engine lock; returns the

@@ -5,6 +5,7 @@
 //! - [`expiry`]: the vCPU thread's side: its POSIX timer, the expiry, the
 //!   sample ([`VcpuSampler`]; the module docs walk one expiry hop by hop).
 //! - [`capture`]: one sample from sync regs and guest memory, filter first.
+//! - [`pet`]: traditional PET's pass over every guest thread (PET-T-*).
 //! - [`walk`]: guest page-table translation and frame-pointer stack walks.
 //! - [`buffer`]: samples leaving the vCPU threads ([`SampleBuffer`]).
 //! - [`trace`]: `PERF_TM_FIRE` / `PERF_TM_HNDLR` records and their JSON lines.
@@ -13,6 +14,7 @@
 pub mod buffer;
 pub mod capture;
 pub mod expiry;
+pub mod pet;
 pub mod report;
 pub mod state;
 pub mod trace;

@@ -48,7 +48,13 @@ pub fn finish(
     let samples = sampling.samples.drain();
     summary.user_functions = user_functions(&samples, kernel_image);
     if let Some(dir) = &sampling.config.profile_dir {
-        match write_profile(samples, kernel_image, sampling.config.period_ns, dir) {
+        match write_profile(
+            samples,
+            kernel_image,
+            sampling.config.period_ns,
+            dir,
+            "profile",
+        ) {
             Ok(files) => summary.files.extend(files),
             Err(e) => errors.push(format!(
                 "cannot write the profile to '{}': {e}",
@@ -56,6 +62,7 @@ pub fn finish(
             )),
         }
     }
+    pet_report(sampling, kernel_image, &mut summary, errors);
     if let (Some(path), Some(buffer)) = (&sampling.config.trace_file, sampling.trace()) {
         match write_trace(&buffer.take(), path) {
             Ok(()) => summary.files.push(path.display().to_string()),
@@ -100,14 +107,44 @@ fn user_functions(samples: &[RawSample], kernel_image: &[u8]) -> Vec<FunctionSha
     shares
 }
 
+/// Traditional PET's figures, and its profile of every thread (`pet.*`).
+fn pet_report(
+    sampling: &SamplingShared,
+    kernel_image: &[u8],
+    summary: &mut SamplingSummary,
+    errors: &mut Vec<String>,
+) {
+    let pet = &sampling.pet;
+    summary.pet_passes = pet.passes.load(std::sync::atomic::Ordering::Relaxed);
+    summary.pet_broadcasts = sampling.engine().pet_broadcasts();
+    summary.threads_sampled = pet
+        .threads_sampled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    summary.pet_sample_ns = Percentiles::of(&pet.pass_ns.lock().unwrap_or_else(|p| p.into_inner()));
+    let samples = pet.samples.drain();
+    if let (Some(dir), false) = (&sampling.config.profile_dir, samples.is_empty()) {
+        // Thread samples are not periodic per CPU: the profile has no period.
+        match write_profile(samples, kernel_image, 0, dir, "pet") {
+            Ok(files) => summary.files.extend(files),
+            Err(e) => errors.push(format!(
+                "cannot write the PET profile to '{}': {e}",
+                dir.display()
+            )),
+        }
+    }
+}
+
 fn write_profile(
     samples: Vec<RawSample>,
     kernel_image: &[u8],
     period_ns: u64,
     dir: &Path,
+    stem: &str,
 ) -> Result<Vec<String>, crate::profile::ProfileError> {
     let mut profile = Profile::new(Symbolizer::new(kernel_image)?);
-    profile.set_period_ns(period_ns);
+    if period_ns > 0 {
+        profile.set_period_ns(period_ns);
+    }
     for raw in samples {
         profile.add(&Sample {
             vcpu: raw.vcpu,
@@ -119,18 +156,12 @@ fn write_profile(
             },
             user_stack: raw.user_stack.frames,
             kernel_stack: raw.kernel_stack.frames,
+            user_leaf_after_trap: raw.user_leaf_after_trap,
             weight: 1,
         });
     }
-    profile.write_all(dir)?;
-    Ok([
-        crate::profile::FOLDED_FILE,
-        crate::profile::SVG_FILE,
-        crate::profile::PPROF_FILE,
-    ]
-    .iter()
-    .map(|f| dir.join(f).display().to_string())
-    .collect())
+    let files = profile.write_files(dir, stem)?;
+    Ok(files.iter().map(|f| f.display().to_string()).collect())
 }
 
 /// Writes the trace as JSON lines, in recording order.

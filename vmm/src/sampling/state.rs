@@ -10,11 +10,12 @@
 //! top once more (an expiry racing the stop samples nothing in SHUTDOWN), then
 //! moves it SHUTDOWN → OFF. No sample is taken after it returns.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kperf::{Kperf, KperfError};
+use kperf::{Kperf, KperfError, SampleRequest};
+use metronome_devices::LatencyHistogram;
 
 use super::buffer::{SampleBuffer, SAMPLE_LIMIT};
 use super::trace::{TraceBuffer, TraceRecord};
@@ -41,8 +42,125 @@ pub struct SamplingShared {
     /// Samples on their way out of the vCPU threads.
     pub samples: SampleBuffer,
     samples_taken: AtomicU64,
+    /// Traditional PET.
+    pub pet: PetShared,
     /// The configuration.
     pub config: SamplingConfig,
+}
+
+/// Traditional PET's shared state: the one-shot's deadline (serviced on the
+/// handler vCPU, AMB-7), the sample requests it broadcasts, the PET sampler
+/// thread's wake-up, and what its passes produce.
+#[derive(Debug)]
+pub struct PetShared {
+    /// The PET one-shot's deadline in device time ([`NO_DEADLINE`] = none).
+    deadline: AtomicU64,
+    /// Per vCPU: a PET sample waiting for that vCPU's next loop top.
+    requests: Vec<Mutex<Option<SampleRequest>>>,
+    pending: Vec<AtomicBool>,
+    /// Set to wake the PET sampler; `closing` ends it.
+    wake: Mutex<PetWake>,
+    wake_cv: Condvar,
+    /// The PET passes' thread samples.
+    pub samples: SampleBuffer,
+    /// PET passes completed.
+    pub passes: AtomicU64,
+    /// Threads sampled over all passes.
+    pub threads_sampled: AtomicU64,
+    /// How long each pass took (the `d` of PET-R-1), ns.
+    pub pass_ns: Mutex<LatencyHistogram>,
+}
+
+/// Why the PET sampler thread wakes.
+#[derive(Debug, Default)]
+struct PetWake {
+    woken: bool,
+    closing: bool,
+}
+
+impl PetShared {
+    fn new(vcpus: usize) -> Self {
+        Self {
+            deadline: AtomicU64::new(NO_DEADLINE),
+            requests: (0..vcpus).map(|_| Mutex::new(None)).collect(),
+            pending: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            wake: Mutex::new(PetWake::default()),
+            wake_cv: Condvar::new(),
+            samples: SampleBuffer::new(vcpus, SAMPLE_LIMIT),
+            passes: AtomicU64::new(0),
+            threads_sampled: AtomicU64::new(0),
+            pass_ns: Mutex::new(LatencyHistogram::new()),
+        }
+    }
+
+    /// The PET one-shot's deadline, if armed.
+    pub fn deadline(&self) -> Option<u64> {
+        let deadline = self.deadline.load(Ordering::Acquire);
+        (deadline != NO_DEADLINE).then_some(deadline)
+    }
+
+    /// Sets the PET one-shot's deadline (callers hold the engine lock).
+    pub fn set_deadline(&self, deadline: Option<u64>) {
+        self.deadline
+            .store(deadline.unwrap_or(NO_DEADLINE), Ordering::Release);
+    }
+
+    /// Asks vCPU `cpu` to take `request` at its next loop top (the caller
+    /// kicks it, without waiting: PET-H-2).
+    pub fn request(&self, cpu: usize, request: SampleRequest) {
+        if let (Some(slot), Some(flag)) = (self.requests.get(cpu), self.pending.get(cpu)) {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(request);
+            flag.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a PET sample waits for vCPU `cpu`.
+    pub fn has_request(&self, cpu: usize) -> bool {
+        self.pending
+            .get(cpu)
+            .is_some_and(|flag| flag.load(Ordering::Acquire))
+    }
+
+    /// The PET sample vCPU `cpu` was asked for, if any (cheap when none).
+    pub fn take_request(&self, cpu: usize) -> Option<SampleRequest> {
+        let flag = self.pending.get(cpu)?;
+        if !flag.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.requests[cpu]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn clear_requests(&self) {
+        for (slot, flag) in self.requests.iter().zip(&self.pending) {
+            flag.store(false, Ordering::Release);
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// Wakes the PET sampler thread for a pass.
+    pub fn wake(&self) {
+        self.wake.lock().unwrap_or_else(|p| p.into_inner()).woken = true;
+        self.wake_cv.notify_all();
+    }
+
+    /// Ends the PET sampler thread's wait for good.
+    pub fn close(&self) {
+        self.wake.lock().unwrap_or_else(|p| p.into_inner()).closing = true;
+        self.wake_cv.notify_all();
+    }
+
+    /// The PET sampler thread sleeps until woken (`true`) or closed (`false`).
+    pub fn wait(&self) -> bool {
+        let mut wake = self.wake.lock().unwrap_or_else(|p| p.into_inner());
+        while !wake.woken && !wake.closing {
+            wake = self.wake_cv.wait(wake).unwrap_or_else(|p| p.into_inner());
+        }
+        wake.woken = false;
+        !wake.closing
+    }
 }
 
 impl SamplingShared {
@@ -59,6 +177,7 @@ impl SamplingShared {
             trace: config.trace_file.as_ref().map(|_| TraceBuffer::default()),
             samples: SampleBuffer::new(n, SAMPLE_LIMIT),
             samples_taken: AtomicU64::new(0),
+            pet: PetShared::new(n),
             config: config.clone(),
         })
     }
@@ -111,6 +230,7 @@ impl SamplingShared {
         for (id, deadline) in programs.into_iter().enumerate() {
             self.set_deadline(id as u32, deadline);
         }
+        self.pet.set_deadline(engine.pet_deadline());
         Ok(())
     }
 
@@ -138,6 +258,8 @@ impl SamplingShared {
             for id in 0..self.deadlines.len() as u32 {
                 self.set_deadline(id, None);
             }
+            self.pet.set_deadline(None);
+            self.pet.clear_requests();
             self.epoch.fetch_add(1, Ordering::AcqRel) + 1
         };
         self.wait_for_acks(epoch, kick, gone);
@@ -201,6 +323,7 @@ mod tests {
             profile_dir: None,
             trace_file: None,
             filter_tid: -1,
+            pet_period_ns: None,
         }
     }
 

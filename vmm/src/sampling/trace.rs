@@ -15,7 +15,7 @@ pub struct TraceRecord {
     pub time_ns: u64,
     /// Event id ([`kperf::trace`]), with its `DBG_FUNC_*` qualifier.
     pub id: u32,
-    /// The vCPU that recorded it.
+    /// The vCPU that recorded it; `u32::MAX` for the PET sampler thread.
     pub vcpu: u32,
     /// The guest thread current on that vCPU; 0 = idle or not recorded (the
     /// kptimer records do not read the guest thread today).

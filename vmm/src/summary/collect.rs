@@ -237,6 +237,8 @@ fn vcpu_summary(
             .find(|e| e.kind == metronome_abi::event_kind::HARDCLOCK)
             .map_or(0, |e| e.expiration % period.max(1)),
         last_dispatch_ns: guest.last_dispatch_ns,
+        last_dispatch_start_ns: guest.last_dispatch_start_ns,
+        last_cpu_init_ns: guest.last_cpu_init_ns,
     }
 }
 

@@ -234,6 +234,10 @@ pub struct VcpuSummary {
     pub hardclock_phase_ns: u64,
     /// Uptime at the end of the last dispatch.
     pub last_dispatch_ns: u64,
+    /// Uptime at the start of the last dispatch (it ran every event due then).
+    pub last_dispatch_start_ns: u64,
+    /// Uptime at the last clockintr_cpu_init.
+    pub last_cpu_init_ns: u64,
 }
 
 /// The whole run.
@@ -335,6 +339,15 @@ pub struct SamplingSummary {
     pub files: Vec<String>,
     /// Trace records not kept.
     pub trace_dropped: u64,
+    /// Traditional PET passes over every guest thread (PET-T-3).
+    pub pet_passes: u64,
+    /// Traditional PET fires (PET-C-1: never counts lightweight PET or
+    /// on-CPU timers, never reset).
+    pub pet_broadcasts: u64,
+    /// Thread samples taken by PET passes.
+    pub threads_sampled: u64,
+    /// How long a PET pass took (the `d` of PET-R-1), ns.
+    pub pet_sample_ns: Percentiles,
     /// Instruction-pointer histogram of the samples taken at CPL3, by function
     /// (ELF symbol of the sampled RIP), largest first: comparable with
     /// `perf kvm --guest`, which sees guest user mode only on kvm_pvm.

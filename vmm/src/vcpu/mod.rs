@@ -167,7 +167,7 @@ impl VcpuRunner {
             }
             if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
                 sampler
-                    .at_loop_top(sampling, &shared.mem, &self.fd)
+                    .at_loop_top(sampling, &shared.mem, &self.fd, &|cpu| shared.wake(cpu))
                     .map_err(|e| host_error(id, "timer_settime", e))?;
             }
             if !shared.pausing() {

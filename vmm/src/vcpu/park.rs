@@ -64,10 +64,13 @@ impl VcpuRunner {
     /// Pause: stay out of the guest until resumed or stopped.
     fn pause_park(&mut self) {
         let shared = self.shared.clone();
+        let slot = &shared.vcpus[self.id as usize];
+        let regs = self.fd.sync_regs();
+        *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()) = Some((regs.regs, regs.sregs));
         let mut state = shared.pause_state();
         state.parked += 1;
         shared.pause_cv.notify_all();
-        while state.paused && !shared.stopping() {
+        while state.in_force() && !shared.stopping() {
             state = shared
                 .pause_cv
                 .wait(state)
@@ -79,6 +82,8 @@ impl VcpuRunner {
         }
         state.parked -= 1;
         shared.pause_cv.notify_all();
+        drop(state);
+        *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// HLT: park the thread until an interrupt is deliverable or the VM stops.
@@ -99,6 +104,19 @@ impl VcpuRunner {
             sampler.after_halt(sampling);
         }
         Ok(())
+    }
+
+    /// With sampling: `Some(0)` when PET needs this vCPU at its loop top now
+    /// (a PET sample was asked of it, or it services the PET one-shot and
+    /// that is due), `Some(ns)` until the one-shot is due, `None` otherwise.
+    fn pet_work(&self, now: u64) -> Option<u64> {
+        let sampling = self.shared.sampling.as_ref()?;
+        if sampling.pet.has_request(self.id as usize) {
+            return Some(0);
+        }
+        let handles = self.sampler.as_ref().is_some_and(|s| s.handles_pet());
+        let deadline = handles.then(|| sampling.pet.deadline()).flatten()?;
+        Some(deadline.saturating_sub(now))
     }
 
     fn park_until_pending(&mut self, interrupts_off: bool) {
@@ -130,10 +148,17 @@ impl VcpuRunner {
             if !interrupts_off && irq.vic.deliverable().is_some() {
                 return;
             }
+            // PET work does not wait for the guest (PET-H-2, AMB-15): a PET
+            // sample asked of this vCPU, or the PET one-shot it services.
+            let pet = self.pet_work(now);
+            if pet == Some(0) {
+                return;
+            }
             let timeout = match irq.timer.next_deadline() {
                 Some(deadline) if !interrupts_off => deadline.saturating_sub(now),
                 _ => PARK_SAFETY_NS,
-            };
+            }
+            .min(pet.unwrap_or(u64::MAX));
             irq.parked = true;
             let (guard, _) = slot
                 .wake

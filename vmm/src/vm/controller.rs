@@ -80,10 +80,11 @@ impl VmController {
         if self.ended() {
             return Err(ControlError::NotRunning);
         }
-        if state.paused {
+        if state.user {
             return Err(ControlError::AlreadyPaused);
         }
-        self.shared.set_paused(&mut state, true);
+        state.user = true;
+        self.shared.update_pause(&mut state);
         drop(state);
         self.shared.wait_parked(|| self.ended());
         Ok(())
@@ -97,7 +98,7 @@ impl VmController {
             // The end of the run holds every vCPU at a pause point.
             return Err(ControlError::NotRunning);
         }
-        if !state.paused {
+        if !state.user {
             return Err(ControlError::NotPaused);
         }
         if mode == ResumeMode::Reinit {
@@ -107,7 +108,8 @@ impl VmController {
                 irq.vic.raise(Vector::TimerResume as u8);
             }
         }
-        shared.set_paused(&mut state, false);
+        state.user = false;
+        shared.update_pause(&mut state);
         Ok(())
     }
 

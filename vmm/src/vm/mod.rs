@@ -12,12 +12,15 @@
 //!   from any thread ([`VmController`]).
 //! - [`shared`]: the state every thread of a running VM shares ([`VmShared`]).
 //! - [`stress`]: the kick-stress interrupt generator.
+//! - [`pet_thread`]: traditional PET's sampler thread (holds the guest still
+//!   for each pass over its threads).
 //! - [`exit`]: why a VM ended ([`VmExit`]).
 
 pub mod builder;
 pub mod controller;
 pub mod events;
 pub mod exit;
+pub mod pet_thread;
 pub mod run;
 pub mod shared;
 pub mod stress;

@@ -10,6 +10,7 @@ use std::time::Instant;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use super::events::{unblock_stop_signals, ExitSubscriber, SignalSubscriber, TimeoutSubscriber};
+use super::pet_thread::PetThread;
 use super::stress::{drain_stress, StressGenerator};
 use super::{Vm, VmController, VmExit};
 use crate::kick;
@@ -69,6 +70,13 @@ impl Vm {
             .config
             .kick_stress_hz
             .map(|hz| StressGenerator::start(shared.clone(), hz));
+        let pet = match PetThread::start(&shared) {
+            Ok(pet) => pet,
+            Err(e) => {
+                shared.request_exit(VmExit::Host(format!("spawning the PET thread: {e}")));
+                None
+            }
+        };
         if shared.sampling.is_some() {
             if let Err(e) = VmController::new(shared.clone()).sampling_start() {
                 shared.request_exit(VmExit::Host(format!("starting sampling: {e}")));
@@ -77,6 +85,7 @@ impl Vm {
         Ok(RunningVm {
             vm: self,
             threads,
+            pet,
             stress,
             signals: Some(signals),
             process_start,
@@ -88,6 +97,7 @@ impl Vm {
 pub struct RunningVm {
     vm: Vm,
     threads: Vec<JoinHandle<VcpuRunStats>>,
+    pet: Option<PetThread>,
     stress: Option<StressGenerator>,
     signals: Option<SignalSubscriber>,
     process_start: Instant,
@@ -139,6 +149,9 @@ impl RunningVm {
             .into_iter()
             .map(|t| t.join().unwrap_or_default())
             .collect();
+        if let Some(pet) = self.pet.take() {
+            pet.stop(&shared);
+        }
         let mut summary =
             crate::summary::collect(&self.vm, &stats, self.process_start.elapsed(), exit_wall);
         if let Some(sampling) = &shared.sampling {

@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
+use kvm_bindings::{kvm_regs, kvm_sregs};
 use metronome_abi::Vector;
 use metronome_devices::{Expiry, Raise, VirtualInterruptController, VirtualTimer};
 use vm_memory::GuestMemoryMmap;
@@ -92,6 +93,9 @@ pub struct VcpuSlot {
     pub thread: OnceLock<libc::pthread_t>,
     /// Kicks sent to this vCPU.
     pub kicks_sent: AtomicU64,
+    /// The vCPU's registers while its thread is parked for a pause, so that a
+    /// PET pass can sample the thread it was running (`None` otherwise).
+    pub parked_regs: Mutex<Option<(kvm_regs, kvm_sregs)>>,
 }
 
 impl VcpuSlot {
@@ -104,16 +108,27 @@ impl VcpuSlot {
     }
 }
 
-/// The pause protocol: the controller sets `paused`; every vCPU thread parks
-/// at its loop top and counts itself in `parked`.
+/// The pause protocol: the controller (or the end of a run) sets `user`, a
+/// PET pass takes a hold; while either is in force every vCPU thread parks at
+/// its loop top and counts itself in `parked`.
 #[derive(Debug, Default)]
 pub struct PauseState {
-    /// vCPUs must stay out of the guest.
-    pub paused: bool,
+    /// Paused by [`crate::VmController::pause`] or the end of the run.
+    pub user: bool,
+    /// PET passes holding the guest still (PET-T-4: the task is suspended
+    /// while its threads are sampled).
+    pub holds: u32,
     /// vCPU threads parked because of the pause.
     pub parked: u32,
     /// Device time when the current pause began.
     pub since_ns: u64,
+}
+
+impl PauseState {
+    /// Whether vCPUs must stay out of the guest.
+    pub fn in_force(&self) -> bool {
+        self.user || self.holds > 0
+    }
 }
 
 /// State shared by every thread of a running VM.
@@ -218,7 +233,7 @@ impl VmShared {
         let mut state = self.pause_state();
         loop {
             let exited = self.vcpus.iter().filter(|slot| slot.lock().exited).count();
-            if !state.paused
+            if !state.in_force()
                 || state.parked as usize + exited >= self.vcpus.len()
                 || self.stopping()
                 || give_up()
@@ -242,9 +257,8 @@ impl VmShared {
     pub fn quiesce(&self, limit: std::time::Duration) {
         let start = std::time::Instant::now();
         let mut state = self.pause_state();
-        if !state.paused {
-            self.set_paused(&mut state, true);
-        }
+        state.user = true;
+        self.update_pause(&mut state);
         drop(state);
         self.wait_parked(|| start.elapsed() > limit);
     }
@@ -259,12 +273,27 @@ impl VmShared {
         self.pause.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the pause flag (with the pause state locked by the caller).
-    pub fn set_paused(&self, state: &mut PauseState, paused: bool) {
-        state.paused = paused;
-        state.since_ns = self.now();
+    /// Publishes a change of `state` (locked by the caller) to the vCPU loops
+    /// and the waiters; a pause that begins records when.
+    pub fn update_pause(&self, state: &mut PauseState) {
+        let paused = state.in_force();
+        if paused && !self.pausing() {
+            state.since_ns = self.now();
+        }
         self.paused_flag.store(paused, Ordering::Release);
         self.pause_cv.notify_all();
+    }
+
+    /// Holds every vCPU out of the guest at a pause point (for a PET pass)
+    /// until the returned guard is dropped; returns once all are parked or
+    /// gone, or the VM stops. Nests with a user pause and other holds.
+    pub fn hold_all(&self) -> PauseHold<'_> {
+        let mut state = self.pause_state();
+        state.holds += 1;
+        self.update_pause(&mut state);
+        drop(state);
+        self.wait_parked(|| false);
+        PauseHold { shared: self }
     }
 
     /// Raises `vector` on vCPU `target` and makes sure it notices: a parked
@@ -293,5 +322,20 @@ impl VmShared {
             slot.kicks_sent.fetch_add(1, Ordering::Relaxed);
             kick::kick_thread(*thread);
         }
+    }
+}
+
+/// A PET pass's hold on the guest ([`VmShared::hold_all`]); dropping it lets
+/// the vCPUs run again unless something else still pauses them.
+#[derive(Debug)]
+pub struct PauseHold<'a> {
+    shared: &'a VmShared,
+}
+
+impl Drop for PauseHold<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.pause_state();
+        state.holds = state.holds.saturating_sub(1);
+        self.shared.update_pause(&mut state);
     }
 }

@@ -1,0 +1,172 @@
+//! The PET sampler thread, "kperf-pet-sampling" (PET-T-1, PET-T-2): woken by
+//! each traditional PET fire on the handler vCPU, it holds the guest still
+//! (the guest is the one task it samples, PET-T-4), samples every guest
+//! thread ([`crate::sampling::pet`]), lets the guest run again and re-arms
+//! the PET one-shot with the pass's duration (PET-R-1).
+//!
+//! Trace (TR-P-6): `PET_IDLE` before each sleep, `PET_RUN` on waking,
+//! `PET_SAMPLE` around the pass (end: tasks sampled), `PET_SAMPLE_TASK`
+//! around the guest (end: threads sampled), `PET_SAMPLE_THREAD` around each
+//! thread, `PET_SCHED` at the re-arm.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kperf::{trace, PET_HANDLER_CPU};
+
+use super::VmShared;
+use crate::host_time::{monotonic_ns, set_min_timer_slack};
+use crate::sampling::pet::PetSampler;
+use crate::sampling::{SamplingShared, TraceRecord};
+
+/// The running PET sampler thread.
+#[derive(Debug)]
+pub struct PetThread {
+    handle: JoinHandle<()>,
+}
+
+impl PetThread {
+    /// Starts the thread when the VM's kperf configuration has a traditional
+    /// PET timer (created lazily, as XNU does, only when PET is configured).
+    pub fn start(shared: &Arc<VmShared>) -> std::io::Result<Option<Self>> {
+        let Some(sampling) = &shared.sampling else {
+            return Ok(None);
+        };
+        {
+            let engine = sampling.engine();
+            if engine.pet_action() == 0 || engine.lightweight_pet() {
+                return Ok(None);
+            }
+        }
+        let shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("kperf-pet-sampling".into())
+            .spawn(move || run(&shared))?;
+        Ok(Some(Self { handle }))
+    }
+
+    /// Ends the thread (after the vCPUs stopped) and waits for it.
+    pub fn stop(self, shared: &VmShared) {
+        if let Some(sampling) = &shared.sampling {
+            sampling.pet.close();
+        }
+        let _ = self.handle.join();
+    }
+}
+
+fn record(sampling: &SamplingShared, shared: &VmShared, id: u32, args: [u64; 4]) {
+    sampling.record(TraceRecord {
+        time_ns: shared.now(),
+        id,
+        vcpu: u32::MAX,
+        tid: 0,
+        args,
+        deadline_ns: 0,
+    });
+}
+
+fn run(shared: &VmShared) {
+    set_min_timer_slack();
+    let Some(sampling) = &shared.sampling else {
+        return;
+    };
+    let mut pet = PetSampler::default();
+    loop {
+        record(sampling, shared, trace::PET_IDLE, [0; 4]);
+        if !sampling.pet.wait() {
+            return;
+        }
+        // Spurious wake-ups with no PET action sleep again (PET-T-2).
+        let (action, idle_rate) = {
+            let engine = sampling.engine();
+            (engine.action(engine.pet_action()), engine.pet_idle_rate())
+        };
+        if action.samplers == 0 {
+            continue;
+        }
+        record(sampling, shared, trace::PET_RUN, [0; 4]);
+        let started = monotonic_ns();
+        record(
+            sampling,
+            shared,
+            trace::PET_SAMPLE | trace::DBG_FUNC_START,
+            [0; 4],
+        );
+        record(
+            sampling,
+            shared,
+            trace::PET_SAMPLE_TASK | trace::DBG_FUNC_START,
+            [0; 4],
+        );
+        let samples = {
+            let _hold = shared.hold_all();
+            let parked: Vec<_> = shared
+                .vcpus
+                .iter()
+                .map(|slot| *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()))
+                .collect();
+            pet.pass(&shared.mem, &parked, &action, idle_rate, shared.now())
+        };
+        for sample in &samples {
+            let args = [sample.raw.tid, u64::from(sample.dirty), 0, 0];
+            record(
+                sampling,
+                shared,
+                trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_START,
+                args,
+            );
+            record(
+                sampling,
+                shared,
+                trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_END,
+                args,
+            );
+        }
+        let threads = samples.len() as u64;
+        record(
+            sampling,
+            shared,
+            trace::PET_SAMPLE_TASK | trace::DBG_FUNC_END,
+            [threads, 0, 0, 0],
+        );
+        record(
+            sampling,
+            shared,
+            trace::PET_SAMPLE | trace::DBG_FUNC_END,
+            [1, 0, 0, 0],
+        );
+        for sample in samples {
+            sampling.pet.samples.push(sample.raw);
+        }
+        let duration = monotonic_ns().saturating_sub(started);
+        sampling.pet.passes.fetch_add(1, Ordering::Relaxed);
+        sampling
+            .pet
+            .threads_sampled
+            .fetch_add(threads, Ordering::Relaxed);
+        sampling
+            .pet
+            .pass_ns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(duration);
+        let schedule = {
+            let mut engine = sampling.engine();
+            let schedule = engine.pet_rearm(shared.now(), duration);
+            sampling.pet.set_deadline(engine.pet_deadline());
+            schedule
+        };
+        if let Some(s) = schedule {
+            let args = [
+                s.period_ns,
+                s.adjusted_period_ns,
+                s.sample_duration_ns,
+                s.deadline,
+            ];
+            record(sampling, shared, trace::PET_SCHED, args);
+            // The handler vCPU arms its timer for the new deadline.
+            shared.wake(PET_HANDLER_CPU as u32);
+        }
+    }
+}
