@@ -71,9 +71,17 @@ pub enum Capture {
     NoThreadSamplers,
     /// The thread filter did not match: the handler ran, nothing was sampled.
     FilteredOut,
+    /// The vCPU has not entered the guest yet, so KVM has not reported its
+    /// registers: the handler ran, there was nothing to sample.
+    NoRegisters,
     /// The sample.
     Sample(RawSample),
 }
+
+/// CR0.PG, paging enabled. The VMM starts every vCPU in long mode with
+/// paging, so it is clear only in a sync-regs area that no `KVM_RUN` has
+/// filled yet.
+const CR0_PG: u64 = 1 << 31;
 
 /// The stack depths a sample walks: 0 for a stack the action does not ask for.
 fn depths(settings: &Action) -> (usize, usize) {
@@ -231,6 +239,9 @@ pub fn capture(
     (regs, sregs): (&kvm_regs, &kvm_sregs),
     settings: &Action,
 ) -> Capture {
+    if sregs.cr0 & CR0_PG == 0 {
+        return Capture::NoRegisters;
+    }
     let region = layout::percpu_region(vcpu);
     let page: VcpuShared =
         read_plain(mem, GuestAddress(region + layout::PERCPU_SHARED)).unwrap_or_default();
@@ -394,6 +405,7 @@ mod tests {
             ..Default::default()
         };
         let mut sregs = kvm_sregs {
+            cr0: CR0_PG,
             cr3: CR3,
             ..Default::default()
         };
@@ -602,6 +614,18 @@ mod tests {
         assert_eq!(
             sample(capture(&mem, 0, 1, (&r, &s), &settings(all, 5))).tid,
             5
+        );
+    }
+
+    #[test]
+    fn test_a_vcpu_that_has_not_run_yet_has_nothing_to_sample() {
+        let mem = guest();
+        // The sync-regs area before the first KVM_RUN: all zero.
+        let (r, s) = (kvm_regs::default(), kvm_sregs::default());
+        let all = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
+        assert_eq!(
+            capture(&mem, 0, 1, (&r, &s), &settings(all, -1)),
+            Capture::NoRegisters
         );
     }
 
