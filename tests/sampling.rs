@@ -84,26 +84,34 @@ fn sampled_run(samplers: &str, seconds: &str) -> (common::Run, Vec<Value>) {
     (r, trace_of(&trace))
 }
 
-#[test]
-fn test_profile_matches_designed_split_and_statclock() {
-    if !kvm_or_skip("designed profile") {
-        return;
-    }
-    let dir = scratch("profile");
-    let r = run_ok(&[
+/// Runs the profile workload on 2 vCPUs for `seconds`, sampled at 1 kHz with
+/// the profile written to `dir`, plus `extra` options.
+fn profiled_run(dir: &std::path::Path, seconds: &str, extra: &[&str]) -> common::Run {
+    let mut args = vec![
         "--workload",
         "profile",
         "--vcpus",
         "2",
         "--duration",
-        "3",
+        seconds,
         "--sample-period-us",
         "1000",
         "--profile-dir",
         dir.to_str().unwrap(),
         "--timeout",
         "120",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    run_ok(&args)
+}
+
+#[test]
+fn test_profile_matches_designed_split_and_statclock() {
+    if !kvm_or_skip("designed profile") {
+        return;
+    }
+    let dir = scratch("profile");
+    let r = profiled_run(&dir, "3", &[]);
     let sampling = &r.summary["sampling"];
     assert!(u(sampling, "samples") > 4000, "{sampling}");
     assert_eq!(u(sampling, "dropped"), 0);
@@ -195,6 +203,78 @@ fn test_profile_matches_designed_split_and_statclock() {
         }
         Err(_) => eprintln!("skip: go is not installed; the pprof check did not run"),
     }
+}
+
+/// The frames of a folded stack (thread first), each with whether it is a
+/// kernel frame (the `_[k]` suffix, removed).
+fn frames(stack: &str) -> impl Iterator<Item = (&str, bool)> {
+    stack
+        .split(';')
+        .skip(1)
+        .map(|f| match f.strip_suffix("_[k]") {
+            Some(name) => (name, true),
+            None => (f, false),
+        })
+}
+
+#[test]
+fn test_kernel_stacks_stop_at_the_interrupt_entry_and_every_frame_is_named() {
+    if !kvm_or_skip("kernel stacks at interrupt entry") {
+        return;
+    }
+    let dir = scratch("entry-stacks");
+    let r = profiled_run(&dir, "2", &[]);
+    assert_eq!(u(&r.summary["sampling"], "walk_errors"), 0);
+    let folded = std::fs::read_to_string(dir.join("profile.folded")).unwrap();
+    let lines: Vec<(&str, u64)> = folded
+        .lines()
+        .map(|l| {
+            let (stack, count) = l.rsplit_once(' ').unwrap();
+            (stack, count.parse().unwrap())
+        })
+        .collect();
+    // User-mode functions: the workload's functions (by their full path) that
+    // user stacks show. The workloads module also holds kernel hooks, which
+    // user stacks never show.
+    let user_functions: BTreeSet<&str> = lines
+        .iter()
+        .flat_map(|(stack, _)| frames(stack))
+        .filter(|&(name, kernel)| !kernel && name.starts_with("metronome_guest::workloads::"))
+        .map(|(name, _)| name)
+        .collect();
+    for f in [
+        "split_thread",
+        "split_outer",
+        "leaf_sixty",
+        "producer_thread",
+    ] {
+        assert!(
+            user_functions.contains(format!("metronome_guest::workloads::{f}").as_str()),
+            "{f} in {user_functions:?}"
+        );
+    }
+    let mut kernel_samples = 0;
+    for &(stack, count) in &lines {
+        for (name, kernel) in frames(stack) {
+            assert!(!name.starts_with("0x"), "a bare address: {stack}");
+            assert!(
+                !(kernel && user_functions.contains(name)),
+                "a user-mode function as a kernel frame: {stack}"
+            );
+        }
+        // A user thread enters its kernel only through an interrupt: its
+        // kernel stack begins in the entry path (or in `trap` before its
+        // prologue has saved RBP).
+        let thread = stack.split(';').next().unwrap();
+        if let (false, Some((root, _))) = (thread == "idle", frames(stack).find(|f| f.1)) {
+            kernel_samples += count;
+            assert!(
+                root.starts_with("isr_") || root == "metronome_guest::trap::trap",
+                "kernel stack of {thread} begins at {root}: {stack}"
+            );
+        }
+    }
+    assert!(kernel_samples > 20, "{kernel_samples} kernel samples");
 }
 
 #[test]
@@ -416,22 +496,7 @@ fn test_kt_sm_4_thread_filter_samples_only_that_thread() {
         return;
     }
     let dir = scratch("filtered");
-    let r = run_ok(&[
-        "--workload",
-        "profile",
-        "--vcpus",
-        "2",
-        "--duration",
-        "1.5",
-        "--sample-period-us",
-        "1000",
-        "--sample-tid",
-        "1",
-        "--profile-dir",
-        dir.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    let r = profiled_run(&dir, "1.5", &["--sample-tid", "1"]);
     let thread = r
         .vcpus()
         .iter()

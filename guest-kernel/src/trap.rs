@@ -30,6 +30,8 @@ const STRESS: u64 = Vector::Stress as u64;
 //
 // `isr_N` (one per vector): push a zero error code unless the CPU pushed one,
 // push the vector, jump to `isr_common`. `ISR_TABLE`: their addresses, for the IDT.
+// Every label here is a typed and sized function symbol, so that the VMM's
+// profiles name a sample taken in the entry path.
 //
 // `isr_common`: save the general-purpose registers, call `trap(frame)`, restore
 // (possibly another context's) registers, drop vector and error code, `iretq`.
@@ -83,16 +85,20 @@ isr_common:
     .size isr_common, . - isr_common
 
     .macro isr_noerr n
+    .type isr_\n, @function
 isr_\n:
     push 0
     push \n
     jmp isr_common
+    .size isr_\n, . - isr_\n
     .endm
 
     .macro isr_err n
+    .type isr_\n, @function
 isr_\n:
     push \n
     jmp isr_common
+    .size isr_\n, . - isr_\n
     .endm
 
     .altmacro

@@ -5,6 +5,11 @@
 //! it, from the DWARF inline records (`debug = "line-tables-only"` keeps those,
 //! with the inlined function's short name). Files and lines come from the
 //! DWARF line tables.
+//!
+//! Every address in a code section has a name: where no function symbol
+//! covers it (an assembly label without `.type`/`.size`, padding between
+//! functions), it takes the nearest preceding symbol of any type in its
+//! section, or the section's name before the first one.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -48,6 +53,10 @@ struct FunctionSymbol {
 pub struct Symbolizer {
     /// Function symbols sorted by start address.
     symbols: Vec<FunctionSymbol>,
+    /// The fallback names in the code sections, sorted by start address: every
+    /// symbol there, whatever its type, and each section's start; each ends
+    /// where its section ends (see [`Symbolizer::label`]).
+    labels: Vec<FunctionSymbol>,
     /// The DWARF lookup context (empty if the image has no debug information).
     dwarf: addr2line::Context<Reader>,
     /// The address ranges of the image's code sections, sorted: DWARF is only
@@ -128,6 +137,7 @@ impl Symbolizer {
             .map(|s| (s.address(), s.address().saturating_add(s.size())))
             .collect();
         code.sort_unstable();
+        let labels = labels(&file, &code);
 
         let image = file
             .segments()
@@ -138,6 +148,7 @@ impl Symbolizer {
 
         Ok(Symbolizer {
             symbols,
+            labels,
             dwarf,
             code,
             image,
@@ -196,7 +207,8 @@ impl Symbolizer {
         self.build_id.as_deref()
     }
 
-    /// The function symbol containing `addr`.
+    /// The function symbol containing `addr`, or else its fallback name in
+    /// a code section ([`Symbolizer::label`]).
     fn symbol(&self, addr: u64) -> Option<&FunctionSymbol> {
         let after = self.symbols.partition_point(|s| s.start <= addr);
         // Overlapping symbols are rare; look back a few for one that contains
@@ -206,6 +218,14 @@ impl Symbolizer {
             .rev()
             .take(8)
             .find(|s| addr < s.end)
+            .or_else(|| self.label(addr))
+    }
+
+    /// The nearest label at or before `addr` in the code section holding
+    /// `addr`: its fallback name.
+    fn label(&self, addr: u64) -> Option<&FunctionSymbol> {
+        let after = self.labels.partition_point(|l| l.start <= addr);
+        self.labels[..after].last().filter(|l| addr < l.end)
     }
 
     /// Whether `addr` is in one of the image's code sections.
@@ -245,6 +265,53 @@ impl Symbolizer {
         }
         frames
     }
+}
+
+/// The fallback names of the code sections `code` of `file` (sorted, as
+/// `[start, end)`): every symbol defined in them, whatever its type, and a
+/// label named after each section at its start, so that every address in a
+/// code section follows one. Each label ends where its section ends. Sorted by
+/// start; of the labels at one address the last is used, so function symbols
+/// go after the others and section names before them.
+fn labels(file: &object::File<'_>, code: &[(u64, u64)]) -> Vec<FunctionSymbol> {
+    let section_of = |addr: u64| {
+        let after = code.partition_point(|&(start, _)| start <= addr);
+        code[..after]
+            .last()
+            .filter(|&&(_, end)| addr < end)
+            .copied()
+    };
+    // (rank among labels at one address, label)
+    let mut labels: Vec<(u8, FunctionSymbol)> = file
+        .symbols()
+        .filter(|s| {
+            s.is_definition() && !matches!(s.kind(), SymbolKind::Section | SymbolKind::File)
+        })
+        .filter_map(|s| {
+            let (_, end) = section_of(s.address())?;
+            let name = s.name().ok().filter(|n| !n.is_empty())?;
+            let rank = if s.kind() == SymbolKind::Text { 2 } else { 1 };
+            let label = FunctionSymbol {
+                start: s.address(),
+                end,
+                name: demangle(name).into_owned(),
+            };
+            Some((rank, label))
+        })
+        .collect();
+    labels.extend(file.sections().filter_map(|section| {
+        let (start, end) = section_of(section.address())?;
+        let label = FunctionSymbol {
+            start,
+            end,
+            name: section.name().ok()?.to_owned(),
+        };
+        (start == section.address() && section.kind() == SectionKind::Text).then_some((0, label))
+    }));
+    labels.sort_by(|(a_rank, a), (b_rank, b)| {
+        (a.start, a_rank, &a.name).cmp(&(b.start, b_rank, &b.name))
+    });
+    labels.into_iter().map(|(_, label)| label).collect()
 }
 
 /// The name of a frame at an address in no known function.
@@ -360,11 +427,13 @@ mod tests {
             "{frames:?}"
         );
         assert_eq!(frames.last().map(|f| f.addr), Some(end));
-        // And as a sampled RIP it is not in the function.
-        let frames = s.frames(end, false);
-        assert_ne!(
-            frames.last().map(|f| f.function.as_str()),
-            Some("metronome_guest::workloads::spinner")
+        // And as a sampled RIP it is past the function's code: in the next
+        // function, or in the padding after it, which the fallback names
+        // after it but no line of it covers.
+        let outer = s.frames(end, false).pop().expect("never empty");
+        assert!(
+            outer.function != "metronome_guest::workloads::spinner" || outer.line.is_none(),
+            "{outer:?}"
         );
         assert!(start < end);
     }
@@ -383,6 +452,92 @@ mod tests {
         assert!(outer.function.contains("::"), "{inlined:?}");
         assert!(inlined.iter().all(|f| !f.function.is_empty()));
         assert!(inlined[0].line.is_some(), "{inlined:?}");
+    }
+
+    /// The addresses of the interrupt entry stubs, in vector order, as the
+    /// guest's `ISR_TABLE` (which the IDT is built from) holds them.
+    fn entry_stubs(elf: &[u8]) -> Vec<u64> {
+        let file = object::File::parse(elf).unwrap();
+        let table = file
+            .symbols()
+            .find(|s| s.name() == Ok("ISR_TABLE"))
+            .expect("the guest kernel has ISR_TABLE");
+        let section = file
+            .section_by_index(table.section_index().unwrap())
+            .unwrap();
+        let data = section.data().unwrap();
+        let at = (table.address() - section.address()) as usize;
+        data[at..at + 256 * 8]
+            .chunks_exact(8)
+            .map(|word| u64::from_le_bytes(word.try_into().unwrap()))
+            .collect()
+    }
+
+    /// Checks that every entry stub and `isr_common` are named for their
+    /// labels, at every address they span.
+    fn check_entry_path_named(s: &Symbolizer, stubs: &[u64]) {
+        let named = |addr: u64| s.frames(addr, false).last().unwrap().function.clone();
+        for (vector, &stub) in stubs.iter().enumerate() {
+            // Each stub is at most 12 bytes: push, push, jmp.
+            for addr in stub..stub + 4 {
+                assert_eq!(named(addr), format!("isr_{vector}"), "{addr:#x}");
+            }
+            assert_eq!(
+                s.frames(stub + 4, true)[0].function,
+                format!("isr_{vector}")
+            );
+        }
+        let common = stubs[0] - 1; // isr_common's last byte, just before isr_0
+        assert_eq!(named(common), "isr_common");
+    }
+
+    #[test]
+    fn test_assembly_entry_stubs_are_named() {
+        let stubs = entry_stubs(metronome_resources::GUEST_KERNEL);
+        check_entry_path_named(&kernel(), &stubs);
+    }
+
+    #[test]
+    fn test_assembly_labels_without_type_or_size_are_named_by_the_fallback() {
+        // The guest image with every `isr_*` label turned into what the
+        // assembler emits without `.type`/`.size`: NOTYPE, size 0.
+        let mut elf = metronome_resources::GUEST_KERNEL.to_vec();
+        let file = object::File::parse(metronome_resources::GUEST_KERNEL).unwrap();
+        let (symtab, _) = file
+            .section_by_name(".symtab")
+            .and_then(|t| t.file_range())
+            .expect("the guest kernel has a symbol table");
+        const ENTRY: usize = 24; // sizeof(Elf64_Sym)
+        let mut untyped = 0;
+        for sym in file.symbols() {
+            if sym.name().is_ok_and(|n| n.starts_with("isr_")) {
+                let entry = symtab as usize + sym.index().0 * ENTRY;
+                elf[entry + 4] &= 0xf0; // st_info: keep the binding, type STT_NOTYPE
+                elf[entry + 16..entry + 24].fill(0); // st_size
+                untyped += 1;
+            }
+        }
+        assert_eq!(untyped, 257, "isr_common and 256 stubs");
+        let s = Symbolizer::new(&elf).unwrap();
+        assert!(s.symbols.iter().all(|f| !f.name.starts_with("isr_")));
+        check_entry_path_named(&s, &entry_stubs(&elf));
+    }
+
+    #[test]
+    fn test_no_code_address_is_a_bare_hex_address() {
+        let s = kernel();
+        for &(start, end) in &s.code {
+            for addr in start..end {
+                // A return address is looked up one byte before it.
+                for (addr, is_return) in [(addr, false), (addr + 1, true)] {
+                    let frames = s.frames(addr, is_return);
+                    assert!(
+                        frames.iter().all(|f| !f.function.starts_with("0x")),
+                        "{addr:#x}: {frames:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

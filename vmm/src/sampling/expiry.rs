@@ -246,7 +246,7 @@ impl VcpuSampler {
             (&regs.regs, &regs.sregs),
             &request.settings,
         ) {
-            Capture::FilteredOut => {}
+            Capture::FilteredOut | Capture::NoRegisters => {}
             Capture::NoThreadSamplers => self.count_sample(sampling),
             Capture::Sample(raw) => {
                 self.count_sample(sampling);

@@ -7,6 +7,8 @@
 //! bad one (unmapped, non-canonical, misaligned, not moving up the stack, or
 //! past the depth limit) and says why; nothing here can crash the VMM.
 
+use std::ops::Range;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const PRESENT: u64 = 1;
@@ -85,34 +87,59 @@ pub fn walk_stack(mem: &GuestMemoryMmap, cr3: u64, rip: u64, rbp: u64, depth: us
         frames: vec![rip],
         ..Default::default()
     };
+    follow_frames(mem, cr3, rbp, None, depth, &mut stack);
+    stack
+}
+
+/// Appends to `stack` the return addresses of the frame-pointer chain from
+/// `rbp`, up to `depth` frames in all, as [`walk_stack`] does.
+///
+/// With `within`, only frames that lie wholly inside it (`[fp, fp + 16)`) are
+/// followed: the first frame pointer outside ends the chain normally, for it
+/// belongs to another stack (the chain of the code an interrupt entry
+/// interrupted, say), not to this one. Returns whether the chain ended
+/// normally (not on a bad pointer, not at the depth limit).
+pub fn follow_frames(
+    mem: &GuestMemoryMmap,
+    cr3: u64,
+    rbp: u64,
+    within: Option<Range<u64>>,
+    depth: usize,
+    stack: &mut Stack,
+) -> bool {
+    let inside = |fp: u64| {
+        within
+            .as_ref()
+            .is_none_or(|r| fp >= r.start && fp.checked_add(16).is_some_and(|end| end <= r.end))
+    };
     let mut fp = rbp;
-    while fp != 0 {
+    while fp != 0 && inside(fp) {
         if stack.frames.len() >= depth {
             stack.truncated = true;
-            break;
+            return false;
         }
-        let ret = match read_u64(mem, cr3, fp.wrapping_add(8)).and_then(|ret| {
+        let pair = read_u64(mem, cr3, fp.wrapping_add(8)).and_then(|ret| {
             let next = read_u64(mem, cr3, fp)?;
             Ok((ret, next))
-        }) {
+        });
+        let (ret, next) = match pair {
             Ok(pair) => pair,
             Err(e) => {
                 stack.error = Some(e);
-                break;
+                return false;
             }
         };
-        let (ret, next) = ret;
         if ret == 0 {
             break;
         }
         stack.frames.push(ret);
         if next != 0 && next <= fp {
             stack.error = Some(WalkError::NotAscending(next));
-            break;
+            return false;
         }
         fp = next;
     }
-    stack
+    true
 }
 
 #[cfg(test)]
@@ -137,6 +164,20 @@ mod tests {
         mem
     }
 
+    /// [`memory`] with three frames on the 2 MiB page: fp0 (0x20_1000) ->
+    /// fp1 -> fp2 -> 0, returning to 0xaaa, 0xbbb, 0xccc.
+    fn three_frames() -> GuestMemoryMmap {
+        let mem = memory();
+        let w = |addr: u64, value: u64| mem.write_obj(value, GuestAddress(addr)).unwrap();
+        w(0x20_1000, 0x20_1100);
+        w(0x20_1008, 0xaaa);
+        w(0x20_1100, 0x20_1200);
+        w(0x20_1108, 0xbbb);
+        w(0x20_1200, 0);
+        w(0x20_1208, 0xccc);
+        mem
+    }
+
     #[test]
     fn test_translate_4k_2m_1g_pages() {
         let mem = memory();
@@ -158,21 +199,54 @@ mod tests {
 
     #[test]
     fn test_walk_follows_frame_pointers_to_the_thread_entry() {
-        let mem = memory();
-        // Three frames on the 2 MiB page: fp0 -> fp1 -> fp2 -> 0.
-        let w = |addr: u64, value: u64| mem.write_obj(value, GuestAddress(addr)).unwrap();
-        w(0x20_1000, 0x20_1100);
-        w(0x20_1008, 0xaaa);
-        w(0x20_1100, 0x20_1200);
-        w(0x20_1108, 0xbbb);
-        w(0x20_1200, 0);
-        w(0x20_1208, 0xccc);
+        let mem = three_frames();
         let stack = walk_stack(&mem, CR3, 0x999, 0x20_1000, 64);
         assert_eq!(stack.frames, vec![0x999, 0xaaa, 0xbbb, 0xccc]);
         assert_eq!(stack.error, None);
         let short = walk_stack(&mem, CR3, 0x999, 0x20_1000, 2);
         assert_eq!(short.frames.len(), 2);
         assert!(short.truncated);
+    }
+
+    #[test]
+    fn test_bounded_walk_stops_cleanly_where_the_chain_leaves_the_stack() {
+        // fp0 -> fp1 inside [0x20_1000, 0x20_1200); fp1 -> 0x20_1200, outside.
+        let mem = three_frames();
+        let mut stack = Stack {
+            frames: vec![0x999],
+            ..Default::default()
+        };
+        let within = Some(0x20_1000..0x20_1200);
+        assert!(follow_frames(
+            &mem,
+            CR3,
+            0x20_1000,
+            within.clone(),
+            64,
+            &mut stack
+        ));
+        assert_eq!(stack.frames, [0x999, 0xaaa, 0xbbb]);
+        assert_eq!((stack.error, stack.truncated), (None, false));
+        // A frame that straddles the end is outside, and so is one below the start.
+        let mut stack = Stack::default();
+        assert!(follow_frames(
+            &mem,
+            CR3,
+            0x20_11f8,
+            within.clone(),
+            64,
+            &mut stack
+        ));
+        assert!(follow_frames(&mem, CR3, 0x20_0ff8, within, 64, &mut stack));
+        assert!(stack.frames.is_empty());
+        // The depth counts the frames already in the stack.
+        let mut stack = Stack {
+            frames: vec![1, 2],
+            ..Default::default()
+        };
+        assert!(!follow_frames(&mem, CR3, 0x20_1000, None, 3, &mut stack));
+        assert_eq!(stack.frames, [1, 2, 0xaaa]);
+        assert!(stack.truncated);
     }
 
     #[test]
