@@ -113,3 +113,98 @@ fn test_help_exits_zero() {
     assert_eq!(output.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&output.stdout).contains("--vcpus"));
 }
+
+/// A `--kperf` file that breaks a rule: exit 2, one line naming it (before
+/// any VM is built: no KVM needed).
+#[test]
+fn test_bad_kperf_files_are_rejected_with_the_rule() {
+    let base =
+        r#""action_count": 1, "timer_count": 1, "actions": [{"id": 1, "samplers": ["th_info"]}]"#;
+    for (json, needle) in [
+        (
+            format!(r#"{{{base}, "bogus": 1}}"#),
+            "unknown field `bogus`, expected one of `action_count`",
+        ),
+        (
+            r#"{"action_count": 1,"#.to_string(),
+            "does not follow the kperf configuration schema",
+        ),
+        (
+            r#"{"action_count": 1, "timer_count": 1, "actions": [{"id": 1, "samplers": ["nope"]}]}"#
+                .to_string(),
+            "unknown sampler 'nope': allowed are th_info",
+        ),
+        (
+            r#"{"action_count": 1, "timer_count": 1, "actions": [{"id": 2, "samplers": 1}]}"#
+                .to_string(),
+            "action id 2 is out of range: action ids are 1 to action_count (1) (CFG-A-2)",
+        ),
+        (
+            r#"{"action_count": 33, "timer_count": 1}"#.to_string(),
+            "action_count 33 is out of range: 1 to 32 actions (CFG-A-1",
+        ),
+        (
+            r#"{"action_count": 1, "timer_count": 9}"#.to_string(),
+            "timer_count 9 is out of range: 0 to 8 timers (CFG-T-1",
+        ),
+        (
+            format!(r#"{{{base}, "timers": [{{"id": 0, "period_ns": 1000000, "action_id": 2}}]}}"#),
+            "timer 0: action_id 2 is beyond action_count (1)",
+        ),
+        (
+            r#"{"action_count": 1, "timer_count": 1, "actions": [{"id": 1, "samplers": ["pmc_thread", "pmc_cpu"]}]}"#
+                .to_string(),
+            "action 1 has both pmc_thread and pmc_cpu: they exclude each other (CFG-A-3)",
+        ),
+        (
+            format!(r#"{{{base}, "pet": {{"timer_id": 0, "idle_rate": 0}}}}"#),
+            "PET idle rate 0 is refused: it is at least 1 (AMB-13",
+        ),
+        (
+            format!(r#"{{{base}, "pet": {{"timer_id": 1}}}}"#),
+            "pet.timer_id 1 is not a timer",
+        ),
+    ] {
+        let path = scratch("bad-kperf.json");
+        std::fs::write(&path, &json).unwrap();
+        expect_bad_input(&["run", "--kperf", path.to_str().unwrap()], needle);
+    }
+    let missing = scratch("missing-kperf.json");
+    expect_bad_input(
+        &["run", "--kperf", missing.to_str().unwrap()],
+        "cannot read the --kperf file",
+    );
+}
+
+#[test]
+fn test_kperf_file_conflicts_with_the_shorthands() {
+    for flag in [
+        &["--sample-period-us", "1000"][..],
+        &["--samplers", "kstack"][..],
+        &["--pet-period-ms", "10"][..],
+    ] {
+        let mut args = vec!["run", "--kperf", "any.json"];
+        args.extend_from_slice(flag);
+        expect_bad_input(&args, "cannot be used with");
+    }
+    expect_bad_input(
+        &["run", "--lightweight-pet"],
+        "required arguments were not provided: --pet-period-ms",
+    );
+    expect_bad_input(
+        &["run", "--pet-period-ms", "0"],
+        "--pet-period-ms 0 is out of range: 1 to 10000 ms",
+    );
+    expect_bad_input(
+        &[
+            "run",
+            "--sample-period-us",
+            "1000",
+            "--trace",
+            "t",
+            "--trace-level",
+            "3",
+        ],
+        "3 is not in 0..=2",
+    );
+}

@@ -6,9 +6,8 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, scratch};
+use common::{kvm_or_skip, run_ok, scratch, u};
 use serde_json::Value;
-use std::time::{Duration, Instant};
 
 const TM_FIRE: u64 = 0x2503_0000;
 const TM_FIRE_END: u64 = TM_FIRE | 2;
@@ -24,50 +23,59 @@ const PEND_USER: u64 = 1;
 const PET_PERIOD: u64 = 10_000_000;
 const PET_MIN: u64 = 2_000_000;
 
-fn u(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
-}
-
 struct PetRun {
-    summary: vmm::Summary,
+    summary: Value,
     trace: Vec<Value>,
     dir: std::path::PathBuf,
 }
 
 /// `--workload profile` on `vcpus` vCPUs for `seconds`, an on-CPU timer at
-/// 1 kHz and traditional PET every 10 ms, both with th_info|ustack|kstack.
-fn pet_run(vcpus: u32, seconds: f64) -> PetRun {
-    let _serial = common::kvm_lock();
+/// 1 kHz and traditional PET every 10 ms (both th_info, ustack, kstack), the
+/// trace at its verbose level.
+fn pet_run(vcpus: u32, seconds: &str) -> PetRun {
     let dir = scratch("pet");
     let trace_file = dir.join("trace.jsonl");
-    let config = vmm::VmConfig {
-        vcpus,
-        workload: metronome_abi::Workload::Profile,
-        duration: Some(Duration::from_secs_f64(seconds)),
-        timeout: Some(Duration::from_secs(120)),
-        console: vmm::ConsoleSink::Null,
-        sampling: Some(vmm::SamplingConfig {
-            period_ns: 1_000_000,
-            samplers: 0b1101,
-            profile_dir: Some(dir.clone()),
-            trace_file: Some(trace_file.clone()),
-            filter_tid: -1,
-            pet_period_ns: Some(PET_PERIOD),
-        }),
-        ..vmm::VmConfig::default()
-    };
-    let summary = vmm::Vm::build(config).expect("build").run(Instant::now());
-    assert_eq!(summary.exit_code, 0, "{}", summary.message);
+    let r = run_ok(&[
+        "--workload",
+        "profile",
+        "--vcpus",
+        &vcpus.to_string(),
+        "--duration",
+        seconds,
+        "--timeout",
+        "120",
+        "--sample-period-us",
+        "1000",
+        "--pet-period-ms",
+        &(PET_PERIOD / 1_000_000).to_string(),
+        "--profile-dir",
+        dir.to_str().unwrap(),
+        "--trace",
+        trace_file.to_str().unwrap(),
+        "--trace-level",
+        "2",
+    ]);
     let trace = std::fs::read_to_string(&trace_file)
         .expect("trace file")
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
     PetRun {
-        summary,
+        summary: r.summary,
         trace,
         dir,
     }
+}
+
+/// The names of every guest thread, from the summary.
+fn thread_names(summary: &Value) -> Vec<String> {
+    summary["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["threads"].as_array().unwrap())
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn is_pet_fire(r: &Value) -> bool {
@@ -79,11 +87,13 @@ fn test_pet_t_4_every_guest_thread_in_every_pass_and_blocked_stacks() {
     if !kvm_or_skip("PET every thread") {
         return;
     }
-    let run = pet_run(2, 1.5);
-    let sampling = run.summary.sampling.as_ref().expect("sampling summary");
-    let threads: usize = run.summary.vcpus.iter().map(|v| v.threads.len()).sum();
+    let run = pet_run(2, "1.5");
+    let sampling = &run.summary["sampling"];
+    let names = thread_names(&run.summary);
+    let threads = names.len();
     assert!(threads >= 8, "the profile workload has 4 threads a vCPU");
-    assert!(sampling.pet_passes >= 50, "{sampling:?}");
+    let passes = u(sampling, "pet_passes");
+    assert!(passes >= 50, "{sampling}");
     // PET-T-4: each pass's task bracket ends with the number of threads sampled.
     let per_pass: Vec<u64> = run
         .trace
@@ -91,15 +101,12 @@ fn test_pet_t_4_every_guest_thread_in_every_pass_and_blocked_stacks() {
         .filter(|r| u(r, "id") == PET_SAMPLE_TASK_END)
         .map(|r| r["args"][0].as_u64().unwrap())
         .collect();
-    assert_eq!(per_pass.len() as u64, sampling.pet_passes);
+    assert_eq!(per_pass.len() as u64, passes);
     assert!(
         per_pass.iter().all(|&n| n == threads as u64),
         "every pass samples all {threads} threads: {per_pass:?}"
     );
-    assert_eq!(
-        sampling.threads_sampled,
-        sampling.pet_passes * threads as u64
-    );
+    assert_eq!(u(sampling, "threads_sampled"), passes * threads as u64);
     // A consumer blocks in the wait system call: its PET stacks show the
     // consumer's loop calling the wrapper (inlined frames `wait` and `call`,
     // whose `int3` is the system-call door).
@@ -116,16 +123,11 @@ fn test_pet_t_4_every_guest_thread_in_every_pass_and_blocked_stacks() {
         "a consumer stack ends in the system-call door: {consumer:?}"
     );
     // Every thread of the guest is in the PET profile, running or not.
-    for v in &run.summary.vcpus {
-        for t in &v.threads {
-            assert!(
-                folded
-                    .lines()
-                    .any(|l| l.starts_with(&format!("{};", t.name))),
-                "{} missing from pet.folded",
-                t.name
-            );
-        }
+    for name in names {
+        assert!(
+            folded.lines().any(|l| l.starts_with(&format!("{name};"))),
+            "{name} missing from pet.folded"
+        );
     }
 }
 
@@ -135,11 +137,11 @@ fn test_pet_h_2_pet_r_2_fire_broadcast_rearm_and_counter() {
         return;
     }
     let vcpus = 3;
-    let run = pet_run(vcpus, 1.5);
-    let sampling = run.summary.sampling.as_ref().expect("sampling summary");
+    let run = pet_run(vcpus, "1.5");
+    let sampling = &run.summary["sampling"];
     let fires: Vec<&Value> = run.trace.iter().filter(|r| is_pet_fire(r)).collect();
     // PET-C-1: one broadcast per traditional PET fire.
-    assert_eq!(sampling.pet_broadcasts, fires.len() as u64);
+    assert_eq!(u(sampling, "pet_broadcasts"), fires.len() as u64);
     assert!(fires.len() >= 50, "{}", fires.len());
     // PET-H-1: one handler run per period, on the handler vCPU (AMB-7).
     assert!(fires.iter().all(|r| u(r, "vcpu") == 0));

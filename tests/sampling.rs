@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 const TM_FIRE: u64 = 0x2503_0000;
 const TM_HNDLR_START: u64 = 0x2503_0008 | 1;
+const TM_HNDLR_END: u64 = 0x2503_0008 | 2;
 const PERIOD: u64 = 1_000_000;
 
 fn trace_of(path: &std::path::Path) -> Vec<Value> {
@@ -51,37 +52,37 @@ fn sampled_config(timeout_secs: u64) -> vmm::VmConfig {
         duration: Some(Duration::from_secs(600)),
         timeout: Some(Duration::from_secs(timeout_secs)),
         console: vmm::ConsoleSink::Null,
-        sampling: Some(vmm::SamplingConfig {
-            period_ns: PERIOD,
-            samplers: 1,
-            profile_dir: None,
-            trace_file: None,
-            filter_tid: -1,
-            pet_period_ns: None,
-        }),
+        sampling: Some(vmm::SamplingConfig::new(vmm::KperfConfig::on_cpu(
+            PERIOD, 1, None,
+        ))),
         ..vmm::VmConfig::default()
     }
 }
 
-fn sampled_run(samplers: &str, seconds: &str) -> (common::Run, Vec<Value>) {
+/// A profile-workload run on 2 vCPUs for `seconds` of guest time, sampled
+/// as `sampling` says, with its trace.
+fn traced_run(sampling: &[&str], seconds: &str) -> (common::Run, Vec<Value>) {
     let trace = scratch("trace.jsonl");
-    let r = run_ok(&[
+    let mut args = vec![
         "--workload",
         "profile",
         "--vcpus",
         "2",
         "--duration",
         seconds,
-        "--sample-period-us",
-        "1000",
-        "--samplers",
-        samplers,
-        "--trace",
-        trace.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+    ];
+    args.extend_from_slice(sampling);
+    args.extend_from_slice(&["--trace", trace.to_str().unwrap(), "--timeout", "120"]);
+    let r = run_ok(&args);
     (r, trace_of(&trace))
+}
+
+/// A run sampled at 1 kHz with `samplers`, with its trace.
+fn sampled_run(samplers: &str, seconds: &str) -> (common::Run, Vec<Value>) {
+    traced_run(
+        &["--sample-period-us", "1000", "--samplers", samplers],
+        seconds,
+    )
 }
 
 /// Runs the profile workload on 2 vCPUs for `seconds`, sampled at 1 kHz with
@@ -589,4 +590,114 @@ fn test_stopping_a_paused_vm_with_sampling_does_not_hang() {
     let summary = running.wait();
     actor.join().unwrap();
     assert_eq!(summary.outcome, "stopped");
+}
+
+/// The `args[i]` of a trace record.
+fn arg(record: &Value, i: usize) -> u64 {
+    record["args"][i].as_u64().expect("u64 arg")
+}
+
+#[test]
+fn test_two_timers_with_two_actions_each_fire_at_their_own_rate() {
+    if !kvm_or_skip("two timers") {
+        return;
+    }
+    // Timer 0: 1 ms, action 1 (every busy vCPU samples); timer 1: 4 ms,
+    // action 2 (system memory only: the leader alone, KT-SM-1); timer 2:
+    // 1 us but action 0, so inactive (KT-ST-1) and its period raised to
+    // 20 us (KT-MIN-1).
+    let kperf = scratch("two-timers.json");
+    std::fs::write(
+        &kperf,
+        r#"{"action_count": 2, "timer_count": 3,
+            "actions": [{"id": 1, "samplers": ["th_info", "ustack", "kstack"], "user_stack_depth": 64},
+                        {"id": 2, "samplers": "sys_mem"}],
+            "timers": [{"id": 0, "period_ns": 1000000, "action_id": 1},
+                       {"id": 1, "period_ns": 4000000, "action_id": 2},
+                       {"id": 2, "period_ns": 1000, "action_id": 0}]}"#,
+    )
+    .unwrap();
+    let (r, trace) = traced_run(&["--kperf", kperf.to_str().unwrap()], "2");
+    let mut fires: BTreeMap<u64, Vec<&Value>> = BTreeMap::new();
+    for r in trace.iter().filter(|r| u(r, "id") == TM_FIRE) {
+        fires.entry(arg(r, 0)).or_default().push(r);
+    }
+    assert_eq!(
+        fires.keys().copied().collect::<Vec<_>>(),
+        [0, 1],
+        "timer 2 never fires"
+    );
+    for (timer, period, action) in [(0, 1_000_000, 1), (1, 4_000_000, 2)] {
+        let fires = &fires[&timer];
+        let first = u(fires[0], "deadline");
+        let last = u(fires[fires.len() - 1], "deadline");
+        let periods = (last - first) / period + 1;
+        // One TM_FIRE per period of this timer (KT-F-4), on its own grid.
+        assert!(
+            fires.len() as u64 <= periods && fires.len() as f64 >= 0.95 * periods as f64,
+            "timer {timer}: {} fires for {periods} periods",
+            fires.len()
+        );
+        for pair in fires.windows(2) {
+            let spacing = u(pair[1], "deadline") - u(pair[0], "deadline");
+            assert!(spacing % period == 0, "timer {timer}: spacing {spacing}");
+        }
+        // TM_FIRE args (TR-P-1): timer, not PET, period, action.
+        assert_eq!(
+            (arg(fires[0], 1), arg(fires[0], 2), arg(fires[0], 3)),
+            (0, period, action)
+        );
+    }
+    let ratio = fires[&0].len() as f64 / fires[&1].len() as f64;
+    assert!((3.6..=4.4).contains(&ratio), "1 ms vs 4 ms fires: {ratio}");
+    // Timer 1's action samples system memory only: its leader alone answers.
+    let timer_1_handlers = trace
+        .iter()
+        .filter(|r| u(r, "id") == TM_HNDLR_START && arg(r, 0) == 1)
+        .count();
+    assert_eq!(timer_1_handlers, fires[&1].len());
+    // The default trace level (1, info) keeps TM_HNDLR end (TR-P-2).
+    assert!(trace.iter().any(|r| u(r, "id") == TM_HNDLR_END));
+
+    let sampling = &r.summary["sampling"];
+    assert_eq!(
+        u(sampling, "timer_fires"),
+        (fires[&0].len() + fires[&1].len()) as u64
+    );
+    // The profile period: the shortest on-CPU timer's; its action's samplers.
+    assert_eq!(
+        (u(sampling, "period_ns"), u(sampling, "samplers")),
+        (1_000_000, 13)
+    );
+    let config = &sampling["config"];
+    let periods: Vec<u64> = config["timers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| u(t, "period_ns"))
+        .collect();
+    assert_eq!(periods, [1_000_000, 4_000_000, 20_000], "{config}");
+    assert_eq!(config["actions"][0]["user_stack_depth"], 64);
+    assert_eq!(config["actions"][0]["kernel_stack_depth"], 128);
+    assert_eq!(
+        config["actions"][1]["samplers"],
+        serde_json::json!(["sys_mem"])
+    );
+    assert_eq!(config["pet"], Value::Null);
+    assert_eq!(u(&config["limits"], "timer_min_period_ns"), 20_000);
+    assert_eq!(u(&config["limits"], "timer_min_pet_period_ns"), 2_000_000);
+    assert_eq!(u(config, "trace_level"), 1);
+}
+
+#[test]
+fn test_tr_e3_trace_level_0_keeps_data_events_only() {
+    if !kvm_or_skip("tr-e-3") {
+        return;
+    }
+    let (r, trace) = traced_run(&["--sample-period-us", "1000", "--trace-level", "0"], "1");
+    let count = |id| trace.iter().filter(|r| u(r, "id") == id).count();
+    // TM_FIRE and TM_HNDLR start are data; TM_HNDLR end is info.
+    assert!(count(TM_FIRE) > 500 && count(TM_HNDLR_START) > 500);
+    assert_eq!(count(TM_HNDLR_END), 0);
+    assert_eq!(u(&r.summary["sampling"]["config"], "trace_level"), 0);
 }

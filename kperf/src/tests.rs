@@ -298,6 +298,106 @@ fn test_tr_e2_kptimer_event_ids() {
 }
 
 #[test]
+fn test_tr_e2_constants_table() {
+    use trace::*;
+    let table = [
+        (GEN_EVENT, 0x2500_0000),
+        (TI_SAMPLE, 0x2501_0000),
+        (TI_DATA, 0x2501_0004),
+        (TI_CSWITCH, 0x2501_0014),
+        (TI_DISPPEND, 0x2501_0030),
+        (CS_KSAMPLE, 0x2502_0000),
+        (CS_UPEND, 0x2502_0004),
+        (CS_USAMPLE, 0x2502_0008),
+        (CS_KDATA, 0x2502_000c),
+        (CS_UDATA, 0x2502_0010),
+        (CS_KHDR, 0x2502_0014),
+        (CS_UHDR, 0x2502_0018),
+        (CS_ERROR, 0x2502_001c),
+        (TM_FIRE, 0x2503_0000),
+        (TM_SCHED, 0x2503_0004),
+        (TM_HNDLR, 0x2503_0008),
+        (TM_PENDING, 0x2503_000c),
+        (TM_SKIPPED, 0x2503_0010),
+        (PET_THREAD, 0x2504_0000),
+        (PET_ERROR, 0x2504_0004),
+        (PET_RUN, 0x2504_0008),
+        (PET_PAUSE, 0x2504_000c),
+        (PET_IDLE, 0x2504_0010),
+        (PET_SAMPLE, 0x2504_0014),
+        (PET_SCHED, 0x2504_0018),
+        (PET_END, 0x2504_001c),
+        (PET_SAMPLE_TASK, 0x2504_0020),
+        (PET_SAMPLE_THREAD, 0x2504_0024),
+        (AST_HNDLR, 0x2505_0000),
+        (KPC_CONFIG, 0x2506_0010),
+        (MI_SYS_DATA, 0x250a_0008),
+        (MI_SYS_DATA_2, 0x250a_000c),
+        (MI_SYS_DATA_3, 0x250a_0010),
+    ];
+    for (id, expected) in table {
+        assert_eq!(id, expected, "{id:#x}");
+    }
+}
+
+#[test]
+fn test_tr_e3_each_event_has_the_level_the_spec_states() {
+    use trace::*;
+    let table = [
+        // TR-P-1: TM_FIRE (data); the PET handler's TM_FIRE|end (info).
+        (TM_FIRE, Level::Data),
+        (TM_FIRE | DBG_FUNC_END, Level::Info),
+        // TR-P-2: TM_HNDLR|start (data), TM_HNDLR|end (info).
+        (TM_HNDLR | DBG_FUNC_START, Level::Data),
+        (TM_HNDLR | DBG_FUNC_END, Level::Info),
+        // TR-P-3: PET_SCHED (info).
+        (PET_SCHED, Level::Info),
+        // TR-P-4: GEN_EVENT start and end (data).
+        (GEN_EVENT | DBG_FUNC_START, Level::Data),
+        (GEN_EVENT | DBG_FUNC_END, Level::Data),
+        // TR-E-3: PET_SAMPLE_THREAD only at 2 (verbose).
+        (PET_SAMPLE_THREAD | DBG_FUNC_START, Level::Verbose),
+        (PET_SAMPLE_THREAD | DBG_FUNC_END, Level::Verbose),
+        (PET_SAMPLE_THREAD, Level::Verbose),
+        (PET_SAMPLE_TASK | DBG_FUNC_START, Level::Verbose),
+        // pet.c: the PET sampler's own markers (info).
+        (PET_IDLE, Level::Info),
+        (PET_RUN, Level::Info),
+        (PET_SAMPLE | DBG_FUNC_END, Level::Info),
+        (PET_ERROR, Level::Info),
+        // A sample's payload (data) and its markers (info).
+        (TI_DATA, Level::Data),
+        (CS_UDATA, Level::Data),
+        (CS_UPEND, Level::Info),
+        (AST_HNDLR | DBG_FUNC_START, Level::Info),
+        // Not kperf's: data, never filtered.
+        (0x0102_0304, Level::Data),
+    ];
+    for (id, expected) in table {
+        assert_eq!(level(id), expected, "{id:#x}");
+    }
+}
+
+#[test]
+fn test_tr_e3_debug_levels_keep_data_always_info_from_1_verbose_at_2() {
+    use trace::*;
+    let hndlr_end = TM_HNDLR | DBG_FUNC_END;
+    let thread = PET_SAMPLE_THREAD | DBG_FUNC_START;
+    // debug_level 0: no PET_SCHED, no TM_HNDLR end.
+    let data = Level::from_debug_level(0).unwrap();
+    assert!(data.records(TM_FIRE) && data.records(TM_HNDLR | DBG_FUNC_START));
+    assert!(!data.records(hndlr_end) && !data.records(PET_SCHED) && !data.records(thread));
+    // 1: present; PET_SAMPLE_THREAD only at 2.
+    let info = Level::from_debug_level(1).unwrap();
+    assert!(info.records(hndlr_end) && info.records(PET_SCHED) && !info.records(thread));
+    let verbose = Level::from_debug_level(2).unwrap();
+    assert!(verbose.records(thread) && verbose.records(hndlr_end) && verbose.records(TM_FIRE));
+    assert_eq!(Level::from_debug_level(3), None);
+    assert_eq!(verbose.debug_level(), 2);
+    assert!(Level::Data < Level::Info && Level::Info < Level::Verbose);
+}
+
+#[test]
 fn test_cfg_api1_errno_values_and_messages() {
     let table = [
         (KperfError::Inval, 22),

@@ -35,6 +35,6 @@ pub mod summary;
 pub mod vcpu;
 pub mod vm;
 
-pub use config::{ConsoleSink, KernelSource, SamplingConfig, VmConfig};
+pub use config::{ConsoleSink, KernelSource, KperfConfig, SamplingConfig, VmConfig};
 pub use summary::Summary;
 pub use vm::{BuildVmError, ControlError, ResumeMode, RunningVm, Vm, VmController};

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use metronome_abi::{exit, Workload};
-use vmm::{BuildVmError, ConsoleSink, KernelSource, Vm, VmConfig};
+use vmm::config::{ConfigError, KperfConfig, KperfShorthand};
+use vmm::{BuildVmError, ConsoleSink, KernelSource, SamplingConfig, Vm, VmConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -32,6 +33,11 @@ enum Command {
 }
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(group(
+    ArgGroup::new("sampling")
+        .multiple(true)
+        .args(["sample_period_us", "pet_period_ms", "kperf"])
+))]
 struct RunArgs {
     /// Number of vCPUs (1 to 64).
     #[arg(long, value_name = "N", default_value_t = 2)]
@@ -92,23 +98,43 @@ struct RunArgs {
     /// A guest thread switches statclock profiling on for the middle third of the run.
     #[arg(long)]
     profile_middle_third: bool,
+    /// Sample every vCPU from the host with a kperf configuration: a JSON
+    /// file of actions, timers and PET (the schema is in README).
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "sample_period_us", "samplers", "sample_tid", "pet_period_ms", "lightweight_pet", "pet_idle_rate",
+    ])]
+    kperf: Option<PathBuf>,
     /// Sample every vCPU from the host with a kptimer of this period (µs;
     /// below 20 µs is raised to 20 µs, as kperf does).
     #[arg(long, value_name = "N")]
     sample_period_us: Option<u64>,
+    /// Also sample with a PET timer of this period (ms; below 2 ms is
+    /// raised to 2 ms), with the same action.
+    #[arg(long, value_name = "MS")]
+    pet_period_ms: Option<u64>,
+    /// Lightweight PET: the PET timer runs on the vCPUs (with --pet-period-ms).
+    #[arg(long, requires = "pet_period_ms")]
+    lightweight_pet: bool,
+    /// PET passes an idle thread skips its call stacks for (with --pet-period-ms).
+    #[arg(long, value_name = "N", default_value_t = kperf::PET_DEFAULT_IDLE_RATE, requires = "pet_period_ms")]
+    pet_idle_rate: u32,
     /// What each sample takes: comma-separated kperf sampler names
     /// (th_info, ustack, kstack, sys_mem, ...) or a number.
     #[arg(long, value_name = "LIST", default_value = "th_info,ustack,kstack", value_parser = kperf::sampler::parse_list)]
     samplers: u32,
-    /// Write profile.folded, profile.svg and profile.pb.gz here (with --sample-period-us).
-    #[arg(long, value_name = "DIR", requires = "sample_period_us")]
+    /// Write profile.folded, profile.svg and profile.pb.gz here (with sampling).
+    #[arg(long, value_name = "DIR", requires = "sampling")]
     profile_dir: Option<PathBuf>,
     /// Sample only this guest thread id (kperf's pid filter; -1 = every thread).
-    #[arg(long, value_name = "TID", default_value_t = -1, allow_negative_numbers = true, requires = "sample_period_us")]
+    #[arg(long, value_name = "TID", default_value_t = -1, allow_negative_numbers = true, requires = "sampling")]
     sample_tid: i32,
-    /// Write the kperf trace (TM_FIRE, TM_HNDLR) as JSON lines (with --sample-period-us).
-    #[arg(long, value_name = "FILE", requires = "sample_period_us")]
+    /// Write the kperf trace (TM_FIRE, TM_HNDLR) as JSON lines (with sampling).
+    #[arg(long, value_name = "FILE", requires = "sampling")]
     trace: Option<PathBuf>,
+    /// The trace keeps events of this level and below: 0 data, 1 info, 2
+    /// verbose (kperf's debug_level).
+    #[arg(long, value_name = "L", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=2), requires = "trace")]
+    trace_level: u32,
     /// Print every vCPU's pending clockintr events when the VM ends.
     #[arg(long)]
     dump_clockintr: bool,
@@ -160,8 +186,31 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
 }
 
 impl RunArgs {
-    fn to_config(&self) -> VmConfig {
-        VmConfig {
+    /// The kperf configuration: the `--kperf` file, or the shorthands.
+    fn kperf_config(&self) -> Result<Option<KperfConfig>, ConfigError> {
+        if let Some(path) = &self.kperf {
+            return Ok(Some(KperfConfig::from_file(path)?));
+        }
+        KperfShorthand {
+            sample_period_us: self.sample_period_us,
+            pet_period_ms: self.pet_period_ms,
+            samplers: self.samplers,
+            filter_tid: self.sample_tid,
+            lightweight_pet: self.lightweight_pet,
+            pet_idle_rate: self.pet_idle_rate,
+        }
+        .to_config()
+    }
+
+    fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let sampling = self.kperf_config()?.map(|kperf| SamplingConfig {
+            kperf,
+            profile_dir: self.profile_dir.clone(),
+            trace_file: self.trace.clone(),
+            trace_level: kperf::trace::Level::from_debug_level(self.trace_level)
+                .unwrap_or(SamplingConfig::DEFAULT_TRACE_LEVEL),
+        });
+        Ok(VmConfig {
             vcpus: self.vcpus,
             mem_mib: self.mem_mib,
             kernel: self
@@ -197,15 +246,8 @@ impl RunArgs {
             },
             stat_seed: self.stat_seed,
             profile_middle_third: self.profile_middle_third,
-            sampling: self.sample_period_us.map(|us| vmm::SamplingConfig {
-                period_ns: us.saturating_mul(1_000),
-                samplers: self.samplers,
-                profile_dir: self.profile_dir.clone(),
-                trace_file: self.trace.clone(),
-                filter_tid: self.sample_tid,
-                pet_period_ns: None,
-            }),
-        }
+            sampling,
+        })
     }
 }
 
@@ -248,7 +290,13 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => args,
         None => cli.run,
     };
-    let config = args.to_config();
+    let config = match args.to_config() {
+        Ok(config) => config,
+        Err(e) => {
+            print_error(&e);
+            return ExitCode::from(exit::VMM_BAD_INPUT as u8);
+        }
+    };
     let vm = match Vm::build(config) {
         Ok(vm) => vm,
         Err(e) => {

@@ -4,8 +4,11 @@
 use std::path::Path;
 
 use super::{trace, RawSample, SamplingShared};
+use crate::config::KperfConfig;
 use crate::profile::{Profile, Sample, Symbolizer};
-use crate::summary::{FunctionShare, Percentiles, SamplingSummary, VcpuSamplingSummary};
+use crate::summary::{
+    EffectiveSamplingConfig, FunctionShare, Percentiles, SamplingSummary, VcpuSamplingSummary,
+};
 use crate::vcpu::VcpuRunStats;
 
 /// Builds the sampling summary and writes the files the configuration asks for.
@@ -18,9 +21,16 @@ pub fn finish(
     errors: &mut Vec<String>,
 ) -> SamplingSummary {
     let mut cost = metronome_devices::LatencyHistogram::new();
+    let config = effective_config(sampling);
+    // The profile's period: the shortest on-CPU timer's (a profile mixing
+    // timers of several periods has no single period; pprof takes one).
+    let profile_timer = config.kperf.shortest_on_cpu_timer();
     let mut summary = SamplingSummary {
-        period_ns: sampling.engine().timer_period(0).unwrap_or(0),
-        samplers: sampling.config.samplers,
+        period_ns: profile_timer.map_or(0, |t| t.period_ns),
+        samplers: profile_timer
+            .and_then(|t| config.kperf.action(t.action_id))
+            .map_or(0, |a| a.samplers.0),
+        config: config.clone(),
         trace_dropped: sampling.trace().map_or(0, |t| t.dropped()),
         ..Default::default()
     };
@@ -48,13 +58,7 @@ pub fn finish(
     let samples = sampling.samples.drain();
     summary.user_functions = user_functions(&samples, kernel_image);
     if let Some(dir) = &sampling.config.profile_dir {
-        match write_profile(
-            samples,
-            kernel_image,
-            sampling.config.period_ns,
-            dir,
-            "profile",
-        ) {
+        match write_profile(samples, kernel_image, summary.period_ns, dir, "profile") {
             Ok(files) => summary.files.extend(files),
             Err(e) => errors.push(format!(
                 "cannot write the profile to '{}': {e}",
@@ -73,6 +77,16 @@ pub fn finish(
         }
     }
     summary
+}
+
+/// The configuration in force, read back from the engine.
+fn effective_config(sampling: &SamplingShared) -> EffectiveSamplingConfig {
+    let engine = sampling.engine();
+    EffectiveSamplingConfig {
+        kperf: KperfConfig::from_engine(&engine),
+        limits: engine.limits().into(),
+        trace_level: sampling.config.trace_level.debug_level(),
+    }
 }
 
 /// The CPL3 instruction-pointer histogram by function.

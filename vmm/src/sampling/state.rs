@@ -19,7 +19,7 @@ use metronome_devices::LatencyHistogram;
 
 use super::buffer::{SampleBuffer, SAMPLE_LIMIT};
 use super::trace::{TraceBuffer, TraceRecord};
-use crate::config::SamplingConfig;
+use crate::config::{KperfConfigError, SamplingConfig};
 
 /// "No deadline".
 pub const NO_DEADLINE: u64 = u64::MAX;
@@ -164,11 +164,12 @@ impl PetShared {
 }
 
 impl SamplingShared {
-    /// Configures the engine from `config` for `vcpus` vCPUs (not yet sampling).
-    pub fn new(config: &SamplingConfig, vcpus: u32) -> Result<Self, KperfError> {
+    /// Configures the engine from `config.kperf` for `vcpus` vCPUs (not yet
+    /// sampling).
+    pub fn new(config: &SamplingConfig, vcpus: u32) -> Result<Self, KperfConfigError> {
         let n = vcpus as usize;
         Ok(Self {
-            kperf: Mutex::new(config.engine()?),
+            kperf: Mutex::new(config.kperf.engine()?),
             deadlines: (0..n).map(|_| AtomicU64::new(NO_DEADLINE)).collect(),
             epoch: AtomicU64::new(0),
             acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -200,10 +201,13 @@ impl SamplingShared {
         self.deadlines[id as usize].store(deadline.unwrap_or(NO_DEADLINE), Ordering::Release);
     }
 
-    /// Appends a trace record (nothing when no trace was asked for).
+    /// Appends a trace record (nothing when no trace was asked for, or when
+    /// the record's level is above the trace level, TR-E-3).
     pub fn record(&self, record: TraceRecord) {
         if let Some(trace) = &self.trace {
-            trace.record(record);
+            if self.config.trace_level.records(record.id) {
+                trace.record(record);
+            }
         }
     }
 
@@ -317,13 +321,36 @@ mod tests {
     use std::sync::Arc;
 
     fn config() -> SamplingConfig {
-        SamplingConfig {
-            period_ns: 1_000_000,
-            samplers: kperf::sampler::TH_INFO,
-            profile_dir: None,
-            trace_file: None,
-            filter_tid: -1,
-            pet_period_ns: None,
+        SamplingConfig::new(crate::config::KperfConfig::on_cpu(
+            1_000_000,
+            kperf::sampler::TH_INFO,
+            None,
+        ))
+    }
+
+    #[test]
+    fn test_tr_e3_record_keeps_only_events_up_to_the_trace_level() {
+        use kperf::trace::{Level, DBG_FUNC_END, DBG_FUNC_START, TM_FIRE, TM_HNDLR};
+        let ids = [TM_FIRE, TM_HNDLR | DBG_FUNC_START, TM_HNDLR | DBG_FUNC_END];
+        for (level, kept) in [(Level::Data, 2), (Level::Info, 3), (Level::Verbose, 3)] {
+            let shared = SamplingShared::new(
+                &SamplingConfig {
+                    trace_file: Some("unused".into()),
+                    trace_level: level,
+                    ..config()
+                },
+                1,
+            )
+            .unwrap();
+            for id in ids {
+                shared.record(TraceRecord {
+                    id,
+                    ..Default::default()
+                });
+            }
+            let trace = shared.trace().unwrap().take();
+            assert_eq!(trace.len(), kept, "{level:?}");
+            assert!(level >= Level::Info || trace.iter().all(|r| r.id != ids[2]));
         }
     }
 

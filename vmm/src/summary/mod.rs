@@ -318,10 +318,14 @@ pub struct VcpuSamplingSummary {
 /// Host-side sampling.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct SamplingSummary {
-    /// The timer period in force, ns (after the kptimer minimum).
+    /// The period in force of the on-CPU timer with the shortest period, ns
+    /// (after the kptimer minimum; the pprof profile's period); 0 without an
+    /// on-CPU timer. Every timer's is in `config.timers`.
     pub period_ns: u64,
-    /// Sampler bits.
+    /// Sampler bits of that timer's action.
     pub samplers: u32,
+    /// The configuration in force, read back from the engine.
+    pub config: EffectiveSamplingConfig,
     /// Samples, all vCPUs.
     pub samples: u64,
     /// Timer fires, each counted once (the `PERF_TM_FIRE` events its leader
@@ -352,6 +356,45 @@ pub struct SamplingSummary {
     /// (ELF symbol of the sampled RIP), largest first: comparable with
     /// `perf kvm --guest`, which sees guest user mode only on kvm_pvm.
     pub user_functions: Vec<FunctionShare>,
+}
+
+/// The sampling configuration in force: the kperf configuration as the
+/// engine holds it, in the `--kperf` schema (periods after the minimum,
+/// KT-MIN-1; every action and timer up to the counts), the engine's limits
+/// and the trace level.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EffectiveSamplingConfig {
+    /// `action_count`, `timer_count`, `actions`, `timers`, `pet`, `background`.
+    #[serde(flatten)]
+    pub kperf: crate::config::KperfConfig,
+    /// The engine's minimum periods (KT-MIN-2).
+    pub limits: KperfLimits,
+    /// The trace's debug level: 0 data, 1 info, 2 verbose (TR-E-3).
+    pub trace_level: u32,
+}
+
+/// The engine's minimum periods in ns (KT-MIN-2, `kperf.limits.*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KperfLimits {
+    /// On-CPU timers, foreground.
+    pub timer_min_period_ns: u64,
+    /// On-CPU timers, background.
+    pub timer_min_bg_period_ns: u64,
+    /// The PET timer, foreground.
+    pub timer_min_pet_period_ns: u64,
+    /// The PET timer, background.
+    pub timer_min_bg_pet_period_ns: u64,
+}
+
+impl From<kperf::Limits> for KperfLimits {
+    fn from(limits: kperf::Limits) -> Self {
+        Self {
+            timer_min_period_ns: limits.timer_min_period_ns,
+            timer_min_bg_period_ns: limits.timer_min_bg_period_ns,
+            timer_min_pet_period_ns: limits.timer_min_pet_period_ns,
+            timer_min_bg_pet_period_ns: limits.timer_min_bg_pet_period_ns,
+        }
+    }
 }
 
 /// One function's share of the sampled instruction pointers.

@@ -221,9 +221,9 @@ impl Vm {
             .map_err(BuildVmError::WriteBoot)?;
 
         let sampling = match &config.sampling {
-            Some(c) => Some(SamplingShared::new(c, config.vcpus).map_err(|e| {
-                BuildVmError::Config(crate::config::ConfigError::Samplers(c.samplers, e))
-            })?),
+            Some(c) => Some(
+                SamplingShared::new(c, config.vcpus).map_err(|e| BuildVmError::Config(e.into()))?,
+            ),
             None => None,
         };
         let shared =

@@ -3,12 +3,22 @@
 //! The command line (and later the API socket) produce a [`VmConfig`]; nothing
 //! here touches KVM. [`VmConfig::validate`] checks every rule before a VM is
 //! built, so that bad input ends with one clear error and never reaches KVM.
+//!
+//! - this module: the VM, its clock options and what sampling writes;
+//! - [`kperf`]: the kperf configuration (actions, timers, PET), from JSON or
+//!   the command line's shorthands, and the engine it sets up.
+
+pub mod kperf;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kperf::{Kperf, KperfError};
+use ::kperf::trace::Level;
 use metronome_abi::{layout, Workload, MAX_VCPUS};
+
+pub use self::kperf::{
+    ActionConfig, KperfConfig, KperfConfigError, KperfShorthand, PetConfig, Samplers, TimerConfig,
+};
 
 /// Where the kernel comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,41 +71,34 @@ pub struct VmConfig {
     pub sampling: Option<SamplingConfig>,
 }
 
-/// What host-side sampling is asked to do: one kperf action and one kptimer.
+/// What host-side sampling is asked to do: the kperf configuration, and
+/// where its results go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SamplingConfig {
-    /// Timer period in ns (raised to the kptimer minimum silently, KT-MIN-1).
-    pub period_ns: u64,
-    /// Sampler bits of the timer's action ([`kperf::sampler`]).
-    pub samplers: u32,
+    /// The actions, timers and PET knobs of the engine.
+    pub kperf: KperfConfig,
     /// Where to write profile.folded, profile.svg and profile.pb.gz.
     pub profile_dir: Option<PathBuf>,
     /// Where to write the trace as JSON lines.
     pub trace_file: Option<PathBuf>,
-    /// Sample only this guest thread id (kperf's pid filter; -1 = all).
-    pub filter_tid: i32,
-    /// A traditional PET timer with this period (timer 1, the same action).
-    pub pet_period_ns: Option<u64>,
+    /// The trace keeps the events of this level and below (TR-E-3:
+    /// `kperf.debug_level`).
+    pub trace_level: Level,
 }
 
 impl SamplingConfig {
-    /// The kperf engine this configuration sets up (pure: no threads, no
-    /// timers): action 1 with the samplers and filter, timer 0 with the period.
-    pub fn engine(&self) -> Result<Kperf, KperfError> {
-        let mut kperf = Kperf::new();
-        kperf.set_action_count(1)?;
-        kperf.set_action_samplers(1, self.samplers)?;
-        kperf.set_action_filter(1, self.filter_tid)?;
-        let timers = if self.pet_period_ns.is_some() { 2 } else { 1 };
-        kperf.set_timer_count(timers)?;
-        kperf.set_timer_period(0, self.period_ns)?;
-        kperf.set_timer_action(0, 1)?;
-        if let Some(period) = self.pet_period_ns {
-            kperf.set_timer_period(1, period)?;
-            kperf.set_timer_action(1, 1)?;
-            kperf.set_pet_timer(1)?;
+    /// The trace level when none is given: info (1), which keeps
+    /// `TM_HNDLR` end records.
+    pub const DEFAULT_TRACE_LEVEL: Level = Level::Info;
+
+    /// Sampling with `kperf`, no files, the default trace level.
+    pub fn new(kperf: KperfConfig) -> Self {
+        Self {
+            kperf,
+            profile_dir: None,
+            trace_file: None,
+            trace_level: Self::DEFAULT_TRACE_LEVEL,
         }
-        Ok(kperf)
     }
 }
 
@@ -120,7 +123,7 @@ impl Default for VmConfig {
 }
 
 /// A configuration rule that was broken.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// vCPU count out of range.
     #[error("--vcpus {0} is out of range: a VM has 1 to {MAX_VCPUS} vCPUs")]
@@ -147,9 +150,12 @@ pub enum ConfigError {
     /// A sampling period out of range.
     #[error("--sample-period-us {0} is out of range: 1 to 10000000 us (periods below 20 us are raised to 20 us, KT-MIN-1)")]
     SamplePeriod(u64),
-    /// A sampler set kperf refuses.
-    #[error("--samplers {0:#x} is refused by kperf: {1} (CFG-A-3: pmc_thread and pmc_cpu exclude each other)")]
-    Samplers(u32, KperfError),
+    /// A PET period out of range.
+    #[error("--pet-period-ms {0} is out of range: 1 to 10000 ms (periods below 2 ms are raised to 2 ms, KT-MIN-1)")]
+    PetPeriod(u64),
+    /// A kperf configuration that breaks a rule.
+    #[error(transparent)]
+    Kperf(#[from] KperfConfigError),
     /// hz beyond what this VMM can deliver.
     #[error("--hz {0} is too high for this VMM: at most 10000")]
     HzTooHigh(u32),
@@ -184,12 +190,7 @@ impl VmConfig {
         }
         self.clock.validate().map_err(ConfigError::Clock)?;
         if let Some(sampling) = &self.sampling {
-            if !(1_000..=10_000_000_000).contains(&sampling.period_ns) {
-                return Err(ConfigError::SamplePeriod(sampling.period_ns / 1_000));
-            }
-            if let Err(e) = sampling.engine() {
-                return Err(ConfigError::Samplers(sampling.samplers, e));
-            }
+            sampling.kperf.engine()?;
         }
         if self.clock.hz > 10_000 {
             return Err(ConfigError::HzTooHigh(self.clock.hz));
@@ -209,7 +210,7 @@ mod tests {
 
     #[test]
     fn test_default_config_is_valid() {
-        assert_eq!(VmConfig::default().validate(), Ok(()));
+        VmConfig::default().validate().unwrap();
     }
 
     #[test]
@@ -287,50 +288,36 @@ mod tests {
             ),
         ];
         for (config, error) in cases {
-            assert_eq!(config.validate(), Err(error));
+            let refused = config.validate().expect_err("refused");
+            assert_eq!(refused.to_string(), error.to_string());
         }
     }
 
     #[test]
     fn test_sampling_rules_reject_with_kperf_reasons() {
-        let sampling = SamplingConfig {
-            period_ns: 1_000_000,
-            samplers: kperf::sampler::TH_INFO,
-            profile_dir: None,
-            trace_file: None,
-            filter_tid: -1,
-            pet_period_ns: None,
-        };
-        let with = |sampling: SamplingConfig| VmConfig {
-            sampling: Some(sampling),
+        let with = |kperf: KperfConfig| VmConfig {
+            sampling: Some(SamplingConfig::new(kperf)),
             ..VmConfig::default()
         };
-        assert_eq!(with(sampling.clone()).validate(), Ok(()));
-        let both_pmc = kperf::sampler::PMC_THREAD | kperf::sampler::PMC_CPU;
-        assert_eq!(
-            with(SamplingConfig {
-                samplers: both_pmc,
-                ..sampling.clone()
-            })
-            .validate(),
-            Err(ConfigError::Samplers(both_pmc, KperfError::Inval))
-        );
-        assert_eq!(
-            with(SamplingConfig {
-                period_ns: 999,
-                ..sampling.clone()
-            })
-            .validate(),
-            Err(ConfigError::SamplePeriod(0))
-        );
-        // Below the kptimer minimum is accepted and raised (KT-MIN-1).
-        let engine = SamplingConfig {
-            period_ns: 5_000,
-            ..sampling
-        }
-        .engine()
+        with(KperfConfig::on_cpu(
+            1_000_000,
+            ::kperf::sampler::TH_INFO,
+            None,
+        ))
+        .validate()
         .unwrap();
-        assert_eq!(engine.timer_period(0), Ok(kperf::MIN_PERIOD_NS));
+        let both_pmc = ::kperf::sampler::PMC_THREAD | ::kperf::sampler::PMC_CPU;
+        let refused = with(KperfConfig::on_cpu(1_000_000, both_pmc, None))
+            .validate()
+            .expect_err("CFG-A-3");
+        assert!(
+            matches!(
+                refused,
+                ConfigError::Kperf(KperfConfigError::PmcThreadAndCpu(1))
+            ),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("CFG-A-3"), "{refused}");
     }
 
     #[test]
