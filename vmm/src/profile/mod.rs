@@ -29,6 +29,7 @@
 //!     thread_name: "spinner/0".into(),
 //!     user_stack: vec![0x20_3775, 0x20_1234],
 //!     kernel_stack: vec![],
+//!     user_leaf_after_trap: false,
 //!     weight: 1,
 //! });
 //! profile.write_all(std::path::Path::new("/tmp/metronome-profile"))?;

@@ -119,13 +119,20 @@ impl PetSampler {
                 action.samplers &= !(sampler::USTACK | sampler::KSTACK);
             }
             let raw = if state == thread_state::RUNNING {
-                running_sample(mem, parked, info, &action, now)
+                // A running thread whose vCPU's registers cannot be read (not
+                // parked, or not running it after all) keeps its place in
+                // the pass, without stacks.
+                running_sample(mem, parked, info, &action, now).unwrap_or_else(|| {
+                    let no_stacks = Action {
+                        samplers: action.samplers & !(sampler::USTACK | sampler::KSTACK),
+                        ..action
+                    };
+                    saved_sample(mem, cr3, info, &no_stacks, now)
+                })
             } else {
-                Some(saved_sample(mem, cr3, info, &action, now))
+                saved_sample(mem, cr3, info, &action, now)
             };
-            if let Some(raw) = raw {
-                samples.push(ThreadSample { raw, dirty, stacks });
-            }
+            samples.push(ThreadSample { raw, dirty, stacks });
         }
         samples
     }
@@ -249,6 +256,7 @@ mod tests {
             ..Default::default()
         };
         let mut sregs = kvm_sregs {
+            cr0: 1 << 31,
             cr3: CR3,
             ..Default::default()
         };
@@ -294,6 +302,24 @@ mod tests {
         assert_eq!(leaf_after_trap, [false, true]);
         // Without a parked vCPU there is no address space to read: no pass.
         assert!(pet.pass(&mem, &[None], &action(), 15, 10).is_empty());
+    }
+
+    #[test]
+    fn test_pet_t_4_a_running_thread_without_registers_keeps_its_place() {
+        let mem = guest();
+        let mut pet = PetSampler::default();
+        // vCPU 0 parked but its registers say paging is off: unusable.
+        let mut regs = parked();
+        if let Some((_, sregs)) = regs[0].as_mut() {
+            sregs.cr0 = 0;
+        }
+        // Some other parked vCPU gives the address space.
+        regs.push(parked()[0]);
+        let samples = pet.pass(&mem, &regs, &action(), 15, 0);
+        let runner = samples.iter().find(|s| s.raw.tid == 1).expect("runner");
+        assert_eq!(runner.raw.thread_name, "runner");
+        assert!(runner.raw.user_stack.frames.is_empty());
+        assert_eq!(samples.len(), 2);
     }
 
     #[test]
