@@ -1,44 +1,88 @@
-//! Where samples go when they leave the vCPU thread: one bounded buffer per
-//! vCPU, drained by whoever reads the profile (the end of the run today; any
-//! thread may drain while the VM runs). Each vCPU thread pushes only into its
-//! own buffer, so the lock it takes is uncontended except during a drain.
+//! Where samples go when they leave the vCPU thread: one aggregate per vCPU
+//! that counts each distinct stack as samples arrive, so memory grows with
+//! the number of distinct stacks, not with the length of the run. Whoever
+//! reads the profile drains it (the end of the run today; any thread may
+//! drain while the VM runs). Each vCPU thread adds only to its own
+//! aggregate, so the lock it takes is uncontended except during a drain.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::capture::RawSample;
 
-/// Samples kept per vCPU at most between two drains.
-pub const SAMPLE_LIMIT: usize = 2_000_000;
+/// Distinct stacks kept per vCPU at most between two drains; a sample with a
+/// new stack beyond that is counted as dropped.
+pub const STACK_LIMIT: usize = 200_000;
 
-/// The per-vCPU sample buffers.
+/// What a profile keeps of a sample: its identity and its stacks (not its
+/// time, which the trace keeps).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackSample {
+    /// The vCPU.
+    pub vcpu: u32,
+    /// Guest thread id (0 = idle).
+    pub tid: u64,
+    /// Guest thread name.
+    pub thread_name: String,
+    /// Privilege level at the sample.
+    pub cpl: u8,
+    /// The user stack, leaf first.
+    pub user_stack: Vec<u64>,
+    /// The kernel stack, leaf first.
+    pub kernel_stack: Vec<u64>,
+    /// The user leaf is the address after the `int3` system-call trap.
+    pub user_leaf_after_trap: bool,
+}
+
+impl From<RawSample> for StackSample {
+    fn from(raw: RawSample) -> Self {
+        Self {
+            vcpu: raw.vcpu,
+            tid: raw.tid,
+            thread_name: raw.thread_name,
+            cpl: raw.cpl,
+            user_stack: raw.user_stack.frames,
+            kernel_stack: raw.kernel_stack.frames,
+            user_leaf_after_trap: raw.user_leaf_after_trap,
+        }
+    }
+}
+
+/// The per-vCPU stack counts.
 #[derive(Debug)]
 pub struct SampleBuffer {
-    per_vcpu: Vec<Mutex<Vec<RawSample>>>,
+    per_vcpu: Vec<Mutex<HashMap<StackSample, u64>>>,
     limit: usize,
     dropped: Vec<AtomicU64>,
 }
 
 impl SampleBuffer {
-    /// Buffers for `vcpus` vCPUs of at most `limit` samples each.
+    /// Aggregates for `vcpus` vCPUs of at most `limit` distinct stacks each.
     pub fn new(vcpus: usize, limit: usize) -> Self {
         Self {
-            per_vcpu: (0..vcpus).map(|_| Mutex::new(Vec::new())).collect(),
+            per_vcpu: (0..vcpus).map(|_| Mutex::new(HashMap::new())).collect(),
             limit,
             dropped: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    /// Keeps `sample` in its vCPU's buffer; `false` (and counted as dropped)
-    /// when that buffer is full or the vCPU does not exist.
+    /// Counts `sample` in its vCPU's aggregate; `false` (and counted as
+    /// dropped) when its stack is new and the aggregate is full, or the vCPU
+    /// does not exist.
     pub fn push(&self, sample: RawSample) -> bool {
         let id = sample.vcpu as usize;
-        let Some(buffer) = self.per_vcpu.get(id) else {
+        let Some(counts) = self.per_vcpu.get(id) else {
             return false;
         };
-        let mut buffer = buffer.lock().unwrap_or_else(|p| p.into_inner());
-        if buffer.len() < self.limit {
-            buffer.push(sample);
+        let key = StackSample::from(sample);
+        let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&key) {
+            *count += 1;
+            return true;
+        }
+        if counts.len() < self.limit {
+            counts.insert(key, 1);
             true
         } else {
             self.dropped[id].fetch_add(1, Ordering::Relaxed);
@@ -46,18 +90,24 @@ impl SampleBuffer {
         }
     }
 
-    /// Samples of vCPU `id` not kept because its buffer was full.
+    /// Samples of vCPU `id` not kept because its aggregate was full.
     pub fn dropped(&self, id: u32) -> u64 {
         self.dropped
             .get(id as usize)
             .map_or(0, |d| d.load(Ordering::Relaxed))
     }
 
-    /// Takes every sample kept so far, vCPU by vCPU.
-    pub fn drain(&self) -> Vec<RawSample> {
+    /// Takes every stack counted so far with its count, vCPU by vCPU, in a
+    /// stable order.
+    pub fn drain(&self) -> Vec<(StackSample, u64)> {
         let mut all = Vec::new();
-        for buffer in &self.per_vcpu {
-            all.append(&mut buffer.lock().unwrap_or_else(|p| p.into_inner()));
+        for counts in &self.per_vcpu {
+            let mut counts: Vec<(StackSample, u64)> =
+                std::mem::take(&mut *counts.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into_iter()
+                    .collect();
+            counts.sort();
+            all.append(&mut counts);
         }
         all
     }
@@ -66,28 +116,51 @@ impl SampleBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::walk::Stack;
 
-    fn sample(vcpu: u32, time_ns: u64) -> RawSample {
+    fn sample(vcpu: u32, time_ns: u64, leaf: u64) -> RawSample {
         RawSample {
             vcpu,
             time_ns,
+            user_stack: Stack {
+                frames: vec![leaf, 0x1000],
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
 
     #[test]
-    fn test_buffer_is_bounded_per_vcpu_and_counts_what_it_drops() {
+    fn test_identical_stacks_are_counted_not_kept() {
+        let buffer = SampleBuffer::new(2, 10);
+        // The time differs, the stack does not: one entry, three samples.
+        for t in 0..3 {
+            assert!(buffer.push(sample(0, t, 0xaa)));
+        }
+        assert!(buffer.push(sample(0, 9, 0xbb)));
+        assert!(buffer.push(sample(1, 9, 0xaa)));
+        let drained = buffer.drain();
+        let counts: Vec<(u32, u64, u64)> = drained
+            .iter()
+            .map(|(s, n)| (s.vcpu, s.user_stack[0], *n))
+            .collect();
+        assert_eq!(counts, [(0, 0xaa, 3), (0, 0xbb, 1), (1, 0xaa, 1)]);
+        assert!(buffer.drain().is_empty());
+    }
+
+    #[test]
+    fn test_distinct_stacks_are_bounded_per_vcpu_and_drops_counted() {
         let buffer = SampleBuffer::new(2, 2);
-        assert!(buffer.push(sample(0, 1)));
-        assert!(buffer.push(sample(0, 2)));
-        assert!(!buffer.push(sample(0, 3)));
-        assert!(buffer.push(sample(1, 4)));
-        assert!(!buffer.push(sample(7, 5)));
+        assert!(buffer.push(sample(0, 1, 0x1)));
+        assert!(buffer.push(sample(0, 2, 0x2)));
+        // A third distinct stack does not fit; a known one still counts.
+        assert!(!buffer.push(sample(0, 3, 0x3)));
+        assert!(buffer.push(sample(0, 4, 0x1)));
+        assert!(!buffer.push(sample(7, 5, 0x1)));
         assert_eq!((buffer.dropped(0), buffer.dropped(1)), (1, 0));
-        let times: Vec<u64> = buffer.drain().iter().map(|s| s.time_ns).collect();
-        assert_eq!(times, [1, 2, 4]);
+        let total: u64 = buffer.drain().iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 3);
         // Drained: room again.
-        assert!(buffer.push(sample(0, 6)));
-        assert_eq!(buffer.drain().len(), 1);
+        assert!(buffer.push(sample(0, 6, 0x3)));
     }
 }

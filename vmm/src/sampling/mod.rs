@@ -7,7 +7,9 @@
 //! - [`capture`]: one sample from sync regs and guest memory, filter first.
 //! - [`pet`]: traditional PET's pass over every guest thread (PET-T-*).
 //! - [`walk`]: guest page-table translation and frame-pointer stack walks.
-//! - [`buffer`]: samples leaving the vCPU threads ([`SampleBuffer`]).
+//! - [`buffer`]: samples leaving the vCPU threads, counted per distinct
+//!   stack as they arrive ([`SampleBuffer`]): memory stays flat however long
+//!   sampling runs.
 //! - [`trace`]: `PERF_TM_FIRE` / `PERF_TM_HNDLR` records and their JSON lines.
 //! - [`report`]: the end of a sampled run: figures, profile files, trace file.
 

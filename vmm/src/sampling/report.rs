@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use super::{trace, RawSample, SamplingShared};
+use super::buffer::StackSample;
+use super::{trace, SamplingShared};
 use crate::config::KperfConfig;
 use crate::profile::{Profile, Sample, Symbolizer};
 use crate::summary::{
@@ -90,24 +91,24 @@ fn effective_config(sampling: &SamplingShared) -> EffectiveSamplingConfig {
 }
 
 /// The CPL3 instruction-pointer histogram by function.
-fn user_functions(samples: &[RawSample], kernel_image: &[u8]) -> Vec<FunctionShare> {
+fn user_functions(samples: &[(StackSample, u64)], kernel_image: &[u8]) -> Vec<FunctionShare> {
     let Ok(symbolizer) = Symbolizer::new(kernel_image) else {
         return Vec::new();
     };
     let mut counts: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     let mut total = 0u64;
-    for raw in samples {
-        if raw.cpl != 3 {
+    for (stack, count) in samples {
+        if stack.cpl != 3 {
             continue;
         }
-        let Some(&rip) = raw.user_stack.frames.first() else {
+        let Some(&rip) = stack.user_stack.first() else {
             continue;
         };
         let name = symbolizer
             .function_name(rip)
             .map_or_else(|| format!("{rip:#x}"), str::to_string);
-        *counts.entry(name).or_default() += 1;
-        total += 1;
+        *counts.entry(name).or_default() += count;
+        total += count;
     }
     let mut shares: Vec<FunctionShare> = counts
         .into_iter()
@@ -149,7 +150,7 @@ fn pet_report(
 }
 
 fn write_profile(
-    samples: Vec<RawSample>,
+    samples: Vec<(StackSample, u64)>,
     kernel_image: &[u8],
     period_ns: u64,
     dir: &Path,
@@ -159,19 +160,19 @@ fn write_profile(
     if period_ns > 0 {
         profile.set_period_ns(period_ns);
     }
-    for raw in samples {
+    for (stack, count) in samples {
         profile.add(&Sample {
-            vcpu: raw.vcpu,
-            tid: raw.tid,
-            thread_name: if raw.tid == 0 {
+            vcpu: stack.vcpu,
+            tid: stack.tid,
+            thread_name: if stack.tid == 0 {
                 "idle".to_string()
             } else {
-                raw.thread_name
+                stack.thread_name
             },
-            user_stack: raw.user_stack.frames,
-            kernel_stack: raw.kernel_stack.frames,
-            user_leaf_after_trap: raw.user_leaf_after_trap,
-            weight: 1,
+            user_stack: stack.user_stack,
+            kernel_stack: stack.kernel_stack,
+            user_leaf_after_trap: stack.user_leaf_after_trap,
+            weight: count,
         });
     }
     let files = profile.write_files(dir, stem)?;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use kperf::{Kperf, KperfError, SampleRequest};
 use metronome_devices::LatencyHistogram;
 
-use super::buffer::{SampleBuffer, SAMPLE_LIMIT};
+use super::buffer::{SampleBuffer, STACK_LIMIT};
 use super::trace::{TraceBuffer, TraceRecord};
 use crate::config::{KperfConfigError, SamplingConfig};
 
@@ -86,7 +86,7 @@ impl PetShared {
             pending: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             wake: Mutex::new(PetWake::default()),
             wake_cv: Condvar::new(),
-            samples: SampleBuffer::new(vcpus, SAMPLE_LIMIT),
+            samples: SampleBuffer::new(vcpus, STACK_LIMIT),
             passes: AtomicU64::new(0),
             threads_sampled: AtomicU64::new(0),
             pass_ns: Mutex::new(LatencyHistogram::new()),
@@ -176,7 +176,7 @@ impl SamplingShared {
             ack_lock: Mutex::new(()),
             ack_cv: Condvar::new(),
             trace: config.trace_file.as_ref().map(|_| TraceBuffer::default()),
-            samples: SampleBuffer::new(n, SAMPLE_LIMIT),
+            samples: SampleBuffer::new(n, STACK_LIMIT),
             samples_taken: AtomicU64::new(0),
             pet: PetShared::new(n),
             config: config.clone(),

@@ -305,7 +305,8 @@ pub struct VcpuSamplingSummary {
     pub leader_fires: u64,
     /// Samples taken.
     pub samples: u64,
-    /// Samples not kept.
+    /// Samples not kept: their stack was new when the vCPU's stack counts
+    /// already held their limit of distinct stacks.
     pub dropped: u64,
     /// Stack walks that ended on a bad pointer.
     pub walk_errors: u64,
