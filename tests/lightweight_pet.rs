@@ -9,16 +9,16 @@
 mod common;
 use std::collections::BTreeMap;
 
-use common::{kvm_or_skip, run_ok, scratch, u};
+use common::{kvm_or_skip, read_trace, run_ok, scratch, u};
+use kperf::trace::{
+    DBG_FUNC_END, DBG_FUNC_START, PET_IDLE, PET_RUN, PET_SAMPLE, PET_SAMPLE_THREAD, TM_FIRE,
+};
 use serde_json::Value;
 
-const TM_FIRE: u64 = 0x2503_0000;
-const PET_RUN: u64 = 0x2504_0008;
-const PET_IDLE: u64 = 0x2504_0010;
-const PET_SAMPLE: u64 = 0x2504_0014;
-const PET_SAMPLE_THREAD: u64 = 0x2504_0024;
-const START: u64 = 1;
-const END: u64 = 2;
+/// A kperf event id as the trace writes it.
+fn event(id: u32) -> u64 {
+    u64::from(id)
+}
 /// The PET period, ms; the lone `sleepy` thread sleeps 50 ms, across about
 /// five PET fires.
 const PET_PERIOD_MS: u64 = 10;
@@ -54,11 +54,7 @@ fn lightweight_run() -> LightweightRun {
         "--trace-level",
         "2",
     ]);
-    let trace = std::fs::read_to_string(&trace_file)
-        .expect("trace file")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let trace = read_trace(&trace_file);
     let folded = std::fs::read_to_string(dir.join("pet.folded")).expect("pet.folded");
     LightweightRun {
         summary: r.summary,
@@ -72,7 +68,7 @@ fn arg(r: &Value, i: usize) -> u64 {
 }
 
 fn is_pet_fire(r: &Value) -> bool {
-    u(r, "id") == TM_FIRE && arg(r, 1) == 1
+    u(r, "id") == event(TM_FIRE) && arg(r, 1) == 1
 }
 
 /// Every guest thread's (vCPU, name, switches), by thread id.
@@ -102,10 +98,9 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
     // PET-L-1, PET-C-1: no PET one-shot, sampler thread or broadcast.
     assert_eq!(u(sampling, "pet_broadcasts"), 0, "{sampling}");
     assert_eq!(u(sampling, "pet_passes"), 0);
-    assert!(run
-        .trace
-        .iter()
-        .all(|r| ![PET_RUN, PET_IDLE, PET_SAMPLE].contains(&(u(r, "id") & !3))));
+    assert!(run.trace.iter().all(|r| ![PET_RUN, PET_IDLE, PET_SAMPLE]
+        .map(event)
+        .contains(&(u(r, "id") & !3))));
     assert_eq!(u(&run.summary["guest_errors"], "pet_bad_requests"), 0);
 
     // The PET timer fires on the vCPUs every period; each fire's leader
@@ -119,7 +114,7 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
         let id = u(r, "id");
         if is_pet_fire(r) {
             fires += 1;
-        } else if id == PET_SAMPLE_THREAD | START {
+        } else if id == event(PET_SAMPLE_THREAD | DBG_FUNC_START) {
             let (generation, previous, switches) = (arg(r, 0), arg(r, 1), arg(r, 2));
             assert_eq!(generation, fires, "{r}");
             // The thread's last sample predates at least one bump: it was
@@ -133,7 +128,7 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
                 .entry(tid)
                 .or_default()
                 .push([generation, previous, switches]);
-        } else if id == PET_SAMPLE_THREAD | END {
+        } else if id == event(PET_SAMPLE_THREAD | DBG_FUNC_END) {
             assert_eq!(open.remove(&u(r, "vcpu")), Some(u(r, "tid")), "{r}");
         }
     }

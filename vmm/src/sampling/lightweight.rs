@@ -287,6 +287,16 @@ mod tests {
         lw
     }
 
+    /// vCPU 0 runs thread `tid`, sampling is on and the PET timer fired once.
+    fn after_one_fire(tid: u32) -> (GuestMemoryMmap, LightweightPet, Kperf) {
+        let mem = guest(tid);
+        let lw = lightweight(&mem);
+        let mut k = engine();
+        k.set_sampling(true, 0, 1).unwrap();
+        fire(&mut k, &lw, 10 * MS + 1);
+        (mem, lw, k)
+    }
+
     #[test]
     fn test_pet_l1_the_page_holds_the_generation_only_while_active() {
         let mem = guest(1);
@@ -359,11 +369,7 @@ mod tests {
 
     #[test]
     fn test_kt_sm_6_a_timer_sample_stamps_the_running_thread() {
-        let mem = guest(7);
-        let lw = lightweight(&mem);
-        let mut k = engine();
-        k.set_sampling(true, 0, 1).unwrap();
-        fire(&mut k, &lw, 10 * MS + 1);
+        let (mem, lw, k) = after_one_fire(7);
         lw.stamp_current(&k, &mem, 0);
         assert_eq!(page(&mem).sampled[6], 1);
         assert!(matches!(lw.admit(&k, &mem, 0, 7), Admission::Matched(_)));
@@ -395,11 +401,7 @@ mod tests {
 
     #[test]
     fn test_a_misbehaving_guest_is_counted_and_contained() {
-        let mem = guest(2);
-        let lw = lightweight(&mem);
-        let mut k = engine();
-        k.set_sampling(true, 0, 1).unwrap();
-        fire(&mut k, &lw, 10 * MS + 1);
+        let (mem, lw, k) = after_one_fire(2);
         // Not thread ids, or no such vCPU: never pending.
         for value in [0, MAX_THREADS as u64 + 1, u64::MAX] {
             lw.request(0, value);
