@@ -82,7 +82,8 @@ impl VcpuSampler {
     }
 
     /// At the vCPU loop top, with the guest stopped (and a pending stop
-    /// acknowledged): takes a PET sample another vCPU asked for, services the
+    /// acknowledged): takes the lightweight PET self-sample the guest asked
+    /// for, if any, then a PET sample another vCPU asked for, services the
     /// PET one-shot on the handler vCPU (AMB-7; `kick` reaches the others),
     /// runs the expiry if the deadline passed, and arms the POSIX timer for
     /// the next deadline.
