@@ -6,7 +6,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, run_ok, scratch, u};
+use common::{kvm_or_skip, read_trace, run_ok, scratch, u};
 use serde_json::Value;
 
 const TM_FIRE: u64 = 0x2503_0000;
@@ -55,11 +55,7 @@ fn pet_run(vcpus: u32, seconds: &str) -> PetRun {
         "--trace-level",
         "2",
     ]);
-    let trace = std::fs::read_to_string(&trace_file)
-        .expect("trace file")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
+    let trace = read_trace(&trace_file);
     PetRun {
         summary: r.summary,
         trace,

@@ -241,6 +241,8 @@ fn load(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, next: Opti
             shared.current_tid = t.tid;
             shared.current_state = thread_state::RUNNING;
             shared.current_name = t.name;
+            // Last, with the thread's context in place: PET-L-2.
+            crate::drivers::control::pet_on_cpu(slot, t.tid);
         }
         None => {
             *frame = cpu.idle_frame;

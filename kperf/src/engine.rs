@@ -211,6 +211,7 @@ impl Kperf {
                 SamplingState::Shutdown => Err(KperfError::Busy),
                 SamplingState::Off => {
                     self.state = SamplingState::On;
+                    self.recapture_lightweight_pet_action();
                     Ok(self.start(now, ncpus))
                 }
             }
@@ -219,6 +220,17 @@ impl Kperf {
                 self.finish_shutdown();
             }
             Ok(vec![None; ncpus])
+        }
+    }
+
+    /// AMB-11 (a deliberate deviation from PET-L-4): when sampling starts in
+    /// lightweight mode, PET's action is taken afresh from the PET timer, so
+    /// a `set_timer_action` after `set_pet_timer` is not silently ignored.
+    fn recapture_lightweight_pet_action(&mut self) {
+        if self.lightweight_pet {
+            if let Ok(index) = self.timer_index(self.pet_timer) {
+                self.pet_action = self.timers[index].action;
+            }
         }
     }
 

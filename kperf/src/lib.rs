@@ -59,6 +59,12 @@
 //!   itself only if [`Kperf::sampling`] is still true when it runs), wake the
 //!   PET sampler, then sample the handler vCPU. When the sampler is done, arm
 //!   the one-shot at the deadline of [`Kperf::pet_rearm`].
+//! - **Lightweight PET.** Under the lock, after each [`Kperf::expire`] and
+//!   after start and stop, tell the guest [`Kperf::pet_generation`] while
+//!   [`Kperf::lightweight_pet_active`] (0 otherwise); when a thread is
+//!   switched on with a stale generation, sample it with
+//!   [`Kperf::pet_action`] and `NON_INTERRUPT | PEND_USER` (PET-L-2), and
+//!   stamp every thread sampled with the generation (KT-SM-6).
 //!
 //! # Stopping sampling (KT-F-1, KT-SP-1, AMB-17)
 //!

@@ -83,7 +83,8 @@ impl Kperf {
 
     /// PET's action (`kppet.g_actionid`): what the PET sampler and, in
     /// lightweight mode, the self-samples use. 0 when PET is off. In
-    /// lightweight mode only [`Kperf::set_pet_timer`] captures it (PET-L-4).
+    /// lightweight mode only [`Kperf::set_pet_timer`] captures it (PET-L-4),
+    /// and, deviating from XNU (AMB-11), turning sampling on.
     pub fn pet_action(&self) -> u32 {
         self.pet_action
     }

@@ -1292,6 +1292,29 @@ fn test_cfg_t2_pet_timer_settings_reconfigure_pet() {
     assert_eq!(k.pet_action(), 3);
 }
 
+#[test]
+fn test_amb_11_lightweight_pet_recaptures_its_action_at_start() {
+    let mut k = Kperf::new();
+    k.set_action_count(3).unwrap();
+    k.set_timer_count(1).unwrap();
+    k.set_timer_period(0, 10 * MS).unwrap();
+    k.set_lightweight_pet(true).unwrap();
+    // PET-L-4's order: the PET timer first, then its action: not captured.
+    k.set_pet_timer(0).unwrap();
+    k.set_timer_action(0, 3).unwrap();
+    assert_eq!(k.pet_action(), 0);
+    // AMB-11: starting takes it afresh.
+    k.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(k.pet_action(), 3);
+    // Traditional mode is untouched: it captures at every change anyway.
+    k.set_sampling(false, 0, 1).unwrap();
+    k.set_lightweight_pet(false).unwrap();
+    k.set_timer_action(0, 2).unwrap();
+    assert_eq!(k.pet_action(), 2);
+    k.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(k.pet_action(), 2);
+}
+
 // --- PET (CFG-P-1, PET-*) -------------------------------------------
 
 #[test]

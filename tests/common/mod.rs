@@ -115,6 +115,15 @@ pub fn run_ok(args: &[&str]) -> Run {
 }
 
 /// A u64 field of a JSON object.
+/// The records of a trace file written with `--trace` (JSON lines).
+pub fn read_trace(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("trace file")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
 pub fn u(value: &serde_json::Value, key: &str) -> u64 {
     value[key]
         .as_u64()

@@ -6,7 +6,7 @@
 //! | debug exit | PIO | 0xf4, 4 ports | no | 32-bit write = guest exit status |
 //! | interrupt controller | MMIO | `mmio::VIC_BASE`, 4 KiB | yes | `metronome_devices::VirtualInterruptController` |
 //! | timer | MMIO | `mmio::TIMER_BASE`, 4 KiB | yes | `metronome_devices::VirtualTimer` |
-//! | control | MMIO | `mmio::CTL_BASE`, 4 KiB | no | fault and panic reports |
+//! | control | MMIO | `mmio::CTL_BASE`, 4 KiB | no | fault and panic reports, lightweight PET self-sample requests |
 //!
 //! Guest accesses with a bad width, offset or value are ignored and counted;
 //! they never stop the VMM (the guest is untrusted).
@@ -182,7 +182,9 @@ impl BusDevice for TimerPage {
     }
 }
 
-/// The control page: fault and panic reports.
+/// The control page: fault and panic reports, and lightweight PET's
+/// self-sample requests (noted for the vCPU's next loop top, where
+/// [`crate::sampling::VcpuSampler`] takes the sample).
 #[derive(Debug)]
 pub struct ControlPage {
     shared: Arc<VmShared>,
@@ -231,6 +233,13 @@ impl BusDevice for ControlPage {
                     .unwrap_or_else(|| format!("(unreadable panic report at {addr:#x})"));
                 self.shared.request_exit(VmExit::Panic { vcpu, message });
             }
+            mmio::CTL_PET_SELF_SAMPLE => match (&self.shared.sampling, addr) {
+                // The value is a thread id, checked and counted there.
+                (Some(sampling), tid) => sampling.lightweight.request(vcpu, tid),
+                (None, _) => {
+                    self.bad_reports.fetch_add(1, Ordering::Relaxed);
+                }
+            },
             _ => {
                 self.bad_reports.fetch_add(1, Ordering::Relaxed);
             }

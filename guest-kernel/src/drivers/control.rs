@@ -1,6 +1,7 @@
 //! The VMM's control page (`metronome_abi::mmio::CTL_*`: fault and panic
-//! reports, each of which ends the VM) and the debug-exit port
-//! (`metronome_abi::port::DEBUG_EXIT`: a normal guest exit with a status).
+//! reports, each of which ends the VM, and lightweight PET's self-sample
+//! request) and the debug-exit port (`metronome_abi::port::DEBUG_EXIT`: a
+//! normal guest exit with a status).
 //!
 //! Reports are written to per-vCPU static records, so that vCPUs failing at
 //! the same time cannot race; the VMM reads the record at the address the
@@ -8,8 +9,8 @@
 
 use core::mem::MaybeUninit;
 
-use metronome_abi::mmio::{CTL_BASE, CTL_FAULT, CTL_PANIC};
-use metronome_abi::{port, FaultReport, PanicReport, MAX_VCPUS};
+use metronome_abi::mmio::{CTL_BASE, CTL_FAULT, CTL_PANIC, CTL_PET_SELF_SAMPLE};
+use metronome_abi::{layout, port, FaultReport, PanicReport, PetPage, MAX_VCPUS};
 
 use crate::arch;
 use crate::drivers::vic;
@@ -72,4 +73,31 @@ pub fn report_panic(message: &str, location: Option<(&str, u32)>) -> ! {
 pub fn debug_exit(code: u32) {
     // SAFETY: DEBUG_EXIT is the VMM's exit port; writing it has no other effect.
     unsafe { arch::outl(port::DEBUG_EXIT, code) };
+}
+
+/// Lightweight PET (PET-L-2), called when thread `tid` (in table slot `slot`)
+/// has just been switched on: if the VMM publishes a generation and the
+/// thread was last sampled at another one, ask the VMM for a sample of this
+/// vCPU, which now holds the thread's context (one exit). The VMM records
+/// the generation in the page when it samples, so a thread asks once per
+/// generation. Two loads and a compare otherwise: this runs at CPL0 on every
+/// context switch.
+#[inline(always)]
+pub fn pet_on_cpu(slot: usize, tid: u32) {
+    let page = layout::PET_PAGE as *const PetPage;
+    // SAFETY: the PET page is identity mapped and only the VMM writes it, with
+    // aligned 64-bit stores; these are plain aligned loads of its fields, and
+    // `slot` is a thread-table slot, below MAX_THREADS (an index beyond it
+    // would panic, not read out of bounds).
+    let (generation, sampled) = unsafe {
+        (
+            core::ptr::read_volatile(core::ptr::addr_of!((*page).generation)),
+            core::ptr::read_volatile(core::ptr::addr_of!((*page).sampled[slot])),
+        )
+    };
+    if generation != 0 && generation != sampled {
+        // SAFETY: CTL_PET_SELF_SAMPLE takes a thread id; the VMM samples this
+        // vCPU before it runs on.
+        unsafe { arch::mmio_write(CTL_BASE + CTL_PET_SELF_SAMPLE, u64::from(tid)) };
+    }
 }

@@ -52,6 +52,8 @@ pub mod layout {
     pub const PD: u64 = 0xa000;
     /// Page table for the first 2 MiB (4 KiB pages, page 0 left unmapped to catch null pointers).
     pub const PT0: u64 = 0xe000;
+    /// Lightweight PET's page ([`crate::PetPage`]), written by the VMM, read by the guest.
+    pub const PET_PAGE: u64 = 0xf000;
     /// Where the kernel image is linked and loaded (2 MiB).
     pub const KERNEL_BASE: u64 = 0x20_0000;
     /// The kernel image must end below this address.
@@ -165,6 +167,12 @@ pub mod mmio {
     pub const CTL_FAULT: u64 = 0x00;
     /// Write: guest physical address of a [`crate::PanicReport`]; ends the VM with a guest panic.
     pub const CTL_PANIC: u64 = 0x08;
+    /// Write: lightweight PET self-sample request (PET-L-2), value = the id of
+    /// the thread the vCPU has just switched on, whose
+    /// [`crate::PetPage::sampled`] generation differs from
+    /// [`crate::PetPage::generation`]. The VMM samples the vCPU before it
+    /// re-enters the guest, with the PET action.
+    pub const CTL_PET_SELF_SAMPLE: u64 = 0x10;
 
     /// Frequency of the device clock: it counts nanoseconds.
     pub const TIMER_HZ: u64 = 1_000_000_000;
@@ -619,6 +627,34 @@ const _: () = {
     );
 };
 
+/// Lightweight PET's page at [`layout::PET_PAGE`] (spec PET-L-1, PET-L-2,
+/// KT-SM-6). Only the VMM writes it, with aligned 64-bit stores; the guest's
+/// scheduler reads it when it switches a thread on: if `generation` is not 0
+/// and differs from `sampled[slot]`, it writes the thread id to
+/// [`mmio::CTL_PET_SELF_SAMPLE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PetPage {
+    /// The lightweight PET generation (bumped by the leader of each PET timer
+    /// fire) while lightweight PET is active; 0 otherwise.
+    pub generation: u64,
+    /// Reserved, zero.
+    pub reserved: u64,
+    /// Per thread-table slot (thread id - 1): the generation at which the
+    /// VMM last sampled the thread (any thread sample, KT-SM-6).
+    pub sampled: [u64; MAX_THREADS],
+}
+
+impl Default for PetPage {
+    fn default() -> Self {
+        Self {
+            generation: 0,
+            reserved: 0,
+            sampled: [0; MAX_THREADS],
+        }
+    }
+}
+
 /// Largest number of key/value pairs in the [`GuestReport`].
 pub const MAX_REPORTS: usize = 32;
 
@@ -682,6 +718,9 @@ const _: () = {
     assert!(layout::TSS + layout::TSS_STRIDE * MAX_VCPUS as u64 <= layout::GUEST_REPORT);
     assert!(core::mem::size_of::<GuestReport>() as u64 <= layout::PML4 - layout::GUEST_REPORT);
     assert!(layout::KERNEL_LIMIT <= layout::PERCPU_BASE);
+    assert!(layout::PT0 + 0x1000 <= layout::PET_PAGE);
+    assert!(layout::PET_PAGE + core::mem::size_of::<PetPage>() as u64 <= layout::PET_PAGE + 0x1000);
+    assert!(layout::PET_PAGE + 0x1000 <= layout::KERNEL_BASE);
     assert!(layout::percpu_region(MAX_VCPUS) <= layout::HEAP_BASE);
     assert!(layout::MAX_MEM_MIB << 20 <= layout::MMIO_BASE);
     assert!(

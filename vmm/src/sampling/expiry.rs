@@ -18,6 +18,12 @@
 //! Halted vCPUs are idle for kperf (KT-I-1): [`VcpuSampler::before_halt`]
 //! cancels the deadline while the thread is parked, [`VcpuSampler::after_halt`]
 //! re-derives it by dead reckoning.
+//!
+//! Lightweight PET (PET-L-2): a self-sample the guest asked for when it
+//! switched a thread on ([`super::lightweight`]) is taken first at the loop
+//! top, with the guest stopped in its scheduler; the expiry publishes the
+//! generation its leader may have bumped, and stamps the sampled thread
+//! (KT-SM-6).
 
 use std::io;
 
@@ -27,6 +33,7 @@ use metronome_devices::LatencyHistogram;
 use vm_memory::GuestMemoryMmap;
 
 use super::capture::{capture, Capture};
+use super::lightweight::Admission;
 use super::state::SamplingShared;
 use super::trace::TraceRecord;
 use crate::host_time::{monotonic_ns, DeviceClock, PosixTimer};
@@ -75,7 +82,8 @@ impl VcpuSampler {
     }
 
     /// At the vCPU loop top, with the guest stopped (and a pending stop
-    /// acknowledged): takes a PET sample another vCPU asked for, services the
+    /// acknowledged): takes the lightweight PET self-sample the guest asked
+    /// for, if any, then a PET sample another vCPU asked for, services the
     /// PET one-shot on the handler vCPU (AMB-7; `kick` reaches the others),
     /// runs the expiry if the deadline passed, and arms the POSIX timer for
     /// the next deadline.
@@ -87,6 +95,9 @@ impl VcpuSampler {
         kick: &dyn Fn(u32),
     ) -> io::Result<()> {
         let now = self.clock.now();
+        if let Some(tid) = sampling.lightweight.take_request(self.id) {
+            self.pet_self_sample(sampling, mem, fd, tid, now);
+        }
         if let Some(request) = sampling.pet.take_request(self.id as usize) {
             self.pet_remote_sample(sampling, mem, fd, request, now);
         }
@@ -216,11 +227,71 @@ impl VcpuSampler {
         self.take(sampling, mem, fd, &request, now, started);
     }
 
+    /// Lightweight PET (PET-L-2): the guest switched thread `tid` on with a
+    /// stale generation and asked for a sample. Admitted under the engine
+    /// lock (which stamps the thread), then taken like a timer sample, with
+    /// PET's action and `NON_INTERRUPT | PEND_USER`, between
+    /// `PET_SAMPLE_THREAD` start and end, into the PET profile.
+    fn pet_self_sample(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        fd: &VcpuFd,
+        tid: u64,
+        now: u64,
+    ) {
+        let record = |id, args| TraceRecord {
+            time_ns: self.clock.now(),
+            id,
+            vcpu: self.id,
+            tid,
+            args,
+            deadline_ns: 0,
+        };
+        let request = {
+            let engine = sampling.engine();
+            match sampling.lightweight.admit(&engine, mem, self.id, tid) {
+                Admission::Sample(request, args) => {
+                    sampling.record(record(
+                        trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_START,
+                        args,
+                    ));
+                    request
+                }
+                Admission::Matched(args) => {
+                    sampling.record(record(trace::PET_SAMPLE_THREAD, args));
+                    return;
+                }
+                Admission::Refused | Admission::Bad => return,
+            }
+        };
+        let regs = fd.sync_regs();
+        let taken = capture(
+            mem,
+            self.id,
+            now,
+            (&regs.regs, &regs.sregs),
+            &request.settings,
+        );
+        if let Capture::Sample(raw) = taken {
+            self.stats.walk_errors += u64::from(raw.walk_error());
+            sampling.pet.samples.push(raw);
+        }
+        sampling
+            .lightweight
+            .self_samples
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        sampling.record(record(
+            trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_END,
+            [0; 4],
+        ));
+    }
+
     /// The kperf deadline passed: the expiry under the engine lock, then this
     /// vCPU's own samples (hops 2 and 3 of the module docs).
     fn expire(&mut self, sampling: &SamplingShared, mem: &GuestMemoryMmap, fd: &VcpuFd, now: u64) {
         let started = monotonic_ns();
-        let requests = self.elect(sampling, now);
+        let requests = self.elect(sampling, mem, now);
         for request in requests {
             self.take(sampling, mem, fd, &request, now, started);
         }
@@ -262,9 +333,17 @@ impl VcpuSampler {
 
     /// Runs [`kperf::Kperf::expire`] under the engine lock; returns the
     /// samples this vCPU must take.
-    fn elect(&mut self, sampling: &SamplingShared, now: u64) -> Vec<SampleRequest> {
+    fn elect(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        now: u64,
+    ) -> Vec<SampleRequest> {
         let mut engine = sampling.engine();
-        match engine.expire(self.id as usize, now) {
+        let expiry = engine.expire(self.id as usize, now);
+        // A lightweight PET leader bumped the generation (PET-L-1).
+        sampling.lightweight.publish(&engine);
+        match expiry {
             CpuExpiry::Handled {
                 fires,
                 next_deadline,
@@ -289,6 +368,10 @@ impl VcpuSampler {
                         sampling.record(self.handler_record(&request, trace::DBG_FUNC_START));
                         requests.push(request);
                     }
+                }
+                if !requests.is_empty() {
+                    // KT-SM-6: the thread sampled now is sampled for this generation.
+                    sampling.lightweight.stamp_current(&engine, mem, self.id);
                 }
                 requests
             }

@@ -6,6 +6,7 @@
 //!   sample ([`VcpuSampler`]; the module docs walk one expiry hop by hop).
 //! - [`capture`]: one sample from sync regs and guest memory, filter first.
 //! - [`pet`]: traditional PET's pass over every guest thread (PET-T-*).
+//! - [`lightweight`]: lightweight PET's page and self-sample requests (PET-L-*).
 //! - [`walk`]: guest page-table translation and frame-pointer stack walks.
 //! - [`buffer`]: samples leaving the vCPU threads, counted per distinct
 //!   stack as they arrive ([`SampleBuffer`]): memory stays flat however long
@@ -16,6 +17,7 @@
 pub mod buffer;
 pub mod capture;
 pub mod expiry;
+pub mod lightweight;
 pub mod pet;
 pub mod report;
 pub mod state;

@@ -2,6 +2,7 @@
 //! files and the trace.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use super::buffer::StackSample;
 use super::{trace, SamplingShared};
@@ -122,7 +123,8 @@ fn user_functions(samples: &[(StackSample, u64)], kernel_image: &[u8]) -> Vec<Fu
     shares
 }
 
-/// Traditional PET's figures, and its profile of every thread (`pet.*`).
+/// PET's figures (traditional and lightweight), and its profile of every
+/// thread (`pet.*`: pass samples or self-samples).
 fn pet_report(
     sampling: &SamplingShared,
     kernel_image: &[u8],
@@ -136,6 +138,9 @@ fn pet_report(
         .threads_sampled
         .load(std::sync::atomic::Ordering::Relaxed);
     summary.pet_sample_ns = Percentiles::of(&pet.pass_ns.lock().unwrap_or_else(|p| p.into_inner()));
+    let lightweight = &sampling.lightweight;
+    summary.lightweight_self_samples = lightweight.self_samples.load(Ordering::Relaxed);
+    summary.lightweight_refused = lightweight.refused.load(Ordering::Relaxed);
     let samples = pet.samples.drain();
     if let (Some(dir), false) = (&sampling.config.profile_dir, samples.is_empty()) {
         // Thread samples are not periodic per CPU: the profile has no period.

@@ -18,6 +18,7 @@ use kperf::{Kperf, KperfError, SampleRequest};
 use metronome_devices::LatencyHistogram;
 
 use super::buffer::{SampleBuffer, STACK_LIMIT};
+use super::lightweight::LightweightPet;
 use super::trace::{TraceBuffer, TraceRecord};
 use crate::config::{KperfConfigError, SamplingConfig};
 
@@ -44,6 +45,8 @@ pub struct SamplingShared {
     samples_taken: AtomicU64,
     /// Traditional PET.
     pub pet: PetShared,
+    /// Lightweight PET: the PET page and the self-sample requests.
+    pub lightweight: LightweightPet,
     /// The configuration.
     pub config: SamplingConfig,
 }
@@ -179,6 +182,7 @@ impl SamplingShared {
             samples: SampleBuffer::new(n, STACK_LIMIT),
             samples_taken: AtomicU64::new(0),
             pet: PetShared::new(n),
+            lightweight: LightweightPet::new(n),
             config: config.clone(),
         })
     }
@@ -235,6 +239,7 @@ impl SamplingShared {
             self.set_deadline(id as u32, deadline);
         }
         self.pet.set_deadline(engine.pet_deadline());
+        self.lightweight.publish(&engine);
         Ok(())
     }
 
@@ -264,6 +269,8 @@ impl SamplingShared {
             }
             self.pet.set_deadline(None);
             self.pet.clear_requests();
+            // Generation 0: the guest stops asking for self-samples.
+            self.lightweight.publish(&engine);
             self.epoch.fetch_add(1, Ordering::AcqRel) + 1
         };
         self.wait_for_acks(epoch, kick, gone);

@@ -269,6 +269,10 @@ fn guest_errors(vm: &Vm) -> GuestErrors {
             .iter()
             .map(|slot| slot.lock().vic.counters().spurious_eois)
             .sum(),
+        pet_bad_requests: shared
+            .sampling
+            .as_ref()
+            .map_or(0, |s| s.lightweight.bad_requests.load(Ordering::Relaxed)),
     }
 }
 

@@ -290,6 +290,9 @@ pub struct GuestErrors {
     pub control_bad_writes: u64,
     /// EOIs with nothing in service, all vCPUs.
     pub spurious_eois: u64,
+    /// Lightweight PET self-sample requests refused: a value that is not the
+    /// vCPU's current thread, or a second request before the first was served.
+    pub pet_bad_requests: u64,
 }
 
 /// Host-side sampling of one vCPU.
@@ -353,6 +356,12 @@ pub struct SamplingSummary {
     pub threads_sampled: u64,
     /// How long a PET pass took (the `d` of PET-R-1), ns.
     pub pet_sample_ns: Percentiles,
+    /// Lightweight PET self-samples: threads switched on with a stale
+    /// generation that sampled themselves (PET-L-2; in `pet.*`).
+    pub lightweight_self_samples: u64,
+    /// Well-formed self-sample requests that took no sample: sampling was
+    /// stopping, or a timer sample had stamped the thread meanwhile.
+    pub lightweight_refused: u64,
     /// Instruction-pointer histogram of the samples taken at CPL3, by function
     /// (ELF symbol of the sampled RIP), largest first: comparable with
     /// `perf kvm --guest`, which sees guest user mode only on kvm_pvm.

@@ -226,6 +226,9 @@ impl Vm {
             ),
             None => None,
         };
+        if let Some(sampling) = &sampling {
+            sampling.lightweight.attach(mem.clone());
+        }
         let shared =
             Arc::new(VmShared::new(mem, config.vcpus, sampling).map_err(BuildVmError::Host)?);
         let devices = DeviceManager::new(&shared, console)?;
