@@ -6,6 +6,8 @@
 //!   sample ([`VcpuSampler`]; the module docs walk one expiry hop by hop).
 //! - [`capture`]: one sample from sync regs and guest memory, filter first.
 //! - [`pet`]: traditional PET's pass over every guest thread (PET-T-*).
+//! - [`samplers`]: what every sampler but the call stacks captures, its
+//!   trace records and the run's totals.
 //! - [`walk`]: guest page-table translation and frame-pointer stack walks.
 //! - [`buffer`]: samples leaving the vCPU threads ([`SampleBuffer`]).
 //! - [`trace`]: `PERF_TM_FIRE` / `PERF_TM_HNDLR` records and their JSON lines.
@@ -16,6 +18,7 @@ pub mod capture;
 pub mod expiry;
 pub mod pet;
 pub mod report;
+pub mod samplers;
 pub mod state;
 pub mod trace;
 pub mod walk;

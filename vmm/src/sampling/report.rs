@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{trace, RawSample, SamplingShared};
+use super::{samplers, trace, RawSample, SamplingShared};
 use crate::config::KperfConfig;
 use crate::profile::{Profile, Sample, Symbolizer};
 use crate::summary::{
@@ -55,7 +55,11 @@ pub fn finish(
         });
     }
     summary.cost_per_sample_ns = Percentiles::of(&cost);
-    let samples = sampling.samples.drain();
+    let mut samples = sampling.samples.drain();
+    let mut totals = samplers::Totals::default();
+    totals.add(&samples);
+    // The CPU profile: the samples that describe a place in the code.
+    samples.retain(RawSample::in_profile);
     summary.user_functions = user_functions(&samples, kernel_image);
     if let Some(dir) = &sampling.config.profile_dir {
         match write_profile(samples, kernel_image, summary.period_ns, dir, "profile") {
@@ -66,7 +70,10 @@ pub fn finish(
             )),
         }
     }
-    pet_report(sampling, kernel_image, &mut summary, errors);
+    pet_report(sampling, kernel_image, &mut summary, &mut totals, errors);
+    summary.samplers_captured = totals.captured;
+    summary.sys_mem_vmm_resident_bytes = totals.vmm_resident;
+    summary.meminfo_guest_in_use_bytes = totals.guest_in_use;
     if let (Some(path), Some(buffer)) = (&sampling.config.trace_file, sampling.trace()) {
         match write_trace(&buffer.take(), path) {
             Ok(()) => summary.files.push(path.display().to_string()),
@@ -126,6 +133,7 @@ fn pet_report(
     sampling: &SamplingShared,
     kernel_image: &[u8],
     summary: &mut SamplingSummary,
+    totals: &mut samplers::Totals,
     errors: &mut Vec<String>,
 ) {
     let pet = &sampling.pet;
@@ -136,6 +144,7 @@ fn pet_report(
         .load(std::sync::atomic::Ordering::Relaxed);
     summary.pet_sample_ns = Percentiles::of(&pet.pass_ns.lock().unwrap_or_else(|p| p.into_inner()));
     let samples = pet.samples.drain();
+    totals.add(&samples);
     if let (Some(dir), false) = (&sampling.config.profile_dir, samples.is_empty()) {
         // Thread samples are not periodic per CPU: the profile has no period.
         match write_profile(samples, kernel_image, 0, dir, "pet") {
