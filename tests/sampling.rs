@@ -710,13 +710,9 @@ fn test_every_real_sampler_captures_into_the_trace_and_the_summary() {
     if !kvm_or_skip("samplers") {
         return;
     }
-    const TI_DATA: u64 = 0x2501_0004;
-    const TI_SNAPDATA: u64 = 0x2501_0024;
-    const TI_SCHEDDATA_2: u64 = 0x2501_004c;
-    const TK_SNAP_DATA: u64 = 0x2508_0004;
-    const TK_INFO_DATA: u64 = 0x2508_0010;
-    const MI_DATA: u64 = 0x250a_0004;
-    const MI_SYS_DATA: u64 = 0x250a_0008;
+    use kperf::trace::{
+        MI_DATA, MI_SYS_DATA, TI_DATA, TI_SCHEDDATA_2, TI_SNAPDATA, TK_INFO_DATA, TK_SNAP_DATA,
+    };
     const RAM: u64 = 96 << 20;
     let samplers = "th_info,th_snapshot,th_scheduling,tk_snapshot,tk_info,meminfo,sys_mem";
     let (r, trace) = traced_run(
@@ -743,7 +739,12 @@ fn test_every_real_sampler_captures_into_the_trace_and_the_summary() {
         assert_eq!(u(captured, name), samples, "{name}: {captured}");
     }
     assert_eq!(u(captured, "sys_mem"), fires);
-    let of = |id: u64| -> Vec<&Value> { trace.iter().filter(|r| u(r, "id") == id).collect() };
+    let of = |id: u32| -> Vec<&Value> {
+        trace
+            .iter()
+            .filter(|r| u(r, "id") == u64::from(id))
+            .collect()
+    };
     for id in [
         TI_DATA,
         TI_SNAPDATA,
