@@ -249,9 +249,11 @@ fn unwind_kernel(
     (kernel, None)
 }
 
-/// Samples vCPU `vcpu` as action `settings` asks, from its registers and
-/// guest memory: the thread first, then (if the filter matches and the action
-/// has thread samplers) the stacks it asks for.
+/// Samples vCPU `vcpu` as action `settings` asks (its samplers already
+/// reduced by the sample's flags, [`kperf::SampleRequest::sampled`]), from
+/// its registers and guest memory: the thread first, then (if the filter
+/// matches and the action asks for any sampler) what its samplers capture
+/// ([`samplers::gather`]) and the stacks it asks for.
 pub fn capture(
     mem: &GuestMemoryMmap,
     vcpu: u32,
@@ -648,8 +650,8 @@ mod tests {
             capture(&mem, 0, 1, (&r, &s), &settings(all, 6)),
             Capture::FilteredOut
         );
-        // A filter that does not match also wins over an action without
-        // thread samplers: the handler ran, nothing is counted as sampled.
+        // A filter that does not match also wins over an action of system
+        // memory only: the handler ran, nothing is counted as sampled.
         assert_eq!(
             capture(&mem, 0, 1, (&r, &s), &settings(sampler::SYS_MEM, 6)),
             Capture::FilteredOut
