@@ -208,3 +208,48 @@ fn test_kperf_file_conflicts_with_the_shorthands() {
         "3 is not in 0..=2",
     );
 }
+
+/// Every refused sampler: exit 2 and one line saying why, from `--samplers`
+/// and from a `--kperf` file alike. `th_dispatch` everywhere; the PMC
+/// samplers where the host cannot count guest events (AMB-14), as on the
+/// kvm_pvm development machines.
+#[test]
+fn test_refused_samplers_exit_2_with_their_reason() {
+    let mut refused = vec![("th_dispatch", "the guest kernel has no dispatch queues")];
+    match vmm::pmu::probe() {
+        Err(why) => {
+            for pmc in ["pmc_thread", "pmc_cpu", "pmc_config", "th_inscyc"] {
+                refused.push((
+                    pmc,
+                    "needs a host PMU that counts guest events; this host has none",
+                ));
+            }
+            println!("no guest PMU here ({why}): the PMC samplers are refused");
+        }
+        Ok(()) => println!("this host counts guest events: the PMC samplers are accepted"),
+    }
+    for (name, why) in refused {
+        let needle = format!("action 1: sampler {name} is refused: ");
+        for args in [
+            vec!["run", "--sample-period-us", "1000", "--samplers"],
+            vec!["run", "--pet-period-ms", "10", "--samplers"],
+        ] {
+            let list = format!("th_info,{name}");
+            let mut args = args.clone();
+            args.push(&list);
+            expect_bad_input(&args, &needle);
+            expect_bad_input(&args, why);
+        }
+        let path = scratch("refused-sampler.json");
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"action_count": 1, "timer_count": 1,
+                    "actions": [{{"id": 1, "samplers": ["kstack", "{name}"]}}],
+                    "timers": [{{"id": 0, "period_ns": 1000000, "action_id": 1}}]}}"#
+            ),
+        )
+        .unwrap();
+        expect_bad_input(&["run", "--kperf", path.to_str().unwrap()], &needle);
+    }
+}

@@ -701,3 +701,140 @@ fn test_tr_e3_trace_level_0_keeps_data_events_only() {
     assert_eq!(count(TM_HNDLR_END), 0);
     assert_eq!(u(&r.summary["sampling"]["config"], "trace_level"), 0);
 }
+
+/// Issue 8: every sampler that reads the guest or the VMM captures real
+/// values, one record per sampler per sample in the trace (TR-P-4), counted
+/// in `sampling.samplers_captured`.
+#[test]
+fn test_every_real_sampler_captures_into_the_trace_and_the_summary() {
+    if !kvm_or_skip("samplers") {
+        return;
+    }
+    use kperf::trace::{
+        MI_DATA, MI_SYS_DATA, TI_DATA, TI_SCHEDDATA_2, TI_SNAPDATA, TK_INFO_DATA, TK_SNAP_DATA,
+    };
+    const RAM: u64 = 96 << 20;
+    let samplers = "th_info,th_snapshot,th_scheduling,tk_snapshot,tk_info,meminfo,sys_mem";
+    let (r, trace) = traced_run(
+        &[
+            "--mem-mib",
+            "96",
+            "--sample-period-us",
+            "1000",
+            "--samplers",
+            samplers,
+        ],
+        "1.5",
+    );
+    let sampling = &r.summary["sampling"];
+    let samples = u(sampling, "samples");
+    let fires = u(sampling, "timer_fires");
+    assert!(samples > 1000, "{samples} samples");
+    assert_eq!(u(sampling, "dropped"), 0);
+    // Every thread and task sampler in every sample; system memory in the
+    // leader's only (KT-SM-1): one per fire.
+    let captured = &sampling["samplers_captured"];
+    assert_eq!(captured.as_object().unwrap().len(), 7, "{captured}");
+    for name in samplers.split(',').filter(|&n| n != "sys_mem") {
+        assert_eq!(u(captured, name), samples, "{name}: {captured}");
+    }
+    assert_eq!(u(captured, "sys_mem"), fires);
+    let of = |id: u32| -> Vec<&Value> {
+        trace
+            .iter()
+            .filter(|r| u(r, "id") == u64::from(id))
+            .collect()
+    };
+    for id in [
+        TI_DATA,
+        TI_SNAPDATA,
+        TI_SCHEDDATA_2,
+        TK_SNAP_DATA,
+        TK_INFO_DATA,
+        MI_DATA,
+    ] {
+        assert_eq!(of(id).len() as u64, samples, "{id:#x}");
+    }
+    assert_eq!(of(MI_SYS_DATA).len() as u64, fires);
+
+    // tk_info: the guest as one task (pid 1), the summary's threads, 2 vCPUs.
+    let threads: u64 = r.summary["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["threads"].as_array().unwrap().len() as u64)
+        .sum();
+    let last_info = of(TK_INFO_DATA).last().copied().unwrap();
+    assert_eq!(
+        (arg(last_info, 0), arg(last_info, 1), arg(last_info, 3)),
+        (1, threads, 2)
+    );
+    assert!(arg(last_info, 2) <= threads);
+    // tk_snapshot: uptime increases, context switches never go back.
+    let snapshots = of(TK_SNAP_DATA);
+    for pair in snapshots
+        .windows(2)
+        .filter(|p| u(p[0], "vcpu") == u(p[1], "vcpu"))
+    {
+        assert!(arg(pair[1], 0) > arg(pair[0], 0), "uptime {pair:?}");
+    }
+    let (first, last) = (snapshots[0], snapshots[snapshots.len() - 1]);
+    assert!(arg(last, 0) > arg(first, 0) + 1_000_000_000);
+    assert!(arg(last, 1) >= arg(first, 1) && arg(last, 1) > 0);
+    assert!(arg(last, 2) > 0, "user statclock ticks: {last}");
+    // th_info (CFG-A-6): pid 1, the sample's thread, running while sampled.
+    let info = of(TI_DATA);
+    assert!(info
+        .iter()
+        .all(|r| arg(r, 0) == 1 && arg(r, 1) == u(r, "tid")));
+    let running = info
+        .iter()
+        .filter(|r| u(r, "tid") != 0)
+        .filter(|r| arg(r, 3) & 0xffff == 1 && arg(r, 3) >> 16 == 0xfffe)
+        .count();
+    let threads_sampled = info.iter().filter(|r| u(r, "tid") != 0).count();
+    assert!(
+        running * 100 >= threads_sampled * 95,
+        "{running} of {threads_sampled}"
+    );
+    // th_scheduling and th_snapshot: a thread's user ticks and switches
+    // never go back.
+    for (id, field) in [(TI_SCHEDDATA_2, 0), (TI_SNAPDATA, 2)] {
+        let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+        for r in of(id).iter().filter(|r| u(r, "tid") != 0) {
+            let value = arg(r, field);
+            let before = seen.insert(u(r, "tid"), value).unwrap_or(0);
+            assert!(
+                value >= before,
+                "{id:#x} tid {}: {before} then {value}",
+                u(r, "tid")
+            );
+        }
+        assert!(seen.values().any(|&v| v > 0), "{id:#x}: {seen:?}");
+    }
+    // meminfo: guest memory in use within guest RAM, the heap (thread
+    // stacks, none before the first thread) included and never shrinking.
+    let mut heap_before = 0;
+    for r in of(MI_DATA) {
+        let (in_use, heap, ram) = (arg(r, 0), arg(r, 1), arg(r, 2));
+        assert!(in_use > heap && in_use < ram && ram == RAM, "{r}");
+        assert!(heap >= heap_before, "{r}");
+        heap_before = heap;
+    }
+    assert!(heap_before >= threads * 0x1_0000, "{threads} thread stacks");
+    // sys_mem: the VMM's resident memory, its virtual size, guest RAM.
+    let mut resident_max = 0;
+    for r in of(MI_SYS_DATA) {
+        let (resident, virtual_size, ram) = (arg(r, 0), arg(r, 1), arg(r, 2));
+        assert!(
+            resident > 0 && virtual_size >= resident && ram == RAM,
+            "{r}"
+        );
+        resident_max = resident_max.max(resident);
+    }
+    let figures = &sampling["sys_mem_vmm_resident_bytes"];
+    assert_eq!(u(figures, "max"), resident_max);
+    assert!(u(figures, "min") > 0 && u(figures, "min") <= u(figures, "last"));
+    let in_use = &sampling["meminfo_guest_in_use_bytes"];
+    assert!(u(in_use, "last") > 0 && u(in_use, "max") < RAM);
+}

@@ -37,6 +37,18 @@ pub struct SampleRequest {
     pub timer: u32,
 }
 
+impl SampleRequest {
+    /// The action's settings with its samplers reduced to what this sample
+    /// takes ([`sample_flags::sampled`]: system memory only for the leader,
+    /// KT-SM-1).
+    pub fn sampled(&self) -> Action {
+        Action {
+            samplers: sample_flags::sampled(self.settings.samplers, self.flags),
+            ..self.settings
+        }
+    }
+}
+
 /// One timer that fired on one vCPU during [`Kperf::expire`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fire {

@@ -18,3 +18,36 @@ pub const ONLY_SYSTEM: u32 = 1 << 6;
 pub const TASK_ONLY: u32 = 1 << 7;
 /// Keep only the thread samplers.
 pub const THREAD_ONLY: u32 = 1 << 8;
+
+/// The samplers a sample with `flags` takes of an action's `samplers`
+/// (`kperf_sample_internal`, KT-SM-4): [`EMPTY_CALLSTACK`] drops both call
+/// stacks, [`ONLY_SYSTEM`] keeps only the system sampler, [`THREAD_ONLY`] and
+/// [`TASK_ONLY`] keep only the thread or task samplers; and system memory is
+/// taken only with [`SYSTEM`] (the fire's leader, KT-SM-1).
+///
+/// ```
+/// use kperf::{sample_flags::{sampled, PEND_USER, SYSTEM}, sampler::{SYS_MEM, TH_INFO}};
+///
+/// assert_eq!(sampled(SYS_MEM | TH_INFO, PEND_USER | SYSTEM), SYS_MEM | TH_INFO);
+/// assert_eq!(sampled(SYS_MEM | TH_INFO, PEND_USER), TH_INFO);
+/// ```
+pub const fn sampled(samplers: u32, flags: u32) -> u32 {
+    use crate::sampler;
+    let mut what = samplers;
+    if flags & EMPTY_CALLSTACK != 0 {
+        what &= !(sampler::KSTACK | sampler::USTACK);
+    }
+    if flags & ONLY_SYSTEM != 0 {
+        what &= sampler::SYSTEM_MASK;
+    }
+    if flags & THREAD_ONLY != 0 {
+        what &= sampler::THREAD_MASK;
+    }
+    if flags & TASK_ONLY != 0 {
+        what &= sampler::TASK_MASK;
+    }
+    if flags & SYSTEM == 0 {
+        what &= !sampler::SYSTEM_MASK;
+    }
+    what
+}

@@ -334,6 +334,16 @@ fn test_tr_e2_constants_table() {
         (MI_SYS_DATA, 0x250a_0008),
         (MI_SYS_DATA_2, 0x250a_000c),
         (MI_SYS_DATA_3, 0x250a_0010),
+        // Beyond TR-E-2, the payload ids of the other samplers (XNU's
+        // kperf/buffer.h).
+        (TI_SNAPDATA, 0x2501_0024),
+        (TI_INSCYCDATA, 0x2501_0044),
+        (TI_SCHEDDATA_2, 0x2501_004c),
+        (KPC_DATA, 0x2506_000c),
+        (KPC_DATA_THREAD, 0x2506_0020),
+        (TK_SNAP_DATA, 0x2508_0004),
+        (TK_INFO_DATA, 0x2508_0010),
+        (MI_DATA, 0x250a_0004),
     ];
     for (id, expected) in table {
         assert_eq!(id, expected, "{id:#x}");
@@ -1441,4 +1451,32 @@ fn test_pet_l1_lightweight_pet_is_on_cpu_and_counts_generations() {
         .iter()
         .all(|s| s.fire.pet && s.fire.tm_fire_args() == [0, 1, 2 * MS, 1]));
     assert_eq!(sim.kperf.pet_broadcasts(), 0);
+}
+
+#[test]
+fn test_kt_sm_4_sampler_bits_are_reduced_by_the_sample_flags() {
+    use sample_flags::*;
+    use sampler::*;
+    let all = ALL;
+    // The leader takes everything; another vCPU everything but system memory.
+    assert_eq!(sampled(all, PEND_USER | SYSTEM), all);
+    assert_eq!(sampled(all, PEND_USER), all & !SYS_MEM);
+    assert_eq!(
+        sampled(all, SYSTEM | EMPTY_CALLSTACK),
+        all & !(KSTACK | USTACK)
+    );
+    assert_eq!(sampled(all, SYSTEM | ONLY_SYSTEM), SYS_MEM);
+    assert_eq!(sampled(all, SYSTEM | THREAD_ONLY), THREAD_MASK);
+    assert_eq!(sampled(all, SYSTEM | TASK_ONLY), TASK_MASK);
+    // A request carries its flags: `sampled()` applies them to its action.
+    let request = SampleRequest {
+        action: 1,
+        settings: Action {
+            samplers: SYS_MEM | TH_INFO,
+            ..Action::default()
+        },
+        flags: PEND_USER,
+        timer: 0,
+    };
+    assert_eq!(request.sampled().samplers, TH_INFO);
 }

@@ -24,6 +24,8 @@ pub const PERF_PET: u8 = 4;
 pub const PERF_AST: u8 = 5;
 /// kperf subclass of the PMC events (`PERF_KPC`).
 pub const PERF_KPC: u8 = 6;
+/// kperf subclass of the task events (`PERF_TASK`).
+pub const PERF_TASK: u8 = 8;
 /// kperf subclass of the memory-info events (`PERF_MEMINFO`).
 pub const PERF_MEMINFO: u8 = 10;
 
@@ -48,6 +50,12 @@ pub const GEN_EVENT: u32 = perf(PERF_GENERIC, 0);
 pub const TI_SAMPLE: u32 = perf(PERF_THREADINFO, 0);
 /// `PERF_TI_DATA`: the thread-info record (CFG-A-6).
 pub const TI_DATA: u32 = perf(PERF_THREADINFO, 1);
+/// `PERF_TI_SNAPDATA`: the thread-snapshot record (`th_snapshot`).
+pub const TI_SNAPDATA: u32 = perf(PERF_THREADINFO, 9);
+/// `PERF_TI_INSCYCDATA`: the thread's instructions and cycles (`th_inscyc`).
+pub const TI_INSCYCDATA: u32 = perf(PERF_THREADINFO, 17);
+/// `PERF_TI_SCHEDDATA_2`: the thread-scheduling record (`th_scheduling`).
+pub const TI_SCHEDDATA_2: u32 = perf(PERF_THREADINFO, 19);
 /// `PERF_TI_CSWITCH`: a thread switched on (TR-P-7).
 pub const TI_CSWITCH: u32 = perf(PERF_THREADINFO, 5);
 /// `PERF_TI_DISPPEND`: dispatch-queue info deferred to user return (KT-SM-7).
@@ -106,8 +114,18 @@ pub const PET_SAMPLE_TASK: u32 = perf(PERF_PET, 8);
 pub const PET_SAMPLE_THREAD: u32 = perf(PERF_PET, 9);
 /// `PERF_AST_HNDLR`: brackets the user-return handler of deferred samples.
 pub const AST_HNDLR: u32 = perf(PERF_AST, 0);
+/// `PERF_KPC_DATA`: per-CPU PMC counter values (`pmc_cpu`).
+pub const KPC_DATA: u32 = perf(PERF_KPC, 3);
 /// `PERF_KPC_CONFIG`: the PMC configuration.
 pub const KPC_CONFIG: u32 = perf(PERF_KPC, 4);
+/// `PERF_KPC_DATA_THREAD`: per-thread PMC counter values (`pmc_thread`).
+pub const KPC_DATA_THREAD: u32 = perf(PERF_KPC, 8);
+/// `PERF_TK_SNAP_DATA`: the task-snapshot record (`tk_snapshot`).
+pub const TK_SNAP_DATA: u32 = perf(PERF_TASK, 1);
+/// `PERF_TK_INFO_DATA`: the task-info record (`tk_info`).
+pub const TK_INFO_DATA: u32 = perf(PERF_TASK, 4);
+/// `PERF_MI_DATA`: the task memory record (`meminfo`).
+pub const MI_DATA: u32 = perf(PERF_MEMINFO, 1);
 /// `PERF_MI_SYS_DATA`: system memory, first record.
 pub const MI_SYS_DATA: u32 = perf(PERF_MEMINFO, 2);
 /// `PERF_MI_SYS_DATA_2`: system memory, second record.

@@ -42,3 +42,24 @@ pub fn read_plain<T: Plain>(mem: &GuestMemoryMmap, addr: GuestAddress) -> Option
     // SAFETY: T is plain data, and `bytes` holds size_of::<T>() bytes.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
+
+/// Reads `n` consecutive `T` at guest physical `addr` in one copy; `None` if
+/// the range is not guest memory.
+pub fn read_plain_slice<T: Plain>(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    n: usize,
+) -> Option<Vec<T>> {
+    let mut values = vec![T::default(); n];
+    // SAFETY: T is plain data (see `Plain`): every byte pattern is a valid
+    // value, so the vector's initialised elements may be overwritten as
+    // bytes; the slice covers exactly those `n` elements.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            values.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(&*values),
+        )
+    };
+    mem.read_slice(bytes, addr).ok()?;
+    Some(values)
+}

@@ -19,6 +19,7 @@
 //!   samples become (symbolized folded stacks, flame graph, pprof).
 //! - [`summary`]: the run summary and the clockintr dump.
 //! - [`guestmem`]: the guest ABI's plain-data structures in guest memory.
+//! - [`pmu`]: the host PMU for the PMC samplers (probe, guest-only counters).
 
 #![deny(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod devices;
 pub mod guestmem;
 pub mod host_time;
 pub mod kick;
+pub mod pmu;
 pub mod profile;
 pub mod sampling;
 pub mod summary;

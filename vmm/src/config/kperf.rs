@@ -29,6 +29,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::ConfigError;
+use crate::pmu::NoGuestPmu;
 
 /// The longest timer period accepted, in ns (10 s; a VMM rule, not kperf's).
 pub const MAX_PERIOD_NS: u64 = 10_000_000_000;
@@ -317,6 +318,44 @@ pub enum KperfConfigError {
     /// The engine refused a value the rules above let through (a bug).
     #[error("kperf refused the configuration: {0}")]
     Engine(kperf::KperfError),
+    /// A sampler that would capture nothing meaningful in this VM on this
+    /// host ([`KperfConfig::check_samplers`]).
+    #[error("action {action}: sampler {sampler} is refused: {reason}")]
+    SamplerRefused {
+        /// The action id.
+        action: u32,
+        /// The sampler's name ([`sampler::NAMES`]).
+        sampler: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why `bit` ([`sampler`]) cannot be taken in this VM, or `None` if it can;
+/// `pmu` is whether the host counts guest events ([`crate::pmu::probe`]).
+///
+/// - `th_dispatch` records the libdispatch queue a thread serves; the guest
+///   kernel has no dispatch queues: always refused.
+/// - The PMC samplers (`pmc_thread`, `pmc_cpu`, `pmc_config`, `th_inscyc`)
+///   need a host PMU that counts guest events: refused without one (AMB-14:
+///   refusing rather than logging zero counters, which would look measured).
+pub fn sampler_refusal(bit: u32, pmu: Result<(), NoGuestPmu>) -> Option<String> {
+    const PMC: u32 =
+        sampler::PMC_THREAD | sampler::PMC_CPU | sampler::PMC_CONFIG | sampler::TH_INSCYC;
+    if bit == sampler::TH_DISPATCH {
+        return Some(
+            "th_dispatch records the libdispatch queue a thread serves; the guest kernel has no \
+             dispatch queues, so there is nothing to capture"
+                .to_string(),
+        );
+    }
+    match pmu {
+        Err(why) if bit & PMC != 0 => Some(format!(
+            "it needs a host PMU that counts guest events; this host has none ({why}) (AMB-14: \
+             refused rather than logging zero counters)"
+        )),
+        _ => None,
+    }
 }
 
 impl KperfConfig {
@@ -467,6 +506,32 @@ impl KperfConfig {
                 .map_err(|_| E::PetIdleRate)?;
         }
         Ok(kperf)
+    }
+
+    /// Refuses the first sampler of a listed action that cannot capture
+    /// anything meaningful here ([`sampler_refusal`]); `pmu` is whether the
+    /// host counts guest events ([`crate::pmu::probe`]).
+    ///
+    /// # Errors
+    ///
+    /// [`KperfConfigError::SamplerRefused`], naming the action, the sampler
+    /// and why.
+    pub fn check_samplers(&self, pmu: Result<(), NoGuestPmu>) -> Result<(), KperfConfigError> {
+        for action in &self.actions {
+            for &(name, bit) in &sampler::NAMES {
+                if action.samplers.0 & bit == 0 {
+                    continue;
+                }
+                if let Some(reason) = sampler_refusal(bit, pmu) {
+                    return Err(KperfConfigError::SamplerRefused {
+                        action: action.id,
+                        sampler: name,
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The configuration `kperf` holds: every action and timer up to the
@@ -1120,5 +1185,59 @@ mod tests {
             config.action(1).map(|a| a.samplers),
             Some(Samplers(SYS_MEM))
         );
+    }
+    #[test]
+    fn test_amb_14_pmc_samplers_are_refused_without_a_guest_pmu() {
+        let none = Err(NoGuestPmu {
+            errno: libc::ENOENT,
+        });
+        for (bits, name) in [
+            (PMC_THREAD, "pmc_thread"),
+            (PMC_CPU, "pmc_cpu"),
+            (sampler::PMC_CONFIG, "pmc_config"),
+            (sampler::TH_INSCYC, "th_inscyc"),
+        ] {
+            let config = KperfConfig::on_cpu(1_000_000, TH_INFO | bits, None);
+            // kperf's own rules accept it; the host cannot count guest events.
+            config.engine().unwrap();
+            let error = config.check_samplers(none).expect_err(name);
+            assert_eq!(
+                error.to_string(),
+                format!(
+                    "action 1: sampler {name} is refused: it needs a host PMU that counts guest \
+                     events; this host has none (perf_event_open: ENOENT, No such file or \
+                     directory) (AMB-14: refused rather than logging zero counters)"
+                )
+            );
+            // Where the host counts guest events, it is accepted.
+            config.check_samplers(Ok(())).unwrap();
+        }
+    }
+
+    #[test]
+    fn test_th_dispatch_is_refused_everywhere_and_the_rest_accepted() {
+        let config = KperfConfig::on_cpu(1_000_000, TH_INFO | sampler::TH_DISPATCH, None);
+        let error = config.check_samplers(Ok(())).expect_err("th_dispatch");
+        assert!(matches!(
+            error,
+            KperfConfigError::SamplerRefused {
+                action: 1,
+                sampler: "th_dispatch",
+                ..
+            }
+        ));
+        assert!(error.to_string().contains("no dispatch queues"), "{error}");
+        // Every other sampler that reads the guest or the VMM is accepted,
+        // PMU or not.
+        let real = sampler::ALL
+            & !(sampler::TH_DISPATCH
+                | PMC_THREAD
+                | PMC_CPU
+                | sampler::PMC_CONFIG
+                | sampler::TH_INSCYC);
+        let none = Err(NoGuestPmu { errno: 2 });
+        KperfConfig::on_cpu(1_000_000, real, None)
+            .check_samplers(none)
+            .unwrap();
     }
 }

@@ -191,6 +191,7 @@ impl VmConfig {
         self.clock.validate().map_err(ConfigError::Clock)?;
         if let Some(sampling) = &self.sampling {
             sampling.kperf.engine()?;
+            sampling.kperf.check_samplers(crate::pmu::probe())?;
         }
         if self.clock.hz > 10_000 {
             return Err(ConfigError::HzTooHigh(self.clock.hz));

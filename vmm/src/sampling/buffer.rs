@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::capture::RawSample;
+use super::samplers::Totals;
 
 /// Distinct stacks kept per vCPU at most between two drains; a sample with a
 /// new stack beyond that is counted as dropped.
@@ -49,10 +50,17 @@ impl From<RawSample> for StackSample {
     }
 }
 
-/// The per-vCPU stack counts.
+/// One vCPU's stack counts and sampler totals.
+#[derive(Debug, Default)]
+struct Counts {
+    stacks: HashMap<StackSample, u64>,
+    totals: Totals,
+}
+
+/// The per-vCPU stack counts, and what the samplers captured.
 #[derive(Debug)]
 pub struct SampleBuffer {
-    per_vcpu: Vec<Mutex<HashMap<StackSample, u64>>>,
+    per_vcpu: Vec<Mutex<Counts>>,
     limit: usize,
     dropped: Vec<AtomicU64>,
 }
@@ -61,22 +69,28 @@ impl SampleBuffer {
     /// Aggregates for `vcpus` vCPUs of at most `limit` distinct stacks each.
     pub fn new(vcpus: usize, limit: usize) -> Self {
         Self {
-            per_vcpu: (0..vcpus).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_vcpu: (0..vcpus).map(|_| Mutex::new(Counts::default())).collect(),
             limit,
             dropped: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    /// Counts `sample` in its vCPU's aggregate; `false` (and counted as
-    /// dropped) when its stack is new and the aggregate is full, or the vCPU
-    /// does not exist.
+    /// Counts `sample` in its vCPU's totals and, if it describes a place in
+    /// the code ([`RawSample::in_profile`]), its stack in its vCPU's
+    /// aggregate; `false` (and counted as dropped) when its stack is new and
+    /// the aggregate is full, or the vCPU does not exist.
     pub fn push(&self, sample: RawSample) -> bool {
         let id = sample.vcpu as usize;
         let Some(counts) = self.per_vcpu.get(id) else {
             return false;
         };
-        let key = StackSample::from(sample);
         let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.totals.add_one(&sample);
+        if !sample.in_profile() {
+            return true;
+        }
+        let key = StackSample::from(sample);
+        let counts = &mut counts.stacks;
         if let Some(count) = counts.get_mut(&key) {
             *count += 1;
             return true;
@@ -102,12 +116,22 @@ impl SampleBuffer {
     pub fn drain(&self) -> Vec<(StackSample, u64)> {
         let mut all = Vec::new();
         for counts in &self.per_vcpu {
-            let mut counts: Vec<(StackSample, u64)> =
-                std::mem::take(&mut *counts.lock().unwrap_or_else(|p| p.into_inner()))
-                    .into_iter()
-                    .collect();
+            let stacks =
+                std::mem::take(&mut counts.lock().unwrap_or_else(|p| p.into_inner()).stacks);
+            let mut counts: Vec<(StackSample, u64)> = stacks.into_iter().collect();
             counts.sort();
             all.append(&mut counts);
+        }
+        all
+    }
+
+    /// Takes the sampler totals so far, all vCPUs merged.
+    pub fn take_totals(&self) -> Totals {
+        let mut all = Totals::default();
+        for counts in &self.per_vcpu {
+            let totals =
+                std::mem::take(&mut counts.lock().unwrap_or_else(|p| p.into_inner()).totals);
+            all.merge(&totals);
         }
         all
     }
@@ -116,7 +140,9 @@ impl SampleBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling::samplers::{SamplerData, TaskInfoRecord};
     use crate::sampling::walk::Stack;
+    use kperf::sampler;
 
     fn sample(vcpu: u32, time_ns: u64, leaf: u64) -> RawSample {
         RawSample {
@@ -126,8 +152,30 @@ mod tests {
                 frames: vec![leaf, 0x1000],
                 ..Default::default()
             },
+            samplers: Box::new(SamplerData {
+                sampled: sampler::USTACK,
+                ..Default::default()
+            }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn test_a_sample_without_thread_or_stack_samplers_counts_only_in_the_totals() {
+        let buffer = SampleBuffer::new(1, 10);
+        let mut task_only = sample(0, 1, 0xaa);
+        task_only.samplers = Box::new(SamplerData {
+            sampled: sampler::TK_INFO,
+            tk_info: Some(TaskInfoRecord::default()),
+            ..Default::default()
+        });
+        assert!(buffer.push(task_only));
+        assert!(buffer.push(sample(0, 2, 0xaa)));
+        let stacks = buffer.drain();
+        assert_eq!(stacks.len(), 1);
+        assert_eq!(stacks[0].1, 1);
+        let totals = buffer.take_totals();
+        assert_eq!(totals.captured.get("tk_info"), Some(&1));
     }
 
     #[test]

@@ -32,6 +32,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use metronome_abi::{exception, layout, InterruptFrame, VcpuShared};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use super::samplers::{self, SamplerData};
 use super::walk::{follow_frames, read_u64, walk_stack, Stack};
 use crate::guestmem::read_plain;
 
@@ -57,9 +58,19 @@ pub struct RawSample {
     /// The user stack's leaf is the address after the `int3` system-call
     /// trap (a thread blocked in a system call), a return address in effect.
     pub user_leaf_after_trap: bool,
+    /// What the other samplers captured ([`samplers`]; boxed: most of a
+    /// sample's size, and most samples ask for a few samplers).
+    pub samplers: Box<SamplerData>,
 }
 
 impl RawSample {
+    /// Whether the sample belongs in the CPU profile: its action asked for
+    /// the thread or a call stack (`th_info`, `ustack`, `kstack`). A sample
+    /// of system or task samplers only describes no place in the code.
+    pub fn in_profile(&self) -> bool {
+        self.samplers.sampled & (sampler::TH_INFO | sampler::USTACK | sampler::KSTACK) != 0
+    }
+
     /// Whether a stack walk ended on a bad pointer.
     pub fn walk_error(&self) -> bool {
         self.user_stack.error.is_some() || self.kernel_stack.error.is_some()
@@ -69,9 +80,9 @@ impl RawSample {
 /// What a sample request produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Capture {
-    /// The action has no thread sampler (`th_info`, `ustack`, `kstack`):
-    /// nothing of the guest thread is kept.
-    NoThreadSamplers,
+    /// The action asks for no sampler (an action left at kperf's default):
+    /// nothing is kept (KT-SM-4).
+    NoSamplers,
     /// The thread filter did not match: the handler ran, nothing was sampled.
     FilteredOut,
     /// The vCPU has not entered the guest yet, so KVM has not reported its
@@ -238,9 +249,11 @@ fn unwind_kernel(
     (kernel, None)
 }
 
-/// Samples vCPU `vcpu` as action `settings` asks, from its registers and
-/// guest memory: the thread first, then (if the filter matches and the action
-/// has thread samplers) the stacks it asks for.
+/// Samples vCPU `vcpu` as action `settings` asks (its samplers already
+/// reduced by the sample's flags, [`kperf::SampleRequest::sampled`]), from
+/// its registers and guest memory: the thread first, then (if the filter
+/// matches and the action asks for any sampler) what its samplers capture
+/// ([`samplers::gather`]) and the stacks it asks for.
 pub fn capture(
     mem: &GuestMemoryMmap,
     vcpu: u32,
@@ -261,9 +274,8 @@ pub fn capture(
     {
         return Capture::FilteredOut;
     }
-    let thread_samplers = sampler::TH_INFO | sampler::USTACK | sampler::KSTACK;
-    if settings.samplers & thread_samplers == 0 {
-        return Capture::NoThreadSamplers;
+    if settings.samplers == 0 {
+        return Capture::NoSamplers;
     }
     let name_len = page
         .current_name
@@ -281,6 +293,17 @@ pub fn capture(
         cpl,
         ..Default::default()
     };
+    let counters = samplers::wants_counters(settings.samplers)
+        .then(crate::pmu::read_current_thread)
+        .flatten();
+    let thread = samplers::current_thread(mem, vcpu, &page);
+    sample.samplers = Box::new(samplers::gather(
+        mem,
+        time_ns,
+        &thread,
+        settings.samplers,
+        counters,
+    ));
     let (udepth, kdepth) = depths(settings);
     if cpl == 3 {
         if udepth > 0 {
@@ -627,16 +650,27 @@ mod tests {
             capture(&mem, 0, 1, (&r, &s), &settings(all, 6)),
             Capture::FilteredOut
         );
-        // A filter that does not match also wins over an action without
-        // thread samplers: the handler ran, nothing is counted as sampled.
+        // A filter that does not match also wins over an action of system
+        // memory only: the handler ran, nothing is counted as sampled.
         assert_eq!(
             capture(&mem, 0, 1, (&r, &s), &settings(sampler::SYS_MEM, 6)),
             Capture::FilteredOut
         );
         assert_eq!(
-            capture(&mem, 0, 1, (&r, &s), &settings(sampler::SYS_MEM, -1)),
-            Capture::NoThreadSamplers
+            capture(&mem, 0, 1, (&r, &s), &settings(0, -1)),
+            Capture::NoSamplers
         );
+        // System memory alone is a sample of the thread on the vCPU, with
+        // no place in the CPU profile.
+        let got = sample(capture(
+            &mem,
+            0,
+            1,
+            (&r, &s),
+            &settings(sampler::SYS_MEM, -1),
+        ));
+        assert!(got.samplers.sys_mem.is_some() && got.user_stack.frames.is_empty());
+        assert!(!got.in_profile());
         assert_eq!(
             sample(capture(&mem, 0, 1, (&r, &s), &settings(all, 5))).tid,
             5

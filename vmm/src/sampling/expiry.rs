@@ -310,18 +310,18 @@ impl VcpuSampler {
         started: u64,
     ) {
         let regs = fd.sync_regs();
-        match capture(
-            mem,
-            self.id,
-            now,
-            (&regs.regs, &regs.sregs),
-            &request.settings,
-        ) {
+        // The samplers this sample takes: system memory for the leader only
+        // (KT-SM-1, KT-SM-4).
+        let settings = request.sampled();
+        match capture(mem, self.id, now, (&regs.regs, &regs.sregs), &settings) {
             Capture::FilteredOut | Capture::NoRegisters => {}
-            Capture::NoThreadSamplers => self.count_sample(sampling),
+            Capture::NoSamplers => self.count_sample(sampling),
             Capture::Sample(raw) => {
                 self.count_sample(sampling);
                 self.stats.walk_errors += u64::from(raw.walk_error());
+                for record in raw.samplers.trace_records(&raw) {
+                    sampling.record(record);
+                }
                 sampling.samples.push(raw);
             }
         }

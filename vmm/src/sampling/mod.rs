@@ -7,6 +7,8 @@
 //! - [`capture`]: one sample from sync regs and guest memory, filter first.
 //! - [`pet`]: traditional PET's pass over every guest thread (PET-T-*).
 //! - [`lightweight`]: lightweight PET's page and self-sample requests (PET-L-*).
+//! - [`samplers`]: what every sampler but the call stacks captures, its
+//!   trace records and the run's totals.
 //! - [`walk`]: guest page-table translation and frame-pointer stack walks.
 //! - [`buffer`]: samples leaving the vCPU threads, counted per distinct
 //!   stack as they arrive ([`SampleBuffer`]): memory stays flat however long
@@ -20,6 +22,7 @@ pub mod expiry;
 pub mod lightweight;
 pub mod pet;
 pub mod report;
+pub mod samplers;
 pub mod state;
 pub mod trace;
 pub mod walk;

@@ -20,12 +20,12 @@
 
 use kperf::{sampler, Action, PID_FILTER_ALL};
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use metronome_abi::{exception, layout, thread_state, ThreadInfo, MAX_THREADS};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use metronome_abi::{exception, thread_state, ThreadInfo, MAX_THREADS};
+use vm_memory::GuestMemoryMmap;
 
 use super::capture::{capture, Capture, RawSample};
+use super::samplers::{self, thread_table};
 use super::walk::walk_stack;
-use crate::guestmem::read_plain;
 
 /// What the host remembers of one thread-table slot between passes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,16 +61,6 @@ impl Default for PetSampler {
             seen: [Seen::default(); MAX_THREADS],
         }
     }
-}
-
-/// The guest's thread table, read from its page.
-fn thread_table(mem: &GuestMemoryMmap) -> Vec<ThreadInfo> {
-    (0..MAX_THREADS)
-        .map_while(|slot| {
-            let offset = (slot * std::mem::size_of::<ThreadInfo>()) as u64;
-            read_plain(mem, GuestAddress(layout::THREAD_TABLE + offset))
-        })
-        .collect()
 }
 
 impl PetSampler {
@@ -173,6 +163,9 @@ fn saved_sample(
         thread_name: String::from_utf8_lossy(&info.name[..name_len]).into_owned(),
         thread_state: info.state as u32,
         cpl: 3,
+        // The thread samplers from its table entry; the PMC samplers count
+        // only the thread on a vCPU (on-CPU samples).
+        samplers: Box::new(samplers::gather(mem, now, info, action.samplers, None)),
         ..Default::default()
     };
     if action.samplers & sampler::USTACK != 0 && info.saved_rip != 0 {
@@ -191,9 +184,9 @@ fn saved_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guestmem::write_plain;
-    use metronome_abi::VcpuShared;
-    use vm_memory::Bytes;
+    use crate::guestmem::{read_plain, write_plain};
+    use metronome_abi::{layout, VcpuShared};
+    use vm_memory::{Bytes, GuestAddress};
 
     const CR3: u64 = 0x8000;
     const STACK: u64 = 0x300_0000;
@@ -300,6 +293,18 @@ mod tests {
         let leaf_after_trap: Vec<bool> =
             samples.iter().map(|s| s.raw.user_leaf_after_trap).collect();
         assert_eq!(leaf_after_trap, [false, true]);
+        // The thread samplers describe each thread from its table entry.
+        let states: Vec<Option<u64>> = samples
+            .iter()
+            .map(|s| s.raw.samplers.th_info.map(|t| t.runmode & 0xffff))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                Some(u64::from(thread_state::RUNNING)),
+                Some(u64::from(thread_state::WAITING))
+            ]
+        );
         // Without a parked vCPU there is no address space to read: no pass.
         assert!(pet.pass(&mem, &[None], &action(), 15, 10).is_empty());
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use super::buffer::StackSample;
-use super::{trace, SamplingShared};
+use super::{samplers, trace, SamplingShared};
 use crate::config::KperfConfig;
 use crate::profile::{Profile, Sample, Symbolizer};
 use crate::summary::{
@@ -57,7 +57,9 @@ pub fn finish(
         });
     }
     summary.cost_per_sample_ns = Percentiles::of(&cost);
+    // The CPU profile: the samples that describe a place in the code.
     let samples = sampling.samples.drain();
+    let mut totals = sampling.samples.take_totals();
     summary.user_functions = user_functions(&samples, kernel_image);
     if let Some(dir) = &sampling.config.profile_dir {
         match write_profile(samples, kernel_image, summary.period_ns, dir, "profile") {
@@ -68,7 +70,10 @@ pub fn finish(
             )),
         }
     }
-    pet_report(sampling, kernel_image, &mut summary, errors);
+    pet_report(sampling, kernel_image, &mut summary, &mut totals, errors);
+    summary.samplers_captured = totals.captured;
+    summary.sys_mem_vmm_resident_bytes = totals.vmm_resident;
+    summary.meminfo_guest_in_use_bytes = totals.guest_in_use;
     if let (Some(path), Some(buffer)) = (&sampling.config.trace_file, sampling.trace()) {
         match write_trace(&buffer.take(), path) {
             Ok(()) => summary.files.push(path.display().to_string()),
@@ -129,6 +134,7 @@ fn pet_report(
     sampling: &SamplingShared,
     kernel_image: &[u8],
     summary: &mut SamplingSummary,
+    totals: &mut samplers::Totals,
     errors: &mut Vec<String>,
 ) {
     let pet = &sampling.pet;
@@ -142,6 +148,7 @@ fn pet_report(
     summary.lightweight_self_samples = lightweight.self_samples.load(Ordering::Relaxed);
     summary.lightweight_refused = lightweight.refused.load(Ordering::Relaxed);
     let samples = pet.samples.drain();
+    totals.merge(&pet.samples.take_totals());
     if let (Some(dir), false) = (&sampling.config.profile_dir, samples.is_empty()) {
         // Thread samples are not periodic per CPU: the profile has no period.
         match write_profile(samples, kernel_image, 0, dir, "pet") {

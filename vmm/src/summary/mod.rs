@@ -366,6 +366,39 @@ pub struct SamplingSummary {
     /// (ELF symbol of the sampled RIP), largest first: comparable with
     /// `perf kvm --guest`, which sees guest user mode only on kvm_pvm.
     pub user_functions: Vec<FunctionShare>,
+    /// Samples kept that hold each sampler's data, by sampler name (call
+    /// stacks: with at least one frame), on-CPU and PET samples alike.
+    pub samplers_captured: BTreeMap<String, u64>,
+    /// `sys_mem`: the VMM's resident memory over the samples, bytes.
+    pub sys_mem_vmm_resident_bytes: Option<MemoryFigures>,
+    /// `meminfo`: guest memory in use over the samples, bytes.
+    pub meminfo_guest_in_use_bytes: Option<MemoryFigures>,
+}
+
+/// A memory figure over a run's samples: the last (latest sample), the
+/// smallest and the largest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MemoryFigures {
+    /// The latest sample's.
+    pub last: u64,
+    /// The smallest.
+    pub min: u64,
+    /// The largest.
+    pub max: u64,
+}
+
+impl MemoryFigures {
+    /// Adds a value, later than every value added before.
+    pub fn add(figures: &mut Option<Self>, value: u64) {
+        let f = figures.get_or_insert(Self {
+            last: value,
+            min: value,
+            max: value,
+        });
+        f.last = value;
+        f.min = f.min.min(value);
+        f.max = f.max.max(value);
+    }
 }
 
 /// The sampling configuration in force: the kperf configuration as the

@@ -7,7 +7,7 @@
 //! Trace (TR-P-6): `PET_IDLE` before each sleep, `PET_RUN` on waking,
 //! `PET_SAMPLE` around the pass (end: tasks sampled), `PET_SAMPLE_TASK`
 //! around the guest (end: threads sampled), `PET_SAMPLE_THREAD` around each
-//! thread, `PET_SCHED` at the re-arm.
+//! thread and its sampler records, `PET_SCHED` at the re-arm.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -116,6 +116,9 @@ fn run(shared: &VmShared) {
                 trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_START,
                 args,
             );
+            for data in sample.raw.samplers.trace_records(&sample.raw) {
+                sampling.record(data);
+            }
             record(
                 sampling,
                 shared,
