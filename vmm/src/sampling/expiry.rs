@@ -28,7 +28,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::capture::{capture, Capture};
 use super::state::SamplingShared;
-use super::trace::TraceRecord;
+use super::trace::{current_tid, TraceRecord};
 use crate::host_time::{monotonic_ns, DeviceClock, PosixTimer};
 use crate::kick;
 
@@ -60,6 +60,10 @@ pub struct VcpuSampler {
     timer: PosixTimer,
     clock: DeviceClock,
     stats: VcpuSampling,
+    /// The guest thread current on this vCPU, read from its shared page when
+    /// a fire or a sample begins (the guest is stopped until it ends): the
+    /// `tid` of the trace records.
+    tid: u64,
 }
 
 impl VcpuSampler {
@@ -71,6 +75,7 @@ impl VcpuSampler {
             timer: PosixTimer::for_current_thread(kick::sig_timer())?,
             clock,
             stats: VcpuSampling::default(),
+            tid: 0,
         })
     }
 
@@ -158,6 +163,7 @@ impl VcpuSampler {
         (due, now): (u64, u64),
         kick: &dyn Fn(u32),
     ) {
+        self.tid = current_tid(mem, self.id);
         let fire = {
             let mut engine = sampling.engine();
             let fire = engine.pet_fired(now);
@@ -167,7 +173,7 @@ impl VcpuSampler {
                     time_ns: self.clock.now(),
                     id: trace::TM_FIRE,
                     vcpu: self.id,
-                    tid: 0,
+                    tid: self.tid,
                     args: fire.tm_fire_args(),
                     deadline_ns: due,
                 });
@@ -188,7 +194,7 @@ impl VcpuSampler {
             time_ns: self.clock.now(),
             id: trace::TM_FIRE | trace::DBG_FUNC_END,
             vcpu: self.id,
-            tid: 0,
+            tid: self.tid,
             args: fire.tm_fire_args(),
             deadline_ns: 0,
         });
@@ -205,6 +211,7 @@ impl VcpuSampler {
         now: u64,
     ) {
         let started = monotonic_ns();
+        self.tid = current_tid(mem, self.id);
         {
             let engine = sampling.engine();
             if !engine.sampling() {
@@ -220,6 +227,7 @@ impl VcpuSampler {
     /// vCPU's own samples (hops 2 and 3 of the module docs).
     fn expire(&mut self, sampling: &SamplingShared, mem: &GuestMemoryMmap, fd: &VcpuFd, now: u64) {
         let started = monotonic_ns();
+        self.tid = current_tid(mem, self.id);
         let requests = self.elect(sampling, now);
         for request in requests {
             self.take(sampling, mem, fd, &request, now, started);
@@ -249,6 +257,7 @@ impl VcpuSampler {
             Capture::FilteredOut | Capture::NoRegisters => {}
             Capture::NoThreadSamplers => self.count_sample(sampling),
             Capture::Sample(raw) => {
+                self.tid = raw.tid;
                 self.count_sample(sampling);
                 self.stats.walk_errors += u64::from(raw.walk_error());
                 sampling.samples.push(raw);
@@ -279,7 +288,7 @@ impl VcpuSampler {
                             time_ns: self.clock.now(),
                             id: trace::TM_FIRE,
                             vcpu: self.id,
-                            tid: 0,
+                            tid: self.tid,
                             args: fire.tm_fire_args(),
                             deadline_ns: fire.deadline,
                         });
@@ -311,7 +320,7 @@ impl VcpuSampler {
             time_ns: self.clock.now(),
             id: trace::TM_HNDLR | qualifier,
             vcpu: self.id,
-            tid: 0,
+            tid: self.tid,
             args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
             deadline_ns: 0,
         }

@@ -64,7 +64,7 @@ impl Default for PetSampler {
 }
 
 /// The guest's thread table, read from its page.
-fn thread_table(mem: &GuestMemoryMmap) -> Vec<ThreadInfo> {
+pub(crate) fn thread_table(mem: &GuestMemoryMmap) -> Vec<ThreadInfo> {
     (0..MAX_THREADS)
         .map_while(|slot| {
             let offset = (slot * std::mem::size_of::<ThreadInfo>()) as u64;

@@ -226,6 +226,11 @@ impl Vm {
             ),
             None => None,
         };
+        if let Some(sampling) = &sampling {
+            sampling
+                .enable_guest_events(&mem)
+                .map_err(BuildVmError::WriteBoot)?;
+        }
         let shared =
             Arc::new(VmShared::new(mem, config.vcpus, sampling).map_err(BuildVmError::Host)?);
         let devices = DeviceManager::new(&shared, console)?;
