@@ -19,6 +19,7 @@
 //! `"<name> end"`. kdebug ids other than the named ones are named by their
 //! hex value.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::Write;
 
@@ -52,7 +53,7 @@ pub struct Tracks {
 }
 
 /// The name of event `id` (qualifier ignored).
-pub fn event_name(id: u32) -> String {
+pub fn event_name(id: u32) -> Cow<'static, str> {
     let name = match id & !0x3 {
         kt::TM_FIRE => "TM_FIRE",
         kt::TM_HNDLR => "TM_HNDLR",
@@ -68,9 +69,9 @@ pub fn event_name(id: u32) -> String {
         kt::PET_SAMPLE_THREAD => "PET_SAMPLE_THREAD",
         GUEST_DISPATCH => DISPATCH_NAME,
         GUEST_SWITCH => SWITCH_NAME,
-        other => return format!("{other:#010x}"),
+        other => return format!("{other:#010x}").into(),
     };
-    name.to_string()
+    Cow::Borrowed(name)
 }
 
 /// The named arguments of a record of event `id`.
@@ -147,11 +148,66 @@ fn metadata(pid: u32, tid: Option<u64>, name: &str, sort: u64) -> [Value; 2] {
     }
 }
 
-/// An event on the timeline, before it is written (kept sortable).
+/// An event on the timeline, compact until it is written (a `Value` tree of
+/// millions of events would cost gigabytes; each is built as it is written).
 struct Event {
     ts_ns: u64,
+    /// `Some` for a complete (`X`) event.
     dur_ns: Option<u64>,
-    value: Value,
+    name: Cow<'static, str>,
+    track: (u32, u64),
+    args: EventArgs,
+}
+
+/// Where an event's `args` come from.
+enum EventArgs {
+    /// One record's.
+    Record(usize),
+    /// A start record's, then its end record's.
+    Pair(usize, usize),
+    /// A `running` slice: the vCPU and the thread.
+    Running { vcpu: u32, tid: u64 },
+}
+
+impl Event {
+    fn instant(records: &[TraceRecord], i: usize, name: Cow<'static, str>) -> Self {
+        Self {
+            ts_ns: records[i].time_ns,
+            dur_ns: None,
+            name,
+            track: track_of(&records[i]),
+            args: EventArgs::Record(i),
+        }
+    }
+
+    /// The JSON of this event.
+    fn to_json(&self, records: &[TraceRecord]) -> Value {
+        let args = match self.args {
+            EventArgs::Record(i) => args_of(&records[i]),
+            EventArgs::Pair(start, end) => {
+                let mut args = args_of(&records[start]);
+                args.extend(args_of(&records[end]));
+                args
+            }
+            EventArgs::Running { vcpu, tid } => {
+                Map::from_iter([("vcpu".into(), vcpu.into()), ("tid".into(), tid.into())])
+            }
+        };
+        let (pid, tid) = self.track;
+        let mut event = json!({"name": self.name, "ts": us(self.ts_ns), "pid": pid, "tid": tid,
+                               "args": args});
+        match self.dur_ns {
+            Some(dur) => {
+                event["ph"] = "X".into();
+                event["dur"] = us(dur).into();
+            }
+            None => {
+                event["ph"] = "i".into();
+                event["s"] = "t".into();
+            }
+        }
+        event
+    }
 }
 
 /// The timeline's events from `records` (any order; sorted here by time,
@@ -165,68 +221,52 @@ fn events(records: &[TraceRecord], end_ns: u64) -> Vec<Event> {
     let mut open: BTreeMap<((u32, u64), u32), Vec<usize>> = BTreeMap::new();
     // Per vCPU: the guest thread running since when.
     let mut running: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
-    let instant = |r: &TraceRecord, name: String| {
-        let (pid, tid) = track_of(r);
-        Event {
-            ts_ns: r.time_ns,
-            dur_ns: None,
-            value: json!({"name": name, "ph": "i", "s": "t", "ts": us(r.time_ns),
-                          "pid": pid, "tid": tid, "args": args_of(r)}),
-        }
-    };
-    let close_running = |out: &mut Vec<Event>, vcpu: u32, until: u64, running_now| {
-        if let Some((tid, since)) = running_now {
-            let until = until.max(since);
-            out.push(Event {
-                ts_ns: since,
-                dur_ns: Some(until - since),
-                value: json!({"name": RUNNING_NAME, "ph": "X", "ts": us(since),
-                              "dur": us(until - since), "pid": PID_THREADS,
-                              "tid": thread_track(tid, vcpu),
-                              "args": {"vcpu": vcpu, "tid": tid}}),
-            });
-        }
+    let close_running = |out: &mut Vec<Event>, vcpu: u32, until: u64, (tid, since): (u64, u64)| {
+        out.push(Event {
+            ts_ns: since,
+            dur_ns: Some(until.max(since) - since),
+            name: Cow::Borrowed(RUNNING_NAME),
+            track: (PID_THREADS, thread_track(tid, vcpu)),
+            args: EventArgs::Running { vcpu, tid },
+        });
     };
     for &i in &order {
         let r = &records[i];
         let base = r.id & !0x3;
         let track = track_of(r);
         if base == GUEST_SWITCH {
-            let previous = running.insert(r.vcpu, (r.args[1], r.time_ns));
-            close_running(&mut out, r.vcpu, r.time_ns, previous);
-            out.push(instant(r, event_name(r.id)));
+            if let Some(previous) = running.insert(r.vcpu, (r.args[1], r.time_ns)) {
+                close_running(&mut out, r.vcpu, r.time_ns, previous);
+            }
+            out.push(Event::instant(records, i, event_name(r.id)));
             continue;
         }
         match r.id & 0x3 {
             DBG_FUNC_START => open.entry((track, base)).or_default().push(i),
             DBG_FUNC_END => match open.get_mut(&(track, base)).and_then(Vec::pop) {
-                Some(s) => {
-                    let start = &records[s];
-                    let mut args = args_of(start);
-                    for (k, v) in args_of(r) {
-                        args.insert(k, v);
-                    }
-                    let dur = r.time_ns - start.time_ns;
-                    out.push(Event {
-                        ts_ns: start.time_ns,
-                        dur_ns: Some(dur),
-                        value: json!({"name": event_name(r.id), "ph": "X",
-                                      "ts": us(start.time_ns), "dur": us(dur),
-                                      "pid": track.0, "tid": track.1, "args": args}),
-                    });
-                }
-                None => out.push(instant(r, format!("{} end", event_name(r.id)))),
+                Some(s) => out.push(Event {
+                    ts_ns: records[s].time_ns,
+                    dur_ns: Some(r.time_ns - records[s].time_ns),
+                    name: event_name(r.id),
+                    track,
+                    args: EventArgs::Pair(s, i),
+                }),
+                None => out.push(Event::instant(
+                    records,
+                    i,
+                    format!("{} end", event_name(r.id)).into(),
+                )),
             },
-            _ => out.push(instant(r, event_name(r.id))),
+            _ => out.push(Event::instant(records, i, event_name(r.id))),
         }
     }
     for starts in open.into_values() {
         for s in starts {
-            out.push(instant(&records[s], event_name(records[s].id)));
+            out.push(Event::instant(records, s, event_name(records[s].id)));
         }
     }
     for (vcpu, now) in running {
-        close_running(&mut out, vcpu, end_ns, Some(now));
+        close_running(&mut out, vcpu, end_ns, now);
     }
     // By time; at equal times the longer slice first, so that slices nest.
     out.sort_by(|a, b| {
@@ -287,13 +327,20 @@ pub fn write_chrome(
         .flat_map(|r| [r.args[0], r.args[1]])
         .filter(|&tid| tid != 0 && tid < IDLE_TID_BASE)
         .collect();
-    let mut all = metadata_events(tracks, &thread_ids);
-    all.extend(timeline.into_iter().map(|e| e.value));
     let mut out = std::io::BufWriter::new(out);
-    serde_json::to_writer(
-        &mut out,
-        &json!({"traceEvents": all, "displayTimeUnit": "ns"}),
-    )?;
+    // One event at a time: `{"traceEvents":[e,e,...],"displayTimeUnit":"ns"}`.
+    out.write_all(b"{\"traceEvents\":[")?;
+    let metadata = metadata_events(tracks, &thread_ids);
+    let all = metadata
+        .into_iter()
+        .chain(timeline.iter().map(|e| e.to_json(records)));
+    for (n, event) in all.enumerate() {
+        if n > 0 {
+            out.write_all(b",")?;
+        }
+        serde_json::to_writer(&mut out, &event)?;
+    }
+    out.write_all(b"],\"displayTimeUnit\":\"ns\"}")?;
     out.flush()
 }
 
