@@ -120,6 +120,34 @@ fn test_trace_json_one_timeline_of_fires_samples_dispatches_and_switches() {
             assert!(e["dur"].as_f64().expect("dur") >= 0.0, "{e}");
         }
     }
+    // Slices on one track nest (a sample inside a dispatch, a thread's
+    // sample inside the PET pass) and never partly overlap: what Perfetto's
+    // JSON importer needs to draw them as one stack per track.
+    let mut slices: BTreeMap<(u64, u64), Vec<(f64, f64)>> = BTreeMap::new();
+    for e in events.iter().filter(|e| e["ph"] == "X") {
+        let (start, dur) = (ts(e), e["dur"].as_f64().unwrap());
+        slices
+            .entry((u(e, "pid"), u(e, "tid")))
+            .or_default()
+            .push((start, start + dur));
+    }
+    for (track, mut spans) in slices {
+        spans.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        let mut open: Vec<f64> = Vec::new();
+        for (start, end) in spans {
+            // 1 ns of slack for the float microseconds.
+            while open.last().is_some_and(|&e| e <= start + 1e-3) {
+                open.pop();
+            }
+            if let Some(&outer) = open.last() {
+                assert!(
+                    end <= outer,
+                    "track {track:?}: [{start}, {end}] overlaps its parent"
+                );
+            }
+            open.push(end);
+        }
+    }
     // Samples carry the real thread: a guest thread id, or 0 for idle.
     let known: BTreeSet<u64> = threads.iter().map(|(tid, _)| *tid).collect();
     let samples = named(events, "TM_HNDLR");
