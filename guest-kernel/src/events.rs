@@ -4,8 +4,11 @@
 //! Only when the VMM asked for a trace (the ring's enable flag, one load);
 //! otherwise each hook returns after that load. When enabled, an event costs
 //! a handful of loads and stores, and a switch one more `TIMER_NOW` read
-//! (the scheduler does not otherwise know the time). A full ring drops the
+//! (the scheduler does not otherwise know the time), taken before the switch
+//! begins ([`switch_time`]). A full ring drops the
 //! event and counts it: the guest never waits for the VMM.
+
+use core::sync::atomic::{compiler_fence, Ordering};
 
 use clockintr::{DispatchReport, Outcome};
 use metronome_abi::events::{self, outcome, EventRing, GuestEvent};
@@ -44,20 +47,34 @@ pub fn dispatch(id: u32, tid: u32, report: &DispatchReport) {
     unsafe { events::produce(ring, event) };
 }
 
-/// A context switch on vCPU `id` (the caller, interrupts off) from thread
-/// `out` to thread `into` (0 = idle).
-pub fn switch(id: u32, out: u32, into: u32) {
-    let ring = ring(id);
+/// The uptime of a context switch about to happen on vCPU `id` (the caller,
+/// interrupts off), if its ring is enabled. Call it before the switch changes
+/// anything the VMM reads: the read is an MMIO exit, at which the VMM may
+/// sample this vCPU, and it must find the thread, its frame and the shared
+/// page all still describing the outgoing thread. The compiler fences keep
+/// the kernel's plain stores on their side of the exit.
+pub fn switch_time(id: u32) -> Option<u64> {
     // SAFETY: the ring lies in this vCPU's region, which the VMM maps.
-    if !unsafe { events::enabled(ring) } {
-        return;
+    if !unsafe { events::enabled(ring(id)) } {
+        return None;
     }
+    compiler_fence(Ordering::SeqCst);
+    let now = timer::uptime_ns();
+    compiler_fence(Ordering::SeqCst);
+    Some(now)
+}
+
+/// The context switch on vCPU `id` (the caller, interrupts off) from thread
+/// `out` to thread `into` (0 = idle) is done; `time` is its [`switch_time`]
+/// (`None`: the ring is off, nothing to do).
+pub fn switch(id: u32, time: Option<u64>, out: u32, into: u32) {
+    let Some(time_ns) = time else { return };
     let event = GuestEvent {
-        time_ns: timer::uptime_ns(),
+        time_ns,
         kind: events::KIND_SWITCH | u64::from(into) << events::TID_SHIFT,
         arg0: u64::from(out),
         arg1: u64::from(into),
     };
     // SAFETY: as in `dispatch`.
-    unsafe { events::produce(ring, event) };
+    unsafe { events::produce(ring(id), event) };
 }
