@@ -32,6 +32,7 @@ use crate::arch::{self, Frame};
 use crate::boot;
 use crate::drivers::control;
 use crate::drivers::timer::{self, Intrclock};
+use crate::events;
 use crate::percpu::{PerCpu, SchedTicks};
 use crate::sched;
 
@@ -134,6 +135,7 @@ pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Op
     shared.last_dispatch_start_ns = report.start;
     shared.last_dispatch_ns = report.end;
     publish(&cpu.queue, shared);
+    events::dispatch(cpu.id, shared.current_tid, &report);
     (report.calls.hardclock > 0).then_some(Hardclock {
         now: report.end,
         need_resched,

@@ -25,6 +25,7 @@
 //! syscall    the system-call door: kernel dispatch and user-side wrappers
 //! clock      clockintr on the timer: dispatch callbacks, statistics, profiling
 //! sched      threads, run queues, context switches (no workload or clock knowledge)
+//! events     the trace's event ring: dispatches and switches for the VMM
 //! percpu     per-vCPU data, lent by percpu::with
 //! drivers    vic, timer, console, control: one module per emulated device
 //! runq       the run-queue ring
@@ -39,6 +40,7 @@ mod arch;
 mod boot;
 mod clock;
 mod drivers;
+mod events;
 mod mem;
 mod percpu;
 mod runq;

@@ -79,8 +79,8 @@ struct Area {
 }
 
 const _: () = assert!(
-    layout::PERCPU_PRIVATE + core::mem::size_of::<Area>() as u64 <= PERCPU_STRIDE,
-    "the private per-vCPU data must fit in the vCPU's region"
+    layout::PERCPU_PRIVATE + core::mem::size_of::<Area>() as u64 <= layout::PERCPU_EVENTS,
+    "the private per-vCPU data must end below the vCPU's event ring"
 );
 
 fn area(id: u32) -> *mut Area {

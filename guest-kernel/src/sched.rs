@@ -221,6 +221,8 @@ fn save_current(cpu: &mut PerCpu, frame: &Frame) {
 
 /// Loads `next` (a slot, or idle) into `frame` and publishes it in the shared page.
 fn load(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, next: Option<usize>) {
+    let out = shared.current_tid;
+    let traced = crate::events::switch_time(cpu.id);
     shared.context_switches += 1;
     cpu.current = next;
     match next {
@@ -251,6 +253,7 @@ fn load(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame, next: Opti
             shared.current_name = *b"idle\0\0\0\0\0\0\0\0\0\0\0\0";
         }
     }
+    crate::events::switch(cpu.id, traced, out, shared.current_tid);
 }
 
 /// Switches away from the current context (whose state the caller has set) to

@@ -38,6 +38,11 @@ enum Command {
         .multiple(true)
         .args(["sample_period_us", "pet_period_ms", "kperf"])
 ))]
+#[command(group(
+    ArgGroup::new("trace_out")
+        .multiple(true)
+        .args(["trace", "profile_dir"])
+))]
 struct RunArgs {
     /// Number of vCPUs (1 to 64).
     #[arg(long, value_name = "N", default_value_t = 2)]
@@ -122,18 +127,21 @@ struct RunArgs {
     /// (th_info, ustack, kstack, sys_mem, ...) or a number.
     #[arg(long, value_name = "LIST", default_value = "th_info,ustack,kstack", value_parser = kperf::sampler::parse_list)]
     samplers: u32,
-    /// Write profile.folded, profile.svg and profile.pb.gz here (with sampling).
+    /// Write profile.folded, profile.svg, profile.pb.gz and the trace as
+    /// trace.json (Chrome trace-event JSON) here (with sampling).
     #[arg(long, value_name = "DIR", requires = "sampling")]
     profile_dir: Option<PathBuf>,
     /// Sample only this guest thread id (kperf's pid filter; -1 = every thread).
     #[arg(long, value_name = "TID", default_value_t = -1, allow_negative_numbers = true, requires = "sampling")]
     sample_tid: i32,
-    /// Write the kperf trace (TM_FIRE, TM_HNDLR) as JSON lines (with sampling).
+    /// Write the trace (kperf's TM_*/PET_* events, the guest's clock
+    /// dispatches and thread switches): Chrome trace-event JSON if FILE ends
+    /// in .json, JSON lines otherwise (with sampling).
     #[arg(long, value_name = "FILE", requires = "sampling")]
     trace: Option<PathBuf>,
     /// The trace keeps events of this level and below: 0 data, 1 info, 2
     /// verbose (kperf's debug_level).
-    #[arg(long, value_name = "L", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=2), requires = "trace")]
+    #[arg(long, value_name = "L", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=2), requires = "trace_out")]
     trace_level: u32,
     /// Print every vCPU's pending clockintr events when the VM ends.
     #[arg(long)]

@@ -16,6 +16,7 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod events;
 mod frame;
 
 pub use frame::InterruptFrame;
@@ -72,6 +73,9 @@ pub mod layout {
     pub const PERCPU_SHARED: u64 = 0x3_0000;
     /// Offset in a per-vCPU region of the guest kernel's private per-vCPU data.
     pub const PERCPU_PRIVATE: u64 = 0x3_2000;
+    /// Offset in a per-vCPU region of the guest event ring
+    /// ([`crate::events::EventRing`]); the private data ends below it.
+    pub const PERCPU_EVENTS: u64 = 0x3_8000;
     /// Start of the guest heap (thread stacks and other run-time allocations).
     pub const HEAP_BASE: u64 = 0x200_0000;
     /// Base of the paravirtual MMIO window (see [`crate::mmio`]); never backed by RAM.
@@ -92,6 +96,11 @@ pub mod layout {
     /// Guest physical address of vCPU `id`'s region.
     pub const fn percpu_region(id: u32) -> u64 {
         PERCPU_BASE + id as u64 * PERCPU_STRIDE
+    }
+
+    /// Guest physical address of vCPU `id`'s event ring ([`crate::events`]).
+    pub const fn event_ring(id: u32) -> u64 {
+        percpu_region(id) + PERCPU_EVENTS
     }
 
     /// Guest physical address of vCPU `id`'s [`crate::InterruptFrame`] while it
@@ -731,6 +740,12 @@ const _: () = {
             <= layout::PML4
     );
     assert!(gdt::tss_selector(MAX_VCPUS) as u64 <= 0x1000);
+    // The event ring fits in the rest of the per-vCPU region.
+    assert!(layout::PERCPU_PRIVATE < layout::PERCPU_EVENTS);
+    assert!(
+        layout::PERCPU_EVENTS + core::mem::size_of::<events::EventRing>() as u64
+            <= layout::PERCPU_STRIDE
+    );
     // VcpuShared is integer-only and padding-free (the VMM copies it as plain
     // data): every field is a u64, a u64 array, a pair of u32 or 16 bytes, so
     // the last field ends the struct exactly.

@@ -35,7 +35,7 @@ use vm_memory::GuestMemoryMmap;
 use super::capture::{capture, Capture};
 use super::lightweight::Admission;
 use super::state::SamplingShared;
-use super::trace::TraceRecord;
+use super::trace::{current_tid, TraceRecord};
 use crate::host_time::{monotonic_ns, DeviceClock, PosixTimer};
 use crate::kick;
 
@@ -67,6 +67,10 @@ pub struct VcpuSampler {
     timer: PosixTimer,
     clock: DeviceClock,
     stats: VcpuSampling,
+    /// The guest thread current on this vCPU, read from its shared page when
+    /// a fire or a sample begins (the guest is stopped until it ends): the
+    /// `tid` of the trace records.
+    tid: u64,
 }
 
 impl VcpuSampler {
@@ -78,6 +82,7 @@ impl VcpuSampler {
             timer: PosixTimer::for_current_thread(kick::sig_timer())?,
             clock,
             stats: VcpuSampling::default(),
+            tid: 0,
         })
     }
 
@@ -169,6 +174,7 @@ impl VcpuSampler {
         (due, now): (u64, u64),
         kick: &dyn Fn(u32),
     ) {
+        self.tid = current_tid(mem, self.id);
         let fire = {
             let mut engine = sampling.engine();
             let fire = engine.pet_fired(now);
@@ -178,7 +184,7 @@ impl VcpuSampler {
                     time_ns: self.clock.now(),
                     id: trace::TM_FIRE,
                     vcpu: self.id,
-                    tid: 0,
+                    tid: self.tid,
                     args: fire.tm_fire_args(),
                     deadline_ns: due,
                 });
@@ -199,7 +205,7 @@ impl VcpuSampler {
             time_ns: self.clock.now(),
             id: trace::TM_FIRE | trace::DBG_FUNC_END,
             vcpu: self.id,
-            tid: 0,
+            tid: self.tid,
             args: fire.tm_fire_args(),
             deadline_ns: 0,
         });
@@ -216,6 +222,7 @@ impl VcpuSampler {
         now: u64,
     ) {
         let started = monotonic_ns();
+        self.tid = current_tid(mem, self.id);
         {
             let engine = sampling.engine();
             if !engine.sampling() {
@@ -291,6 +298,7 @@ impl VcpuSampler {
     /// vCPU's own samples (hops 2 and 3 of the module docs).
     fn expire(&mut self, sampling: &SamplingShared, mem: &GuestMemoryMmap, fd: &VcpuFd, now: u64) {
         let started = monotonic_ns();
+        self.tid = current_tid(mem, self.id);
         let requests = self.elect(sampling, mem, now);
         for request in requests {
             self.take(sampling, mem, fd, &request, now, started);
@@ -317,6 +325,7 @@ impl VcpuSampler {
             Capture::FilteredOut | Capture::NoRegisters => {}
             Capture::NoSamplers => self.count_sample(sampling),
             Capture::Sample(raw) => {
+                self.tid = raw.tid;
                 self.count_sample(sampling);
                 self.stats.walk_errors += u64::from(raw.walk_error());
                 for record in raw.samplers.trace_records(&raw) {
@@ -358,7 +367,7 @@ impl VcpuSampler {
                             time_ns: self.clock.now(),
                             id: trace::TM_FIRE,
                             vcpu: self.id,
-                            tid: 0,
+                            tid: self.tid,
                             args: fire.tm_fire_args(),
                             deadline_ns: fire.deadline,
                         });
@@ -394,7 +403,7 @@ impl VcpuSampler {
             time_ns: self.clock.now(),
             id: trace::TM_HNDLR | qualifier,
             vcpu: self.id,
-            tid: 0,
+            tid: self.tid,
             args: [u64::from(request.timer), u64::from(request.flags), 0, 0],
             deadline_ns: 0,
         }

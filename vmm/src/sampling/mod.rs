@@ -13,12 +13,17 @@
 //! - [`buffer`]: samples leaving the vCPU threads, counted per distinct
 //!   stack as they arrive ([`SampleBuffer`]): memory stays flat however long
 //!   sampling runs.
-//! - [`trace`]: `PERF_TM_FIRE` / `PERF_TM_HNDLR` records and their JSON lines.
+//! - [`trace`]: the trace's kdebug-style records and their JSON lines.
+//! - [`guest_events`]: draining the guest's per-vCPU event rings (clock
+//!   dispatches, context switches) into the trace.
+//! - [`chrome`]: the trace as Chrome trace-event JSON (`trace.json`).
 //! - [`report`]: the end of a sampled run: figures, profile files, trace file.
 
 pub mod buffer;
 pub mod capture;
+pub mod chrome;
 pub mod expiry;
+pub mod guest_events;
 pub mod lightweight;
 pub mod pet;
 pub mod report;

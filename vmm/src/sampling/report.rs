@@ -4,8 +4,10 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use vm_memory::GuestMemoryMmap;
+
 use super::buffer::StackSample;
-use super::{samplers, trace, SamplingShared};
+use super::{chrome, samplers, trace, SamplingShared};
 use crate::config::KperfConfig;
 use crate::profile::{Profile, Sample, Symbolizer};
 use crate::summary::{
@@ -13,15 +15,20 @@ use crate::summary::{
 };
 use crate::vcpu::VcpuRunStats;
 
-/// Builds the sampling summary and writes the files the configuration asks for.
-/// Failures to write are reported in `errors`; they do not change the outcome.
+/// Builds the sampling summary and writes the files the configuration asks for
+/// (after the vCPUs stopped: it drains their guest event rings a last time
+/// from `mem`). Failures to write are reported in `errors`; they do not
+/// change the outcome.
 pub fn finish(
     sampling: &SamplingShared,
     stats: &[VcpuRunStats],
-    kernel_image: &[u8],
+    (kernel_image, mem): (&[u8], &GuestMemoryMmap),
     uptime_ns: u64,
     errors: &mut Vec<String>,
 ) -> SamplingSummary {
+    for id in 0..sampling.guest_events().vcpus() {
+        sampling.drain_guest_events(id, mem);
+    }
     let mut cost = metronome_devices::LatencyHistogram::new();
     let config = effective_config(sampling);
     // The profile's period: the shortest on-CPU timer's (a profile mixing
@@ -54,8 +61,15 @@ pub fn finish(
             walk_errors: v.walk_errors,
             not_running: v.not_running,
             achieved_hz: v.samples as f64 / secs,
+            trace_guest_events: sampling.guest_events().drained(s.id),
+            trace_ring_dropped: if sampling.trace().is_some() {
+                sampling.guest_events().dropped(mem, s.id)
+            } else {
+                0
+            },
         });
     }
+    summary.trace_ring_dropped = summary.vcpus.iter().map(|v| v.trace_ring_dropped).sum();
     summary.cost_per_sample_ns = Percentiles::of(&cost);
     // The CPU profile: the samples that describe a place in the code.
     let samples = sampling.samples.drain();
@@ -74,16 +88,38 @@ pub fn finish(
     summary.samplers_captured = totals.captured;
     summary.sys_mem_vmm_resident_bytes = totals.vmm_resident;
     summary.meminfo_guest_in_use_bytes = totals.guest_in_use;
-    if let (Some(path), Some(buffer)) = (&sampling.config.trace_file, sampling.trace()) {
-        match write_trace(&buffer.take(), path) {
-            Ok(()) => summary.files.push(path.display().to_string()),
-            Err(e) => errors.push(format!(
-                "cannot write the trace to '{}': {e}",
-                path.display()
-            )),
+    if let Some(buffer) = sampling.trace() {
+        let records = buffer.take();
+        let tracks = chrome::Tracks {
+            vcpus: sampling.guest_events().vcpus(),
+            threads: super::samplers::thread_table(mem)
+                .iter()
+                .filter(|t| t.tid != 0)
+                .map(|t| (t.tid, thread_name(&t.name)))
+                .collect(),
+        };
+        let chrome_file = sampling
+            .config
+            .profile_dir
+            .as_ref()
+            .map(|d| d.join("trace.json"));
+        for path in sampling.config.trace_file.iter().chain(&chrome_file) {
+            match write_trace(&records, &tracks, uptime_ns, path) {
+                Ok(()) => summary.files.push(path.display().to_string()),
+                Err(e) => errors.push(format!(
+                    "cannot write the trace to '{}': {e}",
+                    path.display()
+                )),
+            }
         }
     }
     summary
+}
+
+/// A NUL-padded guest thread name.
+fn thread_name(name: &[u8; 16]) -> String {
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..len]).into_owned()
 }
 
 /// The configuration in force, read back from the engine.
@@ -191,7 +227,19 @@ fn write_profile(
     Ok(files.iter().map(|f| f.display().to_string()).collect())
 }
 
-/// Writes the trace as JSON lines, in recording order.
-fn write_trace(records: &[super::TraceRecord], path: &Path) -> std::io::Result<()> {
-    trace::write_json_lines(records, std::fs::File::create(path)?)
+/// Writes the trace to `path`: Chrome trace-event JSON when the name ends in
+/// `.json` (`trace.json` in the profile directory), otherwise JSON lines in
+/// recording order.
+fn write_trace(
+    records: &[super::TraceRecord],
+    tracks: &chrome::Tracks,
+    end_ns: u64,
+    path: &Path,
+) -> std::io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    if path.extension().is_some_and(|e| e == "json") {
+        chrome::write_chrome(records, tracks, end_ns, file)
+    } else {
+        trace::write_json_lines(records, file)
+    }
 }

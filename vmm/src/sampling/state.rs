@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use kperf::{Kperf, KperfError, SampleRequest};
 use metronome_devices::LatencyHistogram;
+use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
 use super::buffer::{SampleBuffer, STACK_LIMIT};
+use super::guest_events::GuestEventRings;
 use super::lightweight::LightweightPet;
 use super::trace::{TraceBuffer, TraceRecord};
 use crate::config::{KperfConfigError, SamplingConfig};
@@ -38,8 +40,11 @@ pub struct SamplingShared {
     acked: Vec<AtomicU64>,
     ack_lock: Mutex<()>,
     ack_cv: Condvar,
-    /// The trace, when the configuration asks for one.
+    /// The trace, when the configuration asks for one (a trace file or a
+    /// profile directory, which gets `trace.json`).
     trace: Option<TraceBuffer>,
+    /// The guest's event rings (drained only with a trace).
+    guest_events: GuestEventRings,
     /// Samples on their way out of the vCPU threads.
     pub samples: SampleBuffer,
     samples_taken: AtomicU64,
@@ -178,7 +183,9 @@ impl SamplingShared {
             acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ack_lock: Mutex::new(()),
             ack_cv: Condvar::new(),
-            trace: config.trace_file.as_ref().map(|_| TraceBuffer::default()),
+            trace: (config.trace_file.is_some() || config.profile_dir.is_some())
+                .then(TraceBuffer::default),
+            guest_events: GuestEventRings::new(vcpus),
             samples: SampleBuffer::new(n, STACK_LIMIT),
             samples_taken: AtomicU64::new(0),
             pet: PetShared::new(n),
@@ -218,6 +225,31 @@ impl SamplingShared {
     /// The trace buffer, when the configuration asks for one.
     pub fn trace(&self) -> Option<&TraceBuffer> {
         self.trace.as_ref()
+    }
+
+    /// The guest's event rings.
+    pub fn guest_events(&self) -> &GuestEventRings {
+        &self.guest_events
+    }
+
+    /// With a trace, turns the guest's event rings on (before the vCPUs start).
+    pub fn enable_guest_events(&self, mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
+        match self.trace {
+            Some(_) => self.guest_events.enable(mem),
+            None => Ok(()),
+        }
+    }
+
+    /// With a trace, moves what vCPU `id`'s guest published into it. Called by
+    /// that vCPU's thread at its loop top, and by the end of the run once the
+    /// vCPUs stopped: one consumer at a time per ring. Without new events it
+    /// costs one load of guest memory.
+    pub fn drain_guest_events(&self, id: u32, mem: &GuestMemoryMmap) {
+        let Some(trace) = &self.trace else { return };
+        let mut records = Vec::new();
+        if self.guest_events.drain(mem, id, |r| records.push(r)) > 0 {
+            trace.record_all(records);
+        }
     }
 
     /// Counts one sample taken (kept or dropped).

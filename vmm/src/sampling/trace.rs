@@ -1,12 +1,51 @@
-//! The kperf trace: kdebug-style records (`PERF_TM_FIRE`, `PERF_TM_HNDLR`)
-//! kept in memory while the VM runs and written as JSON lines at the end.
+//! The trace: kdebug-style records kept in memory while the VM runs and
+//! written at the end as JSON lines or as Chrome trace-event JSON
+//! ([`super::chrome`]).
+//!
+//! The records are kperf's (`PERF_TM_FIRE`, `PERF_TM_HNDLR`, the PET
+//! sampler's `PERF_PET_*`, [`kperf::trace`]) and the guest's own, drained from
+//! its per-vCPU event rings ([`super::guest_events`]): [`GUEST_DISPATCH`] and
+//! [`GUEST_SWITCH`]. kperf's are appended as they happen; the guest's when
+//! drained, so the buffer is in time order per source, not overall.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use metronome_abi::{layout, VcpuShared};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
 /// Trace records kept at most; later ones are counted as dropped.
 const TRACE_LIMIT: usize = 4_000_000;
+
+/// kdebug class `DBG_MACH`.
+const DBG_MACH: u8 = 1;
+/// `DBG_MACH_EXCP_DECI`: XNU's timer-interrupt subclass (its `DECR_TRAP`).
+const DBG_MACH_EXCP_DECI: u8 = 0x09;
+/// `DBG_MACH_SCHED`: XNU's scheduler subclass (its `MACH_SCHED` switch event).
+const DBG_MACH_SCHED: u8 = 0x40;
+
+/// A guest clockintr dispatch (`0x01090000`, as XNU's `DECR_TRAP`): a
+/// `DBG_FUNC_START` record at the uptime the dispatch cached at entry, args
+/// (outcome: 0 prompt, 1 early, 2 spurious), and a `DBG_FUNC_END` record at
+/// its last cached uptime, args (hardclock calls, statclock calls, outcome).
+/// `tid` is the thread it interrupted (0 = idle). Data level.
+pub const GUEST_DISPATCH: u32 =
+    kperf::trace::kdebug_id(DBG_MACH, DBG_MACH_EXCP_DECI, 0, kperf::trace::DBG_FUNC_NONE);
+/// A guest context switch (`0x01400000`, as XNU's `MACH_SCHED`): args (thread
+/// switched out, thread switched in; 0 = idle); `tid` is the one switched
+/// in. Data level.
+pub const GUEST_SWITCH: u32 =
+    kperf::trace::kdebug_id(DBG_MACH, DBG_MACH_SCHED, 0, kperf::trace::DBG_FUNC_NONE);
+
+/// The guest thread current on vCPU `id`, from its shared page (0 = idle, or
+/// the page unreadable): one 4-byte read of guest memory.
+pub fn current_tid(mem: &GuestMemoryMmap, id: u32) -> u64 {
+    let at = layout::percpu_region(id)
+        + layout::PERCPU_SHARED
+        + std::mem::offset_of!(VcpuShared, current_tid) as u64;
+    mem.read_obj::<u32>(GuestAddress(at)).map_or(0, u64::from)
+}
 
 /// One kdebug-style trace record.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -17,8 +56,9 @@ pub struct TraceRecord {
     pub id: u32,
     /// The vCPU that recorded it; `u32::MAX` for the PET sampler thread.
     pub vcpu: u32,
-    /// The guest thread current on that vCPU; 0 = idle or not recorded (the
-    /// kptimer records do not read the guest thread today).
+    /// The guest thread current on that vCPU when recorded (0 = idle); for
+    /// `PET_SAMPLE_THREAD`, the thread sampled; 0 for the PET sampler's other
+    /// records.
     pub tid: u64,
     /// Arguments.
     pub args: [u64; 4],
@@ -43,6 +83,18 @@ impl TraceBuffer {
             records.push(record);
         } else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Appends `records` under one lock, counting those past the limit.
+    pub fn record_all(&self, records: impl IntoIterator<Item = TraceRecord>) {
+        let mut kept = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        for record in records {
+            if kept.len() < TRACE_LIMIT {
+                kept.push(record);
+            } else {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

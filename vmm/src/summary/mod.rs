@@ -317,6 +317,12 @@ pub struct VcpuSamplingSummary {
     pub not_running: u64,
     /// Samples per second of guest uptime.
     pub achieved_hz: f64,
+    /// With a trace: events (dispatches, switches) drained from this vCPU's
+    /// guest event ring.
+    pub trace_guest_events: u64,
+    /// With a trace: events this vCPU's guest dropped on a full ring (plus
+    /// any the VMM had to skip).
+    pub trace_ring_dropped: u64,
 }
 
 /// Host-side sampling.
@@ -347,6 +353,9 @@ pub struct SamplingSummary {
     pub files: Vec<String>,
     /// Trace records not kept.
     pub trace_dropped: u64,
+    /// Guest event-ring events that never reached the trace, all vCPUs
+    /// (`vcpus[].trace_ring_dropped`).
+    pub trace_ring_dropped: u64,
     /// Traditional PET passes over every guest thread (PET-T-3).
     pub pet_passes: u64,
     /// Traditional PET fires (PET-C-1: never counts lightweight PET or

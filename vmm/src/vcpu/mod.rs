@@ -4,6 +4,7 @@
 //!            +--------------------------------------------------------------+
 //!            |  loop top: clear immediate_exit; stop? pause? hold?          |
 //!            |  sampling: kperf deadline passed? expiry + own sample        |
+//!            |  trace: drain the guest's event ring                         |
 //!            |  under the irq lock: poll own timer device, pick the vector  |
 //!            |  then: program own POSIX timer; KVM_INTERRUPT if the guest   |
 //!            |        is ready, else request_interrupt_window               |
@@ -169,6 +170,10 @@ impl VcpuRunner {
                 sampler
                     .at_loop_top(sampling, &shared.mem, &self.fd, &|cpu| shared.wake(cpu))
                     .map_err(|e| host_error(id, "timer_settime", e))?;
+            }
+            if let Some(sampling) = &shared.sampling {
+                // With a trace: what the guest published since the last exit.
+                sampling.drain_guest_events(id, &shared.mem);
             }
             if !shared.pausing() {
                 self.prepare_entry(&mut timer)?;

@@ -228,6 +228,9 @@ impl Vm {
         };
         if let Some(sampling) = &sampling {
             sampling.lightweight.attach(mem.clone());
+            sampling
+                .enable_guest_events(&mem)
+                .map_err(BuildVmError::WriteBoot)?;
         }
         let shared =
             Arc::new(VmShared::new(mem, config.vcpus, sampling).map_err(BuildVmError::Host)?);

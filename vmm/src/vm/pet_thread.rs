@@ -55,12 +55,19 @@ impl PetThread {
     }
 }
 
+/// A record of the PET sampler thread (`vcpu` `u32::MAX`); `args[0]` is
+/// the thread sampled for `PET_SAMPLE_THREAD`, its `tid`.
 fn record(sampling: &SamplingShared, shared: &VmShared, id: u32, args: [u64; 4]) {
+    let tid = if id & !0x3 == trace::PET_SAMPLE_THREAD {
+        args[0]
+    } else {
+        0
+    };
     sampling.record(TraceRecord {
         time_ns: shared.now(),
         id,
         vcpu: u32::MAX,
-        tid: 0,
+        tid,
         args,
         deadline_ns: 0,
     });

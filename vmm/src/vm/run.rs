@@ -158,7 +158,7 @@ impl RunningVm {
             summary.sampling = Some(crate::sampling::report::finish(
                 sampling,
                 &stats,
-                &self.vm.kernel_image,
+                (&self.vm.kernel_image, &shared.mem),
                 summary.guest_uptime_ns,
                 &mut summary.errors,
             ));
