@@ -16,7 +16,7 @@ use metronome_abi::{layout, VcpuShared};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Trace records kept at most; later ones are counted as dropped.
-const TRACE_LIMIT: usize = 4_000_000;
+const TRACE_LIMIT: usize = 1_000_000;
 
 /// kdebug class `DBG_MACH`.
 const DBG_MACH: u8 = 1;
