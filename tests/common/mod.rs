@@ -114,7 +114,6 @@ pub fn run_ok(args: &[&str]) -> Run {
     r
 }
 
-/// A u64 field of a JSON object.
 /// The records of a trace file written with `--trace` (JSON lines).
 pub fn read_trace(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -124,6 +123,7 @@ pub fn read_trace(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A u64 field of a JSON object.
 pub fn u(value: &serde_json::Value, key: &str) -> u64 {
     value[key]
         .as_u64()

@@ -60,6 +60,14 @@ pub struct VcpuSampling {
     pub cost: LatencyHistogram,
 }
 
+/// Which profile a sample goes to: the on-CPU timers' (whose samples are
+/// periodic per vCPU) or PET's (its broadcast samples, with its passes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Buffer {
+    OnCpu,
+    Pet,
+}
+
 /// The sampling side of one vCPU thread.
 #[derive(Debug)]
 pub struct VcpuSampler {
@@ -103,9 +111,7 @@ impl VcpuSampler {
         if let Some(tid) = sampling.lightweight.take_request(self.id) {
             self.pet_self_sample(sampling, mem, fd, tid, now);
         }
-        if let Some(request) = sampling.pet.take_request(self.id as usize) {
-            self.pet_remote_sample(sampling, mem, fd, request, now);
-        }
+        self.serve_pet_request(sampling, mem, fd, now);
         if let Some(due) = self
             .handles_pet()
             .then(|| sampling.pet.deadline())
@@ -119,6 +125,21 @@ impl VcpuSampler {
             self.expire(sampling, mem, fd, now);
         }
         self.arm(sampling)
+    }
+
+    /// Takes the PET sample another vCPU asked of this one, if any (PET-H-2).
+    /// Also called before the vCPU parks for a hold or a pause, so that a
+    /// PET pass that holds the guest does not delay the broadcast's samples.
+    pub fn serve_pet_request(
+        &mut self,
+        sampling: &SamplingShared,
+        mem: &GuestMemoryMmap,
+        fd: &VcpuFd,
+        now: u64,
+    ) {
+        if let Some(request) = sampling.pet.take_request(self.id as usize) {
+            self.pet_remote_sample(sampling, mem, fd, request, now);
+        }
     }
 
     /// Whether this vCPU services the traditional PET one-shot (AMB-7).
@@ -200,7 +221,15 @@ impl VcpuSampler {
         sampling.pet.wake();
         let started = monotonic_ns();
         sampling.record(self.handler_record(&fire.handler_sample, trace::DBG_FUNC_START));
-        self.take(sampling, mem, fd, &fire.handler_sample, now, started);
+        self.take(
+            sampling,
+            mem,
+            fd,
+            &fire.handler_sample,
+            now,
+            started,
+            Buffer::Pet,
+        );
         sampling.record(TraceRecord {
             time_ns: self.clock.now(),
             id: trace::TM_FIRE | trace::DBG_FUNC_END,
@@ -231,7 +260,7 @@ impl VcpuSampler {
             }
             sampling.record(self.handler_record(&request, trace::DBG_FUNC_START));
         }
-        self.take(sampling, mem, fd, &request, now, started);
+        self.take(sampling, mem, fd, &request, now, started, Buffer::Pet);
     }
 
     /// Lightweight PET (PET-L-2): the guest switched thread `tid` on with a
@@ -278,7 +307,7 @@ impl VcpuSampler {
             self.id,
             now,
             (&regs.regs, &regs.sregs),
-            &request.settings,
+            &request.sampled(),
         );
         if let Capture::Sample(raw) = taken {
             self.stats.walk_errors += u64::from(raw.walk_error());
@@ -301,13 +330,14 @@ impl VcpuSampler {
         self.tid = current_tid(mem, self.id);
         let requests = self.elect(sampling, mem, now);
         for request in requests {
-            self.take(sampling, mem, fd, &request, now, started);
+            self.take(sampling, mem, fd, &request, now, started, Buffer::OnCpu);
         }
     }
 
     /// Takes one sample of this vCPU for `request` (its `PERF_TM_HNDLR` start
-    /// already recorded), keeps it, records the end and the host cost since
-    /// `started`.
+    /// already recorded), keeps it in `buffer`, records the end and the host
+    /// cost since `started`.
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &mut self,
         sampling: &SamplingShared,
@@ -316,6 +346,7 @@ impl VcpuSampler {
         request: &SampleRequest,
         now: u64,
         started: u64,
+        buffer: Buffer,
     ) {
         let regs = fd.sync_regs();
         // The samplers this sample takes: system memory for the leader only
@@ -331,7 +362,10 @@ impl VcpuSampler {
                 for record in raw.samplers.trace_records(&raw) {
                     sampling.record(record);
                 }
-                sampling.samples.push(raw);
+                match buffer {
+                    Buffer::OnCpu => sampling.samples.push(raw),
+                    Buffer::Pet => sampling.pet.samples.push(raw),
+                };
             }
         }
         sampling.record(self.handler_record(request, trace::DBG_FUNC_END));

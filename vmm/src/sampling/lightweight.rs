@@ -30,8 +30,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use kperf::{sample_flags, Kperf, SampleRequest};
-use metronome_abi::{layout, PetPage, ThreadInfo, VcpuShared, MAX_THREADS};
+use metronome_abi::{layout, PetPage, ThreadInfo, MAX_THREADS};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::trace::current_tid;
 
 /// Lightweight PET's state shared by the vCPU threads and the control page.
 #[derive(Debug)]
@@ -83,14 +85,6 @@ fn sampled_addr(slot: usize) -> GuestAddress {
 fn slot_of(tid: u64) -> Option<usize> {
     let slot = usize::try_from(tid.checked_sub(1)?).ok()?;
     (slot < MAX_THREADS).then_some(slot)
-}
-
-/// The current thread id vCPU `vcpu`'s shared page names (0: idle or unreadable).
-fn current_tid(mem: &GuestMemoryMmap, vcpu: u32) -> u64 {
-    let addr = layout::percpu_region(vcpu)
-        + layout::PERCPU_SHARED
-        + std::mem::offset_of!(VcpuShared, current_tid) as u64;
-    mem.read_obj::<u32>(GuestAddress(addr)).map_or(0, u64::from)
 }
 
 impl LightweightPet {
@@ -221,6 +215,7 @@ mod tests {
     use super::*;
     use crate::guestmem::write_plain;
     use kperf::{sampler, CpuExpiry};
+    use metronome_abi::VcpuShared;
 
     const MS: u64 = 1_000_000;
 

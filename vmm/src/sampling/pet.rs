@@ -18,7 +18,7 @@
 //! it to the kernel part only; here both parts, so a filtered thread is left
 //! out of the pass).
 
-use kperf::{sampler, Action, PID_FILTER_ALL};
+use kperf::{sample_flags, sampler, Action, PID_FILTER_ALL};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use metronome_abi::{exception, thread_state, ThreadInfo, MAX_THREADS};
 use vm_memory::GuestMemoryMmap;
@@ -79,6 +79,20 @@ impl PetSampler {
         let Some(cr3) = parked.iter().flatten().map(|(_, sregs)| sregs.cr3).next() else {
             return Vec::new();
         };
+        // A thread sample takes the thread samplers only (PET-T-5:
+        // `THREAD_ONLY | IDLE_THREADS`, no `SYSTEM`); the PMC samplers count
+        // the thread on a vCPU's own thread, so on-CPU samples carry them.
+        let thread_samplers = sample_flags::sampled(
+            settings.samplers,
+            sample_flags::THREAD_ONLY | sample_flags::IDLE_THREADS,
+        ) & !(sampler::PMC_THREAD
+            | sampler::PMC_CPU
+            | sampler::TH_INSCYC
+            | sampler::PMC_CONFIG);
+        if thread_samplers == 0 {
+            return Vec::new();
+        }
+        let last_vcpu = parked.len().saturating_sub(1) as u64;
         let mut samples = Vec::new();
         for (slot, info) in thread_table(mem).iter().enumerate() {
             let state = info.state as u32;
@@ -91,7 +105,9 @@ impl PetSampler {
                 continue;
             }
             let seen = &mut self.seen[slot];
-            if seen.tid != info.tid {
+            // A new thread in the slot (or a switch count that went back).
+            if seen.tid != info.tid || (seen.switches != u64::MAX && info.switches < seen.switches)
+            {
                 *seen = Seen {
                     tid: info.tid,
                     switches: u64::MAX,
@@ -104,7 +120,15 @@ impl PetSampler {
             if dirty {
                 seen.switches = info.switches;
             }
-            let mut action = *settings;
+            let mut action = Action {
+                samplers: thread_samplers,
+                ..*settings
+            };
+            // The guest says which vCPU owns the thread: keep it in range.
+            let info = &ThreadInfo {
+                vcpu: info.vcpu.min(last_vcpu),
+                ..*info
+            };
             if !stacks {
                 action.samplers &= !(sampler::USTACK | sampler::KSTACK);
             }
@@ -139,9 +163,7 @@ fn running_sample(
 ) -> Option<RawSample> {
     let vcpu = u32::try_from(info.vcpu).ok()?;
     let (regs, sregs) = parked.get(vcpu as usize)?.as_ref()?;
-    let mut everything = *action;
-    everything.samplers |= sampler::TH_INFO;
-    match capture(mem, vcpu, now, (regs, sregs), &everything) {
+    match capture(mem, vcpu, now, (regs, sregs), action) {
         Capture::Sample(raw) if raw.tid == info.tid => Some(raw),
         _ => None,
     }

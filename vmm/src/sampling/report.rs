@@ -180,6 +180,7 @@ fn pet_report(
         .threads_sampled
         .load(std::sync::atomic::Ordering::Relaxed);
     summary.pet_sample_ns = Percentiles::of(&pet.pass_ns.lock().unwrap_or_else(|p| p.into_inner()));
+    summary.pet_remote_missed = pet.remote_missed.load(Ordering::Relaxed);
     let lightweight = &sampling.lightweight;
     summary.lightweight_self_samples = lightweight.self_samples.load(Ordering::Relaxed);
     summary.lightweight_refused = lightweight.refused.load(Ordering::Relaxed);

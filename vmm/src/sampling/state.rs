@@ -77,6 +77,9 @@ pub struct PetShared {
     pub threads_sampled: AtomicU64,
     /// How long each pass took (the `d` of PET-R-1), ns.
     pub pass_ns: Mutex<LatencyHistogram>,
+    /// Broadcast requests a vCPU had not served when the next fire asked
+    /// again (the later one replaces it).
+    pub remote_missed: AtomicU64,
 }
 
 /// Why the PET sampler thread wakes.
@@ -98,6 +101,7 @@ impl PetShared {
             passes: AtomicU64::new(0),
             threads_sampled: AtomicU64::new(0),
             pass_ns: Mutex::new(LatencyHistogram::new()),
+            remote_missed: AtomicU64::new(0),
         }
     }
 
@@ -117,7 +121,14 @@ impl PetShared {
     /// kicks it, without waiting: PET-H-2).
     pub fn request(&self, cpu: usize, request: SampleRequest) {
         if let (Some(slot), Some(flag)) = (self.requests.get(cpu), self.pending.get(cpu)) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(request);
+            if slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(request)
+                .is_some()
+            {
+                self.remote_missed.fetch_add(1, Ordering::Relaxed);
+            }
             flag.store(true, Ordering::Release);
         }
     }

@@ -365,6 +365,9 @@ pub struct SamplingSummary {
     pub threads_sampled: u64,
     /// How long a PET pass took (the `d` of PET-R-1), ns.
     pub pet_sample_ns: Percentiles,
+    /// PET broadcast requests a vCPU had not served when the next PET fire
+    /// asked it again (not waited for, PET-H-2; the later one replaced it).
+    pub pet_remote_missed: u64,
     /// Lightweight PET self-samples: threads switched on with a stale
     /// generation that sampled themselves (PET-L-2; in `pet.*`).
     pub lightweight_self_samples: u64,

@@ -23,6 +23,7 @@ impl VcpuRunner {
     pub(super) fn stay_out(&mut self) -> bool {
         if self.shared.pausing() {
             if self.at_pause_point() {
+                self.serve_pet_request();
                 self.pause_park();
                 return true;
             }
@@ -47,6 +48,16 @@ impl VcpuRunner {
             .unwrap_or_else(|p| p.into_inner());
         irq.parked = false;
         true
+    }
+
+    /// A PET sample asked of this vCPU is taken before it parks (the guest
+    /// is stopped either way), so a PET pass holding the guest does not
+    /// delay the broadcast's samples past the pass.
+    fn serve_pet_request(&mut self) {
+        let shared = self.shared.clone();
+        if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
+            sampler.serve_pet_request(sampling, &shared.mem, &self.fd, shared.now());
+        }
     }
 
     /// Whether this vCPU may park for a pause now: the guest is interruptible

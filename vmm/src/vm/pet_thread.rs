@@ -85,11 +85,12 @@ fn run(shared: &VmShared) {
             return;
         }
         // Spurious wake-ups with no PET action sleep again (PET-T-2).
-        let (action, idle_rate) = {
+        let (action, idle_rate, on) = {
             let engine = sampling.engine();
-            (engine.action(engine.pet_action()), engine.pet_idle_rate())
+            let action = engine.action(engine.pet_action());
+            (action, engine.pet_idle_rate(), engine.sampling())
         };
-        if action.samplers == 0 {
+        if action.samplers == 0 || !on {
             continue;
         }
         record(sampling, shared, trace::PET_RUN, [0; 4]);
@@ -108,12 +109,33 @@ fn run(shared: &VmShared) {
         );
         let samples = {
             let _hold = shared.hold_all();
-            let parked: Vec<_> = shared
-                .vcpus
-                .iter()
-                .map(|slot| *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()))
-                .collect();
-            pet.pass(&shared.mem, &parked, &action, idle_rate, shared.now())
+            // A stop (or the end of the run) that came while the guest was
+            // being held: no pass after it.
+            if sampling.engine().sampling() && !shared.stopping() {
+                let parked: Vec<_> = shared
+                    .vcpus
+                    .iter()
+                    .map(|slot| *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()))
+                    .collect();
+                Some(pet.pass(&shared.mem, &parked, &action, idle_rate, shared.now()))
+            } else {
+                None
+            }
+        };
+        let Some(samples) = samples else {
+            record(
+                sampling,
+                shared,
+                trace::PET_SAMPLE_TASK | trace::DBG_FUNC_END,
+                [0; 4],
+            );
+            record(
+                sampling,
+                shared,
+                trace::PET_SAMPLE | trace::DBG_FUNC_END,
+                [0; 4],
+            );
+            continue;
         };
         for sample in &samples {
             let args = [sample.raw.tid, u64::from(sample.dirty), 0, 0];
