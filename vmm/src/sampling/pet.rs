@@ -47,6 +47,8 @@ pub struct ThreadSample {
     pub dirty: bool,
     /// The call stacks were taken (dirty, or a multiple of the idle rate).
     pub stacks: bool,
+    /// Device time when its sampling ended (`raw.time_ns` is when it began).
+    pub ended_ns: u64,
 }
 
 /// The PET sampler's memory of the guest's threads, across passes.
@@ -64,7 +66,7 @@ impl Default for PetSampler {
 }
 
 impl PetSampler {
-    /// One pass over every live guest thread at device time `now`, with the
+    /// One pass over every live guest thread, at device times `now()`, with the
     /// guest held: `parked[v]` holds vCPU `v`'s registers (`None` for a vCPU
     /// whose thread has gone). `settings` is the PET action's.
     pub fn pass(
@@ -73,7 +75,7 @@ impl PetSampler {
         parked: &[Option<(kvm_regs, kvm_sregs)>],
         settings: &Action,
         idle_rate: u32,
-        now: u64,
+        now: &dyn Fn() -> u64,
     ) -> Vec<ThreadSample> {
         // One address space: any parked vCPU's CR3 translates user addresses.
         let Some(cr3) = parked.iter().flatten().map(|(_, sregs)| sregs.cr3).next() else {
@@ -132,21 +134,27 @@ impl PetSampler {
             if !stacks {
                 action.samplers &= !(sampler::USTACK | sampler::KSTACK);
             }
+            let started = now();
             let raw = if state == thread_state::RUNNING {
                 // A running thread whose vCPU's registers cannot be read (not
                 // parked, or not running it after all) keeps its place in
                 // the pass, without stacks.
-                running_sample(mem, parked, info, &action, now).unwrap_or_else(|| {
+                running_sample(mem, parked, info, &action, started).unwrap_or_else(|| {
                     let no_stacks = Action {
                         samplers: action.samplers & !(sampler::USTACK | sampler::KSTACK),
                         ..action
                     };
-                    saved_sample(mem, cr3, info, &no_stacks, now)
+                    saved_sample(mem, cr3, info, &no_stacks, started)
                 })
             } else {
-                saved_sample(mem, cr3, info, &action, now)
+                saved_sample(mem, cr3, info, &action, started)
             };
-            samples.push(ThreadSample { raw, dirty, stacks });
+            samples.push(ThreadSample {
+                raw,
+                dirty,
+                stacks,
+                ended_ns: now(),
+            });
         }
         samples
     }
@@ -290,7 +298,7 @@ mod tests {
     fn test_pet_t_4_every_live_thread_is_sampled_running_or_not() {
         let mem = guest();
         let mut pet = PetSampler::default();
-        let samples = pet.pass(&mem, &parked(), &action(), 15, 9);
+        let samples = pet.pass(&mem, &parked(), &action(), 15, &|| 9);
         let by_tid: Vec<(u64, &str, Vec<u64>)> = samples
             .iter()
             .map(|s| {
@@ -328,7 +336,7 @@ mod tests {
             ]
         );
         // Without a parked vCPU there is no address space to read: no pass.
-        assert!(pet.pass(&mem, &[None], &action(), 15, 10).is_empty());
+        assert!(pet.pass(&mem, &[None], &action(), 15, &|| 10).is_empty());
     }
 
     #[test]
@@ -342,7 +350,7 @@ mod tests {
         }
         // Some other parked vCPU gives the address space.
         regs.push(parked()[0]);
-        let samples = pet.pass(&mem, &regs, &action(), 15, 0);
+        let samples = pet.pass(&mem, &regs, &action(), 15, &|| 0);
         let runner = samples.iter().find(|s| s.raw.tid == 1).expect("runner");
         assert_eq!(runner.raw.thread_name, "runner");
         assert!(runner.raw.user_stack.frames.is_empty());
@@ -355,7 +363,7 @@ mod tests {
         let mut pet = PetSampler::default();
         let mut with_stacks = Vec::new();
         for pass in 0..45u64 {
-            let samples = pet.pass(&mem, &parked(), &action(), 15, pass);
+            let samples = pet.pass(&mem, &parked(), &action(), 15, &|| pass);
             let sleeper = samples.iter().find(|s| s.raw.tid == 2).unwrap();
             assert_eq!(sleeper.stacks, !sleeper.raw.user_stack.frames.is_empty());
             if sleeper.stacks {
@@ -369,7 +377,7 @@ mod tests {
         let mut info: ThreadInfo = read_plain(&mem, GuestAddress(at)).unwrap();
         info.switches += 1;
         write_plain(&mem, GuestAddress(at), &info).unwrap();
-        let samples = pet.pass(&mem, &parked(), &action(), 15, 45);
+        let samples = pet.pass(&mem, &parked(), &action(), 15, &|| 45);
         let sleeper = samples.iter().find(|s| s.raw.tid == 2).unwrap();
         assert!(sleeper.dirty && sleeper.stacks);
     }
@@ -382,7 +390,7 @@ mod tests {
             pid_filter: 2,
             ..action()
         };
-        let samples = pet.pass(&mem, &parked(), &only_two, 15, 0);
+        let samples = pet.pass(&mem, &parked(), &only_two, 15, &|| 0);
         assert_eq!(samples.len(), 1);
         assert_eq!(samples[0].raw.tid, 2);
     }

@@ -55,16 +55,21 @@ impl PetThread {
     }
 }
 
-/// A record of the PET sampler thread (`vcpu` `u32::MAX`); `args[0]` is
-/// the thread sampled for `PET_SAMPLE_THREAD`, its `tid`.
+/// A record of the PET sampler thread (`vcpu` `u32::MAX`) made now; `args[0]`
+/// is the thread sampled for `PET_SAMPLE_THREAD`, its `tid`.
 fn record(sampling: &SamplingShared, shared: &VmShared, id: u32, args: [u64; 4]) {
+    record_at(sampling, shared.now(), id, args);
+}
+
+/// A record of the PET sampler thread at device time `time_ns`.
+fn record_at(sampling: &SamplingShared, time_ns: u64, id: u32, args: [u64; 4]) {
     let tid = if id & !0x3 == trace::PET_SAMPLE_THREAD {
         args[0]
     } else {
         0
     };
     sampling.record(TraceRecord {
-        time_ns: shared.now(),
+        time_ns,
         id,
         vcpu: u32::MAX,
         tid,
@@ -117,7 +122,7 @@ fn run(shared: &VmShared) {
                     .iter()
                     .map(|slot| *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()))
                     .collect();
-                Some(pet.pass(&shared.mem, &parked, &action, idle_rate, shared.now()))
+                Some(pet.pass(&shared.mem, &parked, &action, idle_rate, &|| shared.now()))
             } else {
                 None
             }
@@ -138,19 +143,20 @@ fn run(shared: &VmShared) {
             continue;
         };
         for sample in &samples {
+            // Recorded after the hold, at the times the pass sampled it.
             let args = [sample.raw.tid, u64::from(sample.dirty), 0, 0];
-            record(
+            record_at(
                 sampling,
-                shared,
+                sample.raw.time_ns,
                 trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_START,
                 args,
             );
             for data in sample.raw.samplers.trace_records(&sample.raw) {
                 sampling.record(data);
             }
-            record(
+            record_at(
                 sampling,
-                shared,
+                sample.ended_ns,
                 trace::PET_SAMPLE_THREAD | trace::DBG_FUNC_END,
                 args,
             );
