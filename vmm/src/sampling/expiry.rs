@@ -201,14 +201,7 @@ impl VcpuSampler {
             let fire = engine.pet_fired(now);
             sampling.pet.set_deadline(engine.pet_deadline());
             if let Some(fire) = &fire {
-                sampling.record(TraceRecord {
-                    time_ns: self.clock.now(),
-                    id: trace::TM_FIRE,
-                    vcpu: self.id,
-                    tid: self.tid,
-                    args: fire.tm_fire_args(),
-                    deadline_ns: due,
-                });
+                sampling.record(self.fire_record(fire.tm_fire_args(), due));
             }
             fire
         };
@@ -397,14 +390,7 @@ impl VcpuSampler {
                 for fire in &fires {
                     if fire.leader {
                         self.stats.leader_fires += 1;
-                        sampling.record(TraceRecord {
-                            time_ns: self.clock.now(),
-                            id: trace::TM_FIRE,
-                            vcpu: self.id,
-                            tid: self.tid,
-                            args: fire.tm_fire_args(),
-                            deadline_ns: fire.deadline,
-                        });
+                        sampling.record(self.fire_record(fire.tm_fire_args(), fire.deadline));
                     }
                     if let Some(request) = fire.sample {
                         // Inside the critical section: TR-P-5.
@@ -429,6 +415,18 @@ impl VcpuSampler {
     fn count_sample(&mut self, sampling: &SamplingShared) {
         self.stats.samples += 1;
         sampling.count_sample();
+    }
+
+    /// A `PERF_TM_FIRE` record of a fire of `deadline` with `args` (TR-P-1).
+    fn fire_record(&self, args: [u64; 4], deadline: u64) -> TraceRecord {
+        TraceRecord {
+            time_ns: self.clock.now(),
+            id: trace::TM_FIRE,
+            vcpu: self.id,
+            tid: self.tid,
+            args,
+            deadline_ns: deadline,
+        }
     }
 
     /// A `PERF_TM_HNDLR` record (start or end qualifier) for `request`.

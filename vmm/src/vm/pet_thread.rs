@@ -78,6 +78,23 @@ fn record_at(sampling: &SamplingShared, time_ns: u64, id: u32, args: [u64; 4]) {
     });
 }
 
+/// Closes a pass's brackets: `PET_SAMPLE_TASK` end (threads sampled) and
+/// `PET_SAMPLE` end (tasks sampled) (TR-P-6).
+fn end_pass(sampling: &SamplingShared, shared: &VmShared, threads: u64, tasks: u64) {
+    record(
+        sampling,
+        shared,
+        trace::PET_SAMPLE_TASK | trace::DBG_FUNC_END,
+        [threads, 0, 0, 0],
+    );
+    record(
+        sampling,
+        shared,
+        trace::PET_SAMPLE | trace::DBG_FUNC_END,
+        [tasks, 0, 0, 0],
+    );
+}
+
 fn run(shared: &VmShared) {
     set_min_timer_slack();
     let Some(sampling) = &shared.sampling else {
@@ -128,18 +145,7 @@ fn run(shared: &VmShared) {
             }
         };
         let Some(samples) = samples else {
-            record(
-                sampling,
-                shared,
-                trace::PET_SAMPLE_TASK | trace::DBG_FUNC_END,
-                [0; 4],
-            );
-            record(
-                sampling,
-                shared,
-                trace::PET_SAMPLE | trace::DBG_FUNC_END,
-                [0; 4],
-            );
+            end_pass(sampling, shared, 0, 0);
             continue;
         };
         for sample in &samples {
@@ -161,19 +167,8 @@ fn run(shared: &VmShared) {
                 args,
             );
         }
+        end_pass(sampling, shared, samples.len() as u64, 1);
         let threads = samples.len() as u64;
-        record(
-            sampling,
-            shared,
-            trace::PET_SAMPLE_TASK | trace::DBG_FUNC_END,
-            [threads, 0, 0, 0],
-        );
-        record(
-            sampling,
-            shared,
-            trace::PET_SAMPLE | trace::DBG_FUNC_END,
-            [1, 0, 0, 0],
-        );
         for sample in samples {
             sampling.pet.samples.push(sample.raw);
         }
