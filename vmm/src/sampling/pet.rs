@@ -160,6 +160,24 @@ impl PetSampler {
     }
 }
 
+/// PET's one task-only sample of the guest (the one task) per pass, when the
+/// action has task samplers (PET-T-4: `meminfo`, `tk_snapshot`, `tk_info`);
+/// `None` otherwise.
+pub fn task_sample(mem: &GuestMemoryMmap, settings: &Action, now: u64) -> Option<RawSample> {
+    let task = sample_flags::sampled(settings.samplers, sample_flags::TASK_ONLY);
+    (task != 0).then(|| RawSample {
+        time_ns: now,
+        samplers: Box::new(samplers::gather(
+            mem,
+            now,
+            &ThreadInfo::default(),
+            task,
+            None,
+        )),
+        ..Default::default()
+    })
+}
+
 /// A running thread: an on-CPU sample of its vCPU, if that vCPU is parked
 /// and really runs it.
 fn running_sample(
@@ -393,5 +411,22 @@ mod tests {
         let samples = pet.pass(&mem, &parked(), &only_two, 15, &|| 0);
         assert_eq!(samples.len(), 1);
         assert_eq!(samples[0].raw.tid, 2);
+    }
+
+    #[test]
+    fn test_pet_t_4_a_task_sampler_takes_one_task_sample_not_thread_ones() {
+        let mem = guest();
+        let task_only = Action {
+            samplers: sampler::TK_INFO,
+            ..action()
+        };
+        let mut pet = PetSampler::default();
+        assert!(pet.pass(&mem, &parked(), &task_only, 15, &|| 0).is_empty());
+        let task = task_sample(&mem, &task_only, 5).expect("a task sample");
+        assert_eq!(task.samplers.sampled, sampler::TK_INFO);
+        assert!(task.samplers.tk_info.is_some());
+        assert!(!task.in_profile());
+        // An action without task samplers takes none.
+        assert!(task_sample(&mem, &action(), 5).is_none());
     }
 }

@@ -17,7 +17,7 @@ use kperf::{trace, PET_HANDLER_CPU};
 
 use super::VmShared;
 use crate::host_time::{monotonic_ns, set_min_timer_slack};
-use crate::sampling::pet::PetSampler;
+use crate::sampling::pet::{task_sample, PetSampler};
 use crate::sampling::{SamplingShared, TraceRecord};
 
 /// The running PET sampler thread.
@@ -139,15 +139,23 @@ fn run(shared: &VmShared) {
                     .iter()
                     .map(|slot| *slot.parked_regs.lock().unwrap_or_else(|p| p.into_inner()))
                     .collect();
-                Some(pet.pass(&shared.mem, &parked, &action, idle_rate, &|| shared.now()))
+                let task = task_sample(&shared.mem, &action, shared.now());
+                let threads = pet.pass(&shared.mem, &parked, &action, idle_rate, &|| shared.now());
+                Some((task, threads))
             } else {
                 None
             }
         };
-        let Some(samples) = samples else {
+        let Some((task, samples)) = samples else {
             end_pass(sampling, shared, 0, 0);
             continue;
         };
+        if let Some(task) = task {
+            for data in task.samplers.trace_records(&task) {
+                sampling.record(data);
+            }
+            sampling.pet.samples.push(task);
+        }
         for sample in &samples {
             // Recorded after the hold, at the times the pass sampled it.
             let args = [sample.raw.tid, u64::from(sample.dirty), 0, 0];
