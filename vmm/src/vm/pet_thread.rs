@@ -103,18 +103,18 @@ fn run(shared: &VmShared) {
     let mut pet = PetSampler::default();
     loop {
         record(sampling, shared, trace::PET_IDLE, [0; 4]);
-        if !sampling.pet.wait() {
-            return;
-        }
-        // Spurious wake-ups with no PET action sleep again (PET-T-2).
-        let (action, idle_rate, on) = {
+        // Spurious wake-ups (no PET action, or sampling off) sleep again,
+        // without another PET_IDLE (PET-T-2).
+        let (action, idle_rate) = loop {
+            if !sampling.pet.wait() {
+                return;
+            }
             let engine = sampling.engine();
             let action = engine.action(engine.pet_action());
-            (action, engine.pet_idle_rate(), engine.sampling())
+            if action.samplers != 0 && engine.sampling() {
+                break (action, engine.pet_idle_rate());
+            }
         };
-        if action.samplers == 0 || !on {
-            continue;
-        }
         record(sampling, shared, trace::PET_RUN, [0; 4]);
         let started = monotonic_ns();
         record(
