@@ -79,8 +79,8 @@ fn record_at(sampling: &SamplingShared, time_ns: u64, id: u32, args: [u64; 4]) {
 }
 
 /// Closes a pass's brackets: `PET_SAMPLE_TASK` end (threads sampled) and
-/// `PET_SAMPLE` end (tasks sampled) (TR-P-6).
-fn end_pass(sampling: &SamplingShared, shared: &VmShared, threads: u64, tasks: u64) {
+/// `PET_SAMPLE` end (one task: the guest) (TR-P-6).
+fn end_pass(sampling: &SamplingShared, shared: &VmShared, threads: u64) {
     record(
         sampling,
         shared,
@@ -91,7 +91,7 @@ fn end_pass(sampling: &SamplingShared, shared: &VmShared, threads: u64, tasks: u
         sampling,
         shared,
         trace::PET_SAMPLE | trace::DBG_FUNC_END,
-        [tasks, 0, 0, 0],
+        [1, 0, 0, 0],
     );
 }
 
@@ -123,17 +123,17 @@ fn run(shared: &VmShared) {
             trace::PET_SAMPLE | trace::DBG_FUNC_START,
             [0; 4],
         );
-        record(
-            sampling,
-            shared,
-            trace::PET_SAMPLE_TASK | trace::DBG_FUNC_START,
-            [0; 4],
-        );
         let samples = {
             let _hold = shared.hold_all();
             // A stop (or the end of the run) that came while the guest was
             // being held: no pass after it.
             if sampling.engine().sampling() && !shared.stopping() {
+                record(
+                    sampling,
+                    shared,
+                    trace::PET_SAMPLE_TASK | trace::DBG_FUNC_START,
+                    [0; 4],
+                );
                 let parked: Vec<_> = shared
                     .vcpus
                     .iter()
@@ -147,7 +147,13 @@ fn run(shared: &VmShared) {
             }
         };
         let Some((task, samples)) = samples else {
-            end_pass(sampling, shared, 0, 0);
+            // No task was sampled: the pass's bracket closes with 0 tasks.
+            record(
+                sampling,
+                shared,
+                trace::PET_SAMPLE | trace::DBG_FUNC_END,
+                [0; 4],
+            );
             continue;
         };
         if let Some(task) = task {
@@ -175,7 +181,7 @@ fn run(shared: &VmShared) {
                 args,
             );
         }
-        end_pass(sampling, shared, samples.len() as u64, 1);
+        end_pass(sampling, shared, samples.len() as u64);
         let threads = samples.len() as u64;
         for sample in samples {
             sampling.pet.samples.push(sample.raw);
