@@ -39,4 +39,4 @@ pub mod vm;
 
 pub use config::{ConsoleSink, KernelSource, KperfConfig, SamplingConfig, VmConfig};
 pub use summary::Summary;
-pub use vm::{BuildVmError, ControlError, ResumeMode, RunningVm, Vm, VmController};
+pub use vm::{BuildVmError, ControlError, ResumeMode, RunningVm, SignalWatch, Vm, VmController};

@@ -135,6 +135,12 @@ impl VmController {
         self.shared.request_exit(VmExit::Stopped);
     }
 
+    /// Ends the VM because the process received signal `signo` (SIGINT or
+    /// SIGTERM) that the caller read ([`super::SignalWatch::Caller`]).
+    pub fn stop_on_signal(&self, signo: i32) {
+        self.shared.request_exit(VmExit::Signal(signo));
+    }
+
     fn sampling(&self) -> Result<&SamplingShared, SamplingError> {
         self.shared
             .sampling

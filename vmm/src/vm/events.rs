@@ -52,44 +52,56 @@ impl SignalSubscriber {
     /// Blocks SIGINT/SIGTERM in the calling thread (and so in threads it spawns
     /// afterwards) and opens a signalfd for them.
     pub(crate) fn new(shared: Arc<VmShared>) -> std::io::Result<Self> {
-        // SAFETY: sigset manipulation on a local set; pthread_sigmask and
-        // signalfd with valid arguments; the fd is owned right away.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(Self {
-                shared,
-                fd: OwnedFd::from_raw_fd(fd),
-            })
-        }
+        Ok(Self {
+            shared,
+            fd: block_stop_signals()?,
+        })
     }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and so in the threads it
+/// spawns afterwards) and returns a non-blocking signalfd that reads them.
+pub fn block_stop_signals() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask and
+    // signalfd with valid arguments; the fd is owned right away.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Reads one signal from a signalfd made by [`block_stop_signals`]: its
+/// number, or `None` when none is pending (or the read failed).
+pub fn read_stop_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: an all-zero signalfd_siginfo is valid; read fills it.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reading into a buffer of exactly one record from a signalfd the
+    // caller owns.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n == size as isize).then_some(info.ssi_signo as i32)
 }
 
 impl MutEventSubscriber for SignalSubscriber {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        // SAFETY: an all-zero signalfd_siginfo is valid; read fills it.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reading into a buffer of exactly one record from our own fd.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        if n == size as isize {
-            self.shared
-                .request_exit(VmExit::Signal(info.ssi_signo as i32));
+        if let Some(signo) = read_stop_signal(&self.fd) {
+            self.shared.request_exit(VmExit::Signal(signo));
         }
     }
 

@@ -35,7 +35,7 @@ use crate::devices::DeviceManager;
 pub use builder::BuildVmError;
 pub use controller::{ControlError, ResumeMode, SamplingError, VmController};
 pub use exit::VmExit;
-pub use run::RunningVm;
+pub use run::{RunningVm, SignalWatch};
 pub use shared::VmShared;
 
 /// A built VM, ready to run.

@@ -36,15 +36,29 @@ impl Vm {
     /// Starts the vCPU threads (and the stress generator, if configured). The
     /// calling thread must then [`RunningVm::wait`]; a [`VmController`] from
     /// [`RunningVm::controller`] drives the VM from other threads meanwhile.
+    /// SIGINT and SIGTERM end the VM ([`SignalWatch::Vm`]).
     #[allow(clippy::result_large_err)]
-    pub fn start(mut self, process_start: Instant) -> Result<RunningVm, (Vm, VmExit)> {
+    pub fn start(self, process_start: Instant) -> Result<RunningVm, (Vm, VmExit)> {
+        self.start_with(process_start, SignalWatch::Vm)
+    }
+
+    /// [`Vm::start`], with the choice of who handles SIGINT and SIGTERM.
+    #[allow(clippy::result_large_err)]
+    pub fn start_with(
+        mut self,
+        process_start: Instant,
+        watch: SignalWatch,
+    ) -> Result<RunningVm, (Vm, VmExit)> {
         let shared = self.shared.clone();
         if let Err(e) = kick::install_handlers() {
             return Err((self, VmExit::Host(format!("signal handlers: {e}"))));
         }
-        let signals = match SignalSubscriber::new(shared.clone()) {
-            Ok(s) => s,
-            Err(e) => return Err((self, VmExit::Host(format!("signalfd: {e}")))),
+        let signals = match watch {
+            SignalWatch::Vm => match SignalSubscriber::new(shared.clone()) {
+                Ok(s) => Some(s),
+                Err(e) => return Err((self, VmExit::Host(format!("signalfd: {e}")))),
+            },
+            SignalWatch::Caller => None,
         };
         let pio = Arc::new(std::mem::take(&mut self.devices.pio));
         let mmio = Arc::new(std::mem::take(&mut self.devices.mmio));
@@ -87,7 +101,8 @@ impl Vm {
             threads,
             pet,
             stress,
-            signals: Some(signals),
+            watch_signals: signals.is_some(),
+            signals,
             process_start,
         })
     }
@@ -100,7 +115,22 @@ pub struct RunningVm {
     pet: Option<PetThread>,
     stress: Option<StressGenerator>,
     signals: Option<SignalSubscriber>,
+    /// The VM blocked SIGINT/SIGTERM in this thread and unblocks them at its end.
+    watch_signals: bool,
     process_start: Instant,
+}
+
+/// Who handles SIGINT and SIGTERM while a VM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignalWatch {
+    /// The VM: [`Vm::start`] blocks them in the calling thread and reads them
+    /// from a signalfd in [`RunningVm::wait`]'s event loop; they end the VM
+    /// (the command line).
+    Vm,
+    /// The caller, which has blocked them in every thread before starting the
+    /// VM and ends it with [`VmController::stop_on_signal`] (the API server,
+    /// where a signal ends the process, not just the VM).
+    Caller,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -131,8 +161,10 @@ impl RunningVm {
         };
         // The signalfd is gone with the event loop: from here on SIGINT and
         // SIGTERM take their default action, so a stuck shutdown can still be
-        // interrupted.
-        unblock_stop_signals();
+        // interrupted. A caller that watches them keeps them blocked.
+        if self.watch_signals {
+            unblock_stop_signals();
+        }
         if let Some(stress) = self.stress.take() {
             stress.stop();
             drain_stress(&shared);
