@@ -20,9 +20,12 @@
 //! - [`summary`]: the run summary and the clockintr dump.
 //! - [`guestmem`]: the guest ABI's plain-data structures in guest memory.
 //! - [`pmu`]: the host PMU for the PMC samplers (probe, guest-only counters).
+//! - [`api`]: the API socket: HTTP/1.1 with JSON bodies over a Unix domain
+//!   socket that configures, starts and drives one VM.
 
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod boot;
 pub mod bus;
 pub mod config;

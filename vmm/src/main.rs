@@ -2,6 +2,13 @@
 //!
 //! Exit codes: 0 guest exited 0; 1 guest exited non-zero; 2 invalid input;
 //! 3 guest fault or panic; 4 `--timeout`; 5 SIGINT/SIGTERM; 6 host error.
+//!
+//! With `--api-sock PATH` the VMM serves the API on PATH and boots nothing
+//! until `InstanceStart`; the VM options on the command line are the
+//! configuration the API starts from. The server runs until SIGINT or
+//! SIGTERM (a VM still running then stops with outcome `signal`), and exits
+//! 0 then; 2 for invalid options or an existing PATH without
+//! `--api-sock-force`; 6 when the socket cannot be served.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,8 +16,11 @@ use std::time::{Duration, Instant};
 
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use metronome_abi::{exit, Workload};
+use vmm::api::{self, ApiServeError, Instance, OnVmEnd};
 use vmm::config::{ConfigError, KperfConfig, KperfShorthand};
-use vmm::{BuildVmError, ConsoleSink, KernelSource, SamplingConfig, Vm, VmConfig};
+use vmm::{
+    BuildVmError, ConsoleSink, KernelSource, SamplingConfig, Summary, Vm, VmConfig, VmController,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -149,6 +159,13 @@ struct RunArgs {
     /// Print no human summary.
     #[arg(long)]
     quiet: bool,
+    /// Serve the API (HTTP/1.1, JSON) on a Unix socket at PATH and boot on
+    /// its InstanceStart; the VM options here are the defaults it starts from.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Replace an existing file at the --api-sock path.
+    #[arg(long, requires = "api_sock")]
+    api_sock_force: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -305,6 +322,13 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::VMM_BAD_INPUT as u8);
         }
     };
+    if let Some(path) = args.api_sock.clone() {
+        if let Err(e) = config.validate() {
+            print_error(&e);
+            return ExitCode::from(exit::VMM_BAD_INPUT as u8);
+        }
+        return serve_api(args, config, &path);
+    }
     let vm = match Vm::build(config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -319,23 +343,28 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let summary = match vm.start(process_start) {
+    match vm.start(process_start) {
         Ok(running) => {
             let controller = running.controller();
             let summary = running.wait();
-            if args.dump_clockintr {
-                print!("{}", controller.dump_clockintr());
-            }
-            summary
+            report(&args, &summary, &controller)
         }
         Err((vm, reason)) => {
             eprintln!("metronome: error: {reason}");
             drop(vm);
-            return ExitCode::from(exit::VMM_HOST_ERROR as u8);
+            ExitCode::from(exit::VMM_HOST_ERROR as u8)
         }
-    };
+    }
+}
+
+/// What the end of a VM prints and writes (`--dump-clockintr`,
+/// `--summary-json`, the errors, the human summary), and its exit code.
+fn report(args: &RunArgs, summary: &Summary, controller: &VmController) -> ExitCode {
+    if args.dump_clockintr {
+        print!("{}", controller.dump_clockintr());
+    }
     if let Some(path) = &args.summary_json {
-        let json = serde_json::to_string_pretty(&summary).expect("the summary serialises");
+        let json = serde_json::to_string_pretty(summary).expect("the summary serialises");
         if let Err(e) = std::fs::write(path, json + "\n") {
             eprintln!(
                 "metronome: error: cannot write summary to '{}': {e}",
@@ -354,4 +383,24 @@ fn main() -> ExitCode {
         print!("{}", summary.human());
     }
     ExitCode::from(summary.exit_code as u8)
+}
+
+/// `--api-sock`: serves the API until SIGINT or SIGTERM, with `config` (the
+/// command line's, valid) as the configuration it starts from.
+fn serve_api(args: RunArgs, config: VmConfig, path: &std::path::Path) -> ExitCode {
+    let force = args.api_sock_force;
+    let on_end: OnVmEnd = Box::new(move |summary, controller| {
+        let _ = report(&args, summary, controller);
+    });
+    match api::serve(path, force, Instance::new(config, on_end)) {
+        Ok(_signal) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(&e);
+            let code = match e {
+                ApiServeError::SocketExists(_) => exit::VMM_BAD_INPUT,
+                _ => exit::VMM_HOST_ERROR,
+            };
+            ExitCode::from(code as u8)
+        }
+    }
 }

@@ -1,0 +1,44 @@
+//! The API socket: HTTP/1.1 with JSON bodies over a Unix domain socket, in
+//! the manner of Firecracker's, usable with `curl --unix-socket`.
+//!
+//! - [`server`]: the socket (mode 0600, refused if the path exists unless
+//!   forced, removed at the end), the API thread with its current-thread
+//!   tokio runtime, the connection loop and its bounds, SIGINT/SIGTERM.
+//! - [`routes`]: the endpoints and the JSON body extractor.
+//! - [`types`]: the request and answer bodies, and how a pre-boot request
+//!   changes the [`crate::VmConfig`].
+//! - [`errors`]: `{"fault_message": "..."}` answers.
+//! - [`instance`]: the instance's life: its configuration, the VM on its
+//!   VMM thread, the summary after it exited.
+//!
+//! The bounds, all per process: a request body of at most
+//! [`MAX_BODY_BYTES`] read within [`BODY_TIMEOUT`]; request headers of at
+//! most [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`] fields, arriving within
+//! [`HEADER_TIMEOUT`] (idle keep-alive connections are closed after it too);
+//! at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
+//! in the listen backlog.
+
+pub mod errors;
+pub mod instance;
+pub mod routes;
+pub mod server;
+pub mod types;
+
+use std::time::Duration;
+
+pub use errors::ApiError;
+pub use instance::{Instance, OnVmEnd};
+pub use server::{serve, ApiServeError};
+
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Time a request body has to arrive once its headers have (408 beyond).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head, request line included (431 beyond).
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Most header fields in a request (431 beyond).
+pub const MAX_HEADERS: usize = 32;
+/// Time a request head has to arrive; the connection is closed beyond it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;

@@ -1,0 +1,312 @@
+//! The endpoints: one handler per method and path, JSON bodies parsed by
+//! [`ApiJson`] (bounded, every error a `fault_message`), 404 and 405
+//! answered in the same shape.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use super::errors::ApiError;
+use super::instance::Instance;
+use super::types::{
+    ActionType, BootSource, ClockConfig, ClockintrInfo, InstanceAction, InstanceInfo,
+    MachineConfig, PreBootSection, RunningSummary,
+};
+use super::{BODY_TIMEOUT, MAX_BODY_BYTES};
+use crate::vm::{ControlError, ResumeMode};
+
+/// Every path and the methods it answers (for the 404 and 405 messages).
+const ROUTES: [(&str, &str); 7] = [
+    ("/", "GET"),
+    ("/machine-config", "GET, PUT"),
+    ("/boot-source", "GET, PUT"),
+    ("/clock", "GET, PUT"),
+    ("/actions", "PUT"),
+    ("/summary", "GET"),
+    ("/clockintr", "GET"),
+];
+
+/// The API's router over `instance`.
+pub fn router(instance: Arc<Instance>) -> Router {
+    Router::new()
+        .route("/", get(get_instance))
+        .route(MachineConfig::PATH, section::<MachineConfig>())
+        .route(BootSource::PATH, section::<BootSource>())
+        .route(ClockConfig::PATH, section::<ClockConfig>())
+        .route("/actions", axum::routing::put(put_actions))
+        .route("/summary", get(get_summary))
+        .route("/clockintr", get(get_clockintr))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(instance)
+}
+
+type Api = State<Arc<Instance>>;
+
+async fn unknown_path(uri: Uri) -> ApiError {
+    let paths: Vec<&str> = ROUTES.iter().map(|(path, _)| *path).collect();
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        fault_message: format!(
+            "no such path '{}': the paths are {}",
+            uri.path(),
+            paths.join(", ")
+        ),
+    }
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    let allowed = ROUTES
+        .iter()
+        .find(|(path, _)| *path == uri.path())
+        .map_or("none", |(_, methods)| methods);
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        fault_message: format!(
+            "method {method} is not allowed on {}: allowed {allowed}",
+            uri.path()
+        ),
+    }
+}
+
+/// A JSON request body: at most [`MAX_BODY_BYTES`], read within
+/// [`BODY_TIMEOUT`], parsed into `T` (unknown fields refused by `T`).
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state)).await
+        {
+            Err(_) => {
+                return Err(ApiError {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    fault_message: format!(
+                        "the request body did not arrive within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ),
+                })
+            }
+            Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    fault_message: format!(
+                        "the request body is too large: at most {MAX_BODY_BYTES} bytes"
+                    ),
+                })
+            }
+            Ok(Err(rejection)) => {
+                return Err(ApiError {
+                    status: rejection.status(),
+                    fault_message: format!(
+                        "cannot read the request body: {}",
+                        rejection.body_text()
+                    ),
+                })
+            }
+            Ok(Ok(bytes)) => bytes,
+        };
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    }
+}
+
+async fn get_instance(State(instance): Api) -> Json<InstanceInfo> {
+    Json(InstanceInfo {
+        id: format!("metronome-{}", std::process::id()),
+        state: instance.state_name(),
+        vmm_version: env!("CARGO_PKG_VERSION"),
+        app_name: "metronome",
+    })
+}
+
+/// `GET` of a pre-boot section: its values in the configuration.
+async fn get_section<T: PreBootSection>(State(instance): Api) -> Json<T::Current> {
+    Json(T::current(&instance.config()))
+}
+
+/// `PUT` of a pre-boot section: the configuration changed, if still valid.
+async fn put_section<T: PreBootSection>(
+    State(instance): Api,
+    ApiJson(section): ApiJson<T>,
+) -> Result<StatusCode, ApiError> {
+    instance.configure(T::PATH, |config, defaults| section.apply(config, defaults))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The route of a pre-boot section.
+fn section<T: PreBootSection>() -> MethodRouter<Arc<Instance>> {
+    get(get_section::<T>).put(put_section::<T>)
+}
+
+/// Runs a controller call that may wait (pause waits for every vCPU to
+/// park) on the blocking pool, off the API thread.
+async fn off_thread<T: Send + 'static>(
+    action: &str,
+    call: impl FnOnce() -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| ApiError::internal(format!("{action} failed: {e}")))?
+        .map_err(|e| ApiError::bad_request(format!("{action} refused: {e}")))
+}
+
+async fn put_actions(
+    State(instance): Api,
+    ApiJson(action): ApiJson<InstanceAction>,
+) -> Result<StatusCode, ApiError> {
+    match action.action_type {
+        ActionType::InstanceStart => instance.start().await?,
+        ActionType::Pause => {
+            let controller = instance.controller("Pause")?;
+            off_thread("Pause", move || controller.pause()).await?;
+            instance.set_paused(true);
+        }
+        ActionType::Resume => {
+            let controller = instance.controller("Resume")?;
+            off_thread("Resume", move || controller.resume(ResumeMode::Continue)).await?;
+            instance.set_paused(false);
+        }
+        // No metrics sink is configured: there is nothing to flush.
+        ActionType::FlushMetrics => {}
+        ActionType::SendExit => {
+            instance.controller("SendExit")?.stop();
+            instance.exited().await;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_summary(State(instance): Api) -> Response {
+    if let Some(summary) = instance.summary() {
+        return Json(summary).into_response();
+    }
+    let controller = instance.controller("GET /summary").ok();
+    Json(RunningSummary {
+        state: instance.state_name(),
+        guest_uptime_ns: controller.as_ref().map_or(0, |c| c.uptime_ns()),
+        samples_taken: controller.as_ref().map_or(0, |c| c.samples_taken()),
+        clockintr_total: controller.as_ref().map(|c| c.clockintr_stats().1),
+    })
+    .into_response()
+}
+
+async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {
+    let controller = instance.controller("GET /clockintr")?;
+    let info = off_thread("GET /clockintr", move || {
+        let (vcpus, total) = controller.clockintr_stats();
+        Ok(ClockintrInfo {
+            uptime_ns: controller.uptime_ns(),
+            vcpus,
+            total,
+            dump: controller.dump_clockintr(),
+        })
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VmConfig;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    async fn call(method: &str, path: &str, body: &str) -> (StatusCode, serde_json::Value) {
+        let instance = Instance::new(VmConfig::default(), Box::new(|_, _| {}));
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::from(body.to_owned()))
+            .unwrap();
+        let response = router(instance).oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (status, json)
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn test_errors_have_the_firecracker_shape() {
+        run(async {
+            let (status, body) = call("GET", "/nope", "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND);
+            assert!(body["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("no such path '/nope'"));
+            let (status, body) = call("POST", "/machine-config", "{}").await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(
+                body["fault_message"],
+                "method POST is not allowed on /machine-config: allowed GET, PUT"
+            );
+            let (status, body) = call("PUT", "/machine-config", "{").await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(body["fault_message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid request body: EOF"));
+            let big = format!("{{\"x\": \"{}\"}}", "a".repeat(MAX_BODY_BYTES));
+            let (status, body) = call("PUT", "/clock", &big).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert!(body["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("at most 65536 bytes"));
+        });
+    }
+
+    #[test]
+    fn test_pre_boot_requests_before_start() {
+        run(async {
+            let (status, body) = call("GET", "/", "").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body["state"], "Not started");
+            assert_eq!(body["app_name"], "metronome");
+            let (status, _) = call(
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+            )
+            .await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+            let (status, body) = call("PUT", "/actions", r#"{"action_type": "Pause"}"#).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                body["fault_message"],
+                "Pause needs a running instance (Running or Paused); the instance is Not started"
+            );
+            let (status, body) = call("GET", "/summary", "").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body["state"], "Not started");
+            let (status, _) = call("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#).await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+        });
+    }
+}
