@@ -1,0 +1,360 @@
+//! The API socket end to end: a real `metronome --api-sock` process and a
+//! real HTTP client (`curl --unix-socket`) drive a whole session on a KVM
+//! guest: configure, start, pause, resume, read clockintr, exit; the bad
+//! inputs answer with Firecracker-shaped errors; SIGTERM ends the server and
+//! removes the socket; an existing socket path is refused.
+
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
+mod common;
+use common::{kvm_lock, kvm_or_skip, metronome, scratch};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// A `metronome --api-sock` child; SIGTERM and reaped when dropped.
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let socket = scratch("api.sock");
+        let child = metronome()
+            .arg("--api-sock")
+            .arg(&socket)
+            .args(["--quiet", "--console", "/dev/null"])
+            .args(extra)
+            .spawn()
+            .expect("spawn metronome --api-sock");
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(start.elapsed() < Duration::from_secs(20), "no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket }
+    }
+
+    /// `METHOD path [body]`: the status and the JSON body (null if empty).
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        call(&self.socket, method, path, body)
+    }
+
+    fn state(&self) -> String {
+        let (status, info) = self.call("GET", "/", None);
+        assert_eq!(status, 200);
+        info["state"].as_str().expect("state").to_owned()
+    }
+
+    fn action(&self, action: &str) -> (u16, Value) {
+        self.call(
+            "PUT",
+            "/actions",
+            Some(&format!(r#"{{"action_type": "{action}"}}"#)),
+        )
+    }
+
+    /// SIGTERM; the exit code.
+    fn terminate(mut self) -> i32 {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let code = self.child.wait().expect("wait").code().expect("exited");
+        assert!(!self.socket.exists(), "the socket file is removed at exit");
+        code
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "--max-time", "30", "--unix-socket"])
+        .arg(socket)
+        .args(["-X", method, "-w", "\n%{http_code}"]);
+    if let Some(body) = body {
+        curl.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            body,
+        ]);
+    }
+    let output = curl
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8(output.stdout).expect("UTF-8 answer");
+    let (body, status) = text.rsplit_once('\n').expect("status line");
+    let json = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}"))
+    };
+    (status.parse().expect("status"), json)
+}
+
+fn fault(answer: &(u16, Value)) -> &str {
+    answer.1["fault_message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no fault_message in {answer:?}"))
+}
+
+/// A KVM session: the VM lock, a server writing its summary to the path.
+fn kvm_session(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Server, PathBuf)> {
+    if !kvm_or_skip(test) {
+        return None;
+    }
+    let serial = kvm_lock();
+    let summary_path = scratch("summary.json");
+    let server = Server::start(&["--summary-json", summary_path.to_str().unwrap()]);
+    Some((serial, server, summary_path))
+}
+
+/// The summary the server wrote with `--summary-json`.
+fn written_summary(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("summary written"))
+        .expect("summary is JSON")
+}
+
+#[test]
+fn test_api_session_on_a_real_guest() {
+    let Some((_serial, server, summary_path)) = kvm_session("api session") else {
+        return;
+    };
+    assert_eq!(server.state(), "Not started");
+
+    // Pre-boot configuration, read back.
+    let machine = r#"{"vcpu_count": 2, "mem_size_mib": 96}"#;
+    assert_eq!(server.call("PUT", "/machine-config", Some(machine)).0, 204);
+    let (status, got) = server.call("GET", "/machine-config", None);
+    assert_eq!((status, got), (200, serde_json::from_str(machine).unwrap()));
+    let boot = r#"{"workload": "demo", "duration_s": 600}"#;
+    assert_eq!(server.call("PUT", "/boot-source", Some(boot)).0, 204);
+    let (_, got) = server.call("GET", "/boot-source", None);
+    assert_eq!(got["duration_s"], 600.0);
+    assert_eq!(got["kernel_image_path"], Value::Null);
+    let clock = r#"{"hz": 128, "stathz": 128, "profhz": 1024, "randomize_statclock": false}"#;
+    assert_eq!(server.call("PUT", "/clock", Some(clock)).0, 204);
+    let (_, got) = server.call("GET", "/clock", None);
+    assert_eq!(got["hz"], 128);
+    assert_eq!(got["profhz"], 1024);
+    assert_eq!(got["randomize_statclock"], false);
+
+    // Bad input: the status, and a message that says what is wrong.
+    let answer = server.call("PUT", "/machine-config", Some("{\"vcpu_count\": 2,"));
+    assert_eq!(answer.0, 400);
+    assert!(
+        fault(&answer).starts_with("invalid request body: EOF"),
+        "{answer:?}"
+    );
+    let answer = server.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 96, "vcpus": 2}"#),
+    );
+    assert_eq!(answer.0, 400);
+    assert!(
+        fault(&answer).contains("unknown field `vcpus`"),
+        "{answer:?}"
+    );
+    let answer = server.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": "2", "mem_size_mib": 96}"#),
+    );
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("expected u32"), "{answer:?}");
+    let answer = server.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 65, "mem_size_mib": 96}"#),
+    );
+    assert_eq!(answer.0, 400);
+    assert_eq!(
+        fault(&answer),
+        "vcpu_count 65 is out of range: a VM has 1 to 64 vCPUs"
+    );
+    let answer = server.call("PUT", "/clock", Some(r#"{"hz": 100, "stathz": 0}"#));
+    assert_eq!(answer.0, 400);
+    assert!(
+        fault(&answer).contains("stathz 0 is out of range: 1 to 1000000000"),
+        "{answer:?}"
+    );
+    let answer = server.call("GET", "/no-such-thing", None);
+    assert_eq!(answer.0, 404);
+    assert!(fault(&answer).contains("no such path '/no-such-thing'"));
+    let answer = server.call("PUT", "/summary", Some("{}"));
+    assert_eq!(answer.0, 405);
+    assert_eq!(
+        fault(&answer),
+        "method PUT is not allowed on /summary: allowed GET"
+    );
+    let big = format!(r#"{{"hz": 100, "x": "{}"}}"#, "a".repeat(70 * 1024));
+    let answer = server.call("PUT", "/clock", Some(&big));
+    assert_eq!(answer.0, 413);
+    // Refused changes were not kept.
+    let (_, got) = server.call("GET", "/machine-config", None);
+    assert_eq!(got["vcpu_count"], 2);
+
+    // Start, pause, resume.
+    assert_eq!(server.action("InstanceStart").0, 204);
+    assert_eq!(server.state(), "Running");
+    let answer = server.action("InstanceStart");
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("allowed once"), "{answer:?}");
+    let answer = server.call("PUT", "/machine-config", Some(machine));
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("pre-boot only"), "{answer:?}");
+    let answer = server.call("PUT", "/clock", Some(clock));
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("pre-boot only"), "{answer:?}");
+    assert_eq!(server.action("Pause").0, 204);
+    assert_eq!(server.state(), "Paused");
+    let answer = server.action("Pause");
+    assert_eq!(answer.0, 400);
+    assert_eq!(fault(&answer), "Pause refused: the VM is already paused");
+    assert_eq!(server.action("Resume").0, 204);
+    assert_eq!(server.state(), "Running");
+
+    // The clock runs: clockintr figures grow.
+    let (status, first) = server.call("GET", "/clockintr", None);
+    assert_eq!(status, 200);
+    assert_eq!(first["vcpus"].as_array().unwrap().len(), 2);
+    assert!(first["dump"]
+        .as_str()
+        .unwrap()
+        .contains("clockintr_hardclock"));
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, later) = server.call("GET", "/clockintr", None);
+    assert!(later["total"]["run"].as_u64() > first["total"]["run"].as_u64());
+    let (status, running) = server.call("GET", "/summary", None);
+    assert_eq!(status, 200);
+    assert_eq!(running["state"], "Running");
+    assert!(running["guest_uptime_ns"].as_u64().unwrap() > 0);
+
+    // Exit: the summary is the run's.
+    assert_eq!(server.action("SendExit").0, 204);
+    assert_eq!(server.state(), "Exited");
+    let (status, summary) = server.call("GET", "/summary", None);
+    assert_eq!(status, 200);
+    assert_eq!(summary["outcome"], "stopped");
+    assert_eq!(summary["vcpu_count"], 2);
+    assert_eq!(summary["mem_mib"], 96);
+    assert_eq!(summary["config"]["hz"], 128);
+    assert_eq!(written_summary(&summary_path)["outcome"], "stopped");
+    let answer = server.action("Resume");
+    assert_eq!(answer.0, 400);
+    assert!(
+        fault(&answer).contains("the instance is Exited"),
+        "{answer:?}"
+    );
+
+    // The server stays up after the guest exited, until SIGTERM.
+    assert_eq!(server.terminate(), 0);
+}
+
+#[test]
+fn test_api_sigterm_stops_a_running_vm() {
+    let Some((_serial, server, summary_path)) = kvm_session("api sigterm") else {
+        return;
+    };
+    assert_eq!(
+        server
+            .call("PUT", "/boot-source", Some(r#"{"duration_s": 600}"#))
+            .0,
+        204
+    );
+    assert_eq!(server.action("InstanceStart").0, 204);
+    assert_eq!(server.terminate(), 0);
+    assert_eq!(written_summary(&summary_path)["outcome"], "signal");
+}
+
+#[test]
+fn test_api_existing_socket_path_is_refused_unless_forced() {
+    let socket = scratch("taken.sock");
+    std::fs::write(&socket, "").unwrap();
+    let output = metronome()
+        .arg("--api-sock")
+        .arg(&socket)
+        .output()
+        .expect("run metronome");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("exists"), "{stderr}");
+    assert!(stderr.contains("--api-sock-force"), "{stderr}");
+    assert!(socket.exists());
+
+    let mut child = metronome()
+        .arg("--api-sock")
+        .arg(&socket)
+        .arg("--api-sock-force")
+        .spawn()
+        .expect("spawn metronome");
+    let start = Instant::now();
+    loop {
+        // Until the server replaced the file, curl cannot connect (status 000).
+        let (status, info) = call(&socket, "GET", "/", None);
+        if status == 200 {
+            assert_eq!(info["state"], "Not started");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!socket.exists());
+}
+
+#[test]
+fn test_api_bad_command_line_exits_2() {
+    let socket = scratch("never.sock");
+    let output = metronome()
+        .arg("--api-sock")
+        .arg(&socket)
+        .args(["--vcpus", "0"])
+        .output()
+        .expect("run metronome");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(!socket.exists());
+}
+
+#[test]
+fn test_api_curl_script() {
+    if !kvm_or_skip("api curl script") {
+        return;
+    }
+    let _serial = kvm_lock();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/api_curl.sh");
+    let output = Command::new("bash")
+        .arg(script)
+        .env("METRONOME", env!("CARGO_BIN_EXE_metronome"))
+        .env("SOCKET", scratch("curl.sock"))
+        .output()
+        .expect("run tests/api_curl.sh");
+    assert!(
+        output.status.success(),
+        "api_curl.sh failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The API's happy path with curl, as README's quick start does it: start
+# `metronome --api-sock`, configure, boot, pause, resume, read clockintr,
+# exit, stop the server with SIGTERM; check each answer's status.
+# Run by tests/api.rs (test_api_curl_script) with METRONOME (the binary) and
+# SOCKET (a fresh path) set.
+set -euo pipefail
+
+: "${METRONOME:?the metronome binary}" "${SOCKET:?a fresh socket path}"
+
+"$METRONOME" --api-sock "$SOCKET" --console /dev/null --quiet &
+pid=$!
+trap 'kill "$pid" 2>/dev/null || true' EXIT
+for _ in $(seq 200); do [ -S "$SOCKET" ] && break; sleep 0.05; done
+
+# api METHOD PATH EXPECTED_STATUS [BODY]: prints the answer's body.
+api() {
+    local method=$1 path=$2 expected=$3 body=${4:-}
+    local args=(-s --max-time 30 --unix-socket "$SOCKET" -X "$method" -w '\n%{http_code}')
+    [ -n "$body" ] && args+=(-H 'Content-Type: application/json' -d "$body")
+    local answer status
+    answer=$(curl "${args[@]}" "http://localhost$path")
+    status=${answer##*$'\n'}
+    if [ "$status" != "$expected" ]; then
+        echo "api_curl.sh: $method $path: status $status, expected $expected: $answer" >&2
+        exit 1
+    fi
+    printf '%s\n' "${answer%$'\n'*}"
+}
+
+state() { api GET / 200 | grep -o '"state":"[^"]*"'; }
+
+[ "$(state)" = '"state":"Not started"' ]
+api PUT /machine-config 204 '{"vcpu_count": 2, "mem_size_mib": 128}'
+api PUT /boot-source 204 '{"workload": "demo", "duration_s": 600}'
+api PUT /clock 204 '{"hz": 100}'
+api PUT /actions 204 '{"action_type": "InstanceStart"}'
+[ "$(state)" = '"state":"Running"' ]
+api PUT /actions 204 '{"action_type": "Pause"}'
+[ "$(state)" = '"state":"Paused"' ]
+api PUT /actions 204 '{"action_type": "Resume"}'
+api GET /clockintr 200 | grep -q '"total"'
+api PUT /actions 204 '{"action_type": "SendExit"}'
+[ "$(state)" = '"state":"Exited"' ]
+api GET /summary 200 | grep -q '"outcome":"stopped"'
+
+kill -TERM "$pid"
+wait "$pid"
+trap - EXIT
+[ ! -e "$SOCKET" ]
+echo "api_curl.sh: ok"
