@@ -234,6 +234,7 @@ impl RunArgs {
             trace_file: self.trace.clone(),
             trace_level: kperf::trace::Level::from_debug_level(self.trace_level)
                 .unwrap_or(SamplingConfig::DEFAULT_TRACE_LEVEL),
+            start_at_boot: true,
         });
         Ok(VmConfig {
             vcpus: self.vcpus,

@@ -404,12 +404,22 @@ impl KperfConfig {
     ///
     /// The first rule broken, as a [`KperfConfigError`].
     pub fn engine(&self) -> Result<Kperf, KperfConfigError> {
+        if self.action_count == 0 {
+            return Err(KperfConfigError::ActionCount(0));
+        }
+        self.engine_on_request()
+    }
+
+    /// [`KperfConfig::engine`] without the rule that there is an action:
+    /// the API's configuration, where sampling starts on request and kperf
+    /// itself refuses to start without an action (ECANCELED, CFG-S-1).
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken, as a [`KperfConfigError`].
+    pub fn engine_on_request(&self) -> Result<Kperf, KperfConfigError> {
         use KperfConfigError as E;
         let mut kperf = Kperf::new();
-        let engine = E::Engine;
-        if self.action_count == 0 {
-            return Err(E::ActionCount(0));
-        }
         kperf
             .set_action_count(self.action_count)
             .map_err(|_| E::ActionCount(self.action_count))?;
@@ -420,90 +430,20 @@ impl KperfConfig {
 
         let mut seen = 0u64;
         for action in &self.actions {
-            let id = action.id;
-            if id == 0 || id > self.action_count {
-                return Err(E::ActionId {
-                    id,
-                    count: self.action_count,
-                });
+            if action.id < 64 && !first_listing(&mut seen, action.id) {
+                return Err(E::DuplicateAction(action.id));
             }
-            if !first_listing(&mut seen, id) {
-                return Err(E::DuplicateAction(id));
-            }
-            kperf
-                .set_action_samplers(id, action.samplers.0)
-                .map_err(|_| E::PmcThreadAndCpu(id))?;
-            kperf
-                .set_action_ucallstack_depth(id, action.user_stack_depth)
-                .map_err(|_| E::StackDepth {
-                    action: id,
-                    field: "user_stack_depth",
-                    depth: action.user_stack_depth,
-                    min: UCALLSTACK_DEPTH_MIN,
-                    max: UCALLSTACK_DEPTH_MAX,
-                })?;
-            kperf
-                .set_action_kcallstack_depth(id, action.kernel_stack_depth)
-                .map_err(|_| E::StackDepth {
-                    action: id,
-                    field: "kernel_stack_depth",
-                    depth: action.kernel_stack_depth,
-                    min: KCALLSTACK_DEPTH_MIN,
-                    max: KCALLSTACK_DEPTH_MAX,
-                })?;
-            kperf
-                .set_action_filter(id, action.filter_tid.unwrap_or(PID_FILTER_ALL))
-                .map_err(engine)?;
-            kperf
-                .set_action_userdata(id, action.userdata)
-                .map_err(engine)?;
+            action.apply(&mut kperf)?;
         }
-
         let mut seen = 0u64;
         for timer in &self.timers {
-            let id = timer.id;
-            if id >= self.timer_count {
-                return Err(E::TimerId {
-                    id,
-                    count: self.timer_count,
-                });
+            if timer.id < 64 && !first_listing(&mut seen, timer.id) {
+                return Err(E::DuplicateTimer(timer.id));
             }
-            if !first_listing(&mut seen, id) {
-                return Err(E::DuplicateTimer(id));
-            }
-            if timer.period_ns > MAX_PERIOD_NS {
-                return Err(E::TimerPeriod {
-                    timer: id,
-                    period_ns: timer.period_ns,
-                });
-            }
-            if timer.action_id > self.action_count {
-                return Err(E::TimerAction {
-                    timer: id,
-                    action: timer.action_id,
-                    count: self.action_count,
-                });
-            }
-            kperf
-                .set_timer_period(id, timer.period_ns)
-                .map_err(engine)?;
-            kperf
-                .set_timer_action(id, timer.action_id)
-                .map_err(engine)?;
+            timer.apply(&mut kperf)?;
         }
-
         if let Some(pet) = &self.pet {
-            if pet.timer_id >= self.timer_count {
-                return Err(E::PetTimer {
-                    id: pet.timer_id,
-                    count: self.timer_count,
-                });
-            }
-            kperf.set_pet_timer(pet.timer_id).map_err(engine)?;
-            kperf.set_lightweight_pet(pet.lightweight).map_err(engine)?;
-            kperf
-                .set_pet_idle_rate(pet.idle_rate)
-                .map_err(|_| E::PetIdleRate)?;
+            pet.apply(&mut kperf)?;
         }
         Ok(kperf)
     }
@@ -539,25 +479,10 @@ impl KperfConfig {
     /// timer when it is one of the timers.
     pub fn from_engine(kperf: &Kperf) -> Self {
         let actions = (1..=kperf.action_count())
-            .map(|id| {
-                let action = kperf.action(id);
-                ActionConfig {
-                    id,
-                    samplers: Samplers(action.samplers),
-                    user_stack_depth: action.ucallstack_depth,
-                    kernel_stack_depth: action.kcallstack_depth,
-                    filter_tid: (action.pid_filter != PID_FILTER_ALL).then_some(action.pid_filter),
-                    userdata: action.userdata,
-                }
-            })
+            .map(|id| ActionConfig::from_engine(kperf, id))
             .collect();
         let timers = (0..kperf.timer_count())
-            .filter_map(|id| kperf.timer(id).map(|timer| (id, timer)))
-            .map(|(id, timer)| TimerConfig {
-                id,
-                period_ns: timer.period_ns,
-                action_id: timer.action,
-            })
+            .filter_map(|id| TimerConfig::from_engine(kperf, id))
             .collect();
         let pet = (kperf.pet_timer() < kperf.timer_count()).then(|| PetConfig {
             timer_id: kperf.pet_timer(),
@@ -606,6 +531,72 @@ fn first_listing(seen: &mut u64, id: u32) -> bool {
 }
 
 impl ActionConfig {
+    /// Action `id` as `kperf` holds it: the null action's defaults for id 0
+    /// or an id above the count (CFG-A-2).
+    pub fn from_engine(kperf: &Kperf, id: u32) -> Self {
+        let action = kperf.action(id);
+        Self {
+            id,
+            samplers: Samplers(action.samplers),
+            user_stack_depth: action.ucallstack_depth,
+            kernel_stack_depth: action.kcallstack_depth,
+            filter_tid: (action.pid_filter != PID_FILTER_ALL).then_some(action.pid_filter),
+            userdata: action.userdata,
+        }
+    }
+
+    /// Sets this action in `kperf` (CFG-A-2, CFG-A-3); allowed while
+    /// sampling (CFG-A-4).
+    ///
+    /// # Errors
+    ///
+    /// [`KperfConfigError::ActionId`] for id 0 or an id above kperf's action
+    /// count (checked first), then the first other rule broken.
+    pub fn apply(&self, kperf: &mut Kperf) -> Result<(), KperfConfigError> {
+        use KperfConfigError as E;
+        let id = self.id;
+        let count = kperf.action_count();
+        if id == 0 || id > count {
+            return Err(E::ActionId { id, count });
+        }
+        kperf
+            .set_action_samplers(id, self.samplers.0)
+            .map_err(|_| E::PmcThreadAndCpu(id))?;
+        let depth = |field, depth, min, max| E::StackDepth {
+            action: id,
+            field,
+            depth,
+            min,
+            max,
+        };
+        kperf
+            .set_action_ucallstack_depth(id, self.user_stack_depth)
+            .map_err(|_| {
+                depth(
+                    "user_stack_depth",
+                    self.user_stack_depth,
+                    UCALLSTACK_DEPTH_MIN,
+                    UCALLSTACK_DEPTH_MAX,
+                )
+            })?;
+        kperf
+            .set_action_kcallstack_depth(id, self.kernel_stack_depth)
+            .map_err(|_| {
+                depth(
+                    "kernel_stack_depth",
+                    self.kernel_stack_depth,
+                    KCALLSTACK_DEPTH_MIN,
+                    KCALLSTACK_DEPTH_MAX,
+                )
+            })?;
+        kperf
+            .set_action_filter(id, self.filter_tid.unwrap_or(PID_FILTER_ALL))
+            .map_err(E::Engine)?;
+        kperf
+            .set_action_userdata(id, self.userdata)
+            .map_err(E::Engine)
+    }
+
     /// Action `id` with `samplers` and the thread filter, kperf's default
     /// stack depths and no user data.
     pub fn new(id: u32, samplers: u32, filter_tid: Option<i32>) -> Self {
@@ -617,6 +608,92 @@ impl ActionConfig {
             filter_tid,
             userdata: 0,
         }
+    }
+}
+
+impl TimerConfig {
+    /// Timer `id` as `kperf` holds it (the period after the minimum,
+    /// KT-MIN-1); `None` at or above the count.
+    pub fn from_engine(kperf: &Kperf, id: u32) -> Option<Self> {
+        kperf.timer(id).map(|timer| Self {
+            id,
+            period_ns: timer.period_ns,
+            action_id: timer.action,
+        })
+    }
+
+    /// Sets this timer in `kperf` (CFG-T-2; the period raised to the minimum,
+    /// KT-MIN-1).
+    ///
+    /// # Errors
+    ///
+    /// [`KperfConfigError::TimerId`] for an id at or above kperf's timer
+    /// count (checked first), then the period and action rules, then
+    /// [`KperfConfigError::Engine`] with [`kperf::KperfError::Busy`] while
+    /// the timers are started.
+    pub fn apply(&self, kperf: &mut Kperf) -> Result<(), KperfConfigError> {
+        use KperfConfigError as E;
+        let id = self.id;
+        let count = kperf.timer_count();
+        if id >= count {
+            return Err(E::TimerId { id, count });
+        }
+        if self.period_ns > MAX_PERIOD_NS {
+            return Err(E::TimerPeriod {
+                timer: id,
+                period_ns: self.period_ns,
+            });
+        }
+        if self.action_id > kperf.action_count() {
+            return Err(E::TimerAction {
+                timer: id,
+                action: self.action_id,
+                count: kperf.action_count(),
+            });
+        }
+        kperf
+            .set_timer_period(id, self.period_ns)
+            .map_err(E::Engine)?;
+        kperf
+            .set_timer_action(id, self.action_id)
+            .map_err(E::Engine)
+    }
+}
+
+impl PetConfig {
+    /// Sets the PET timer (CFG-T-3), lightweight PET (PET-L-3) and the idle
+    /// rate (CFG-P-1) in `kperf`. When the PET timer and mode are the ones
+    /// in force, only the idle rate is set, which is allowed while sampling.
+    ///
+    /// # Errors
+    ///
+    /// [`KperfConfigError::PetTimer`] for an id at or above kperf's timer
+    /// count, [`KperfConfigError::PetIdleRate`] for 0, and
+    /// [`KperfConfigError::Engine`] with [`kperf::KperfError::Busy`] for a
+    /// change of timer or mode while sampling.
+    pub fn apply(&self, kperf: &mut Kperf) -> Result<(), KperfConfigError> {
+        use KperfConfigError as E;
+        let count = kperf.timer_count();
+        if self.timer_id >= count {
+            return Err(E::PetTimer {
+                id: self.timer_id,
+                count,
+            });
+        }
+        if self.idle_rate == 0 {
+            return Err(E::PetIdleRate);
+        }
+        let unchanged =
+            kperf.pet_timer() == self.timer_id && kperf.lightweight_pet() == self.lightweight;
+        if !unchanged {
+            kperf.set_pet_timer(self.timer_id).map_err(E::Engine)?;
+            kperf
+                .set_lightweight_pet(self.lightweight)
+                .map_err(E::Engine)?;
+        }
+        kperf
+            .set_pet_idle_rate(self.idle_rate)
+            .map_err(|_| E::PetIdleRate)
     }
 }
 

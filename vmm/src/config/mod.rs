@@ -84,6 +84,10 @@ pub struct SamplingConfig {
     /// The trace keeps the events of this level and below (TR-E-3:
     /// `kperf.debug_level`).
     pub trace_level: Level,
+    /// Sampling starts with the VM (the command line); `false`: it waits
+    /// for [`crate::VmController::sampling_start`] (the API), and the
+    /// configuration may have no action yet.
+    pub start_at_boot: bool,
 }
 
 impl SamplingConfig {
@@ -98,6 +102,30 @@ impl SamplingConfig {
             profile_dir: None,
             trace_file: None,
             trace_level: Self::DEFAULT_TRACE_LEVEL,
+            start_at_boot: true,
+        }
+    }
+
+    /// The API's sampling when the command line configured none: an empty
+    /// kperf configuration (no actions, no timers), sampling off until asked.
+    pub fn on_request() -> Self {
+        Self {
+            start_at_boot: false,
+            ..Self::new(KperfConfig::default())
+        }
+    }
+
+    /// The engine this configuration sets up ([`KperfConfig::engine`]; with
+    /// sampling started on request, [`KperfConfig::engine_on_request`]).
+    ///
+    /// # Errors
+    ///
+    /// The first rule broken.
+    pub fn engine(&self) -> Result<::kperf::Kperf, KperfConfigError> {
+        if self.start_at_boot {
+            self.kperf.engine()
+        } else {
+            self.kperf.engine_on_request()
         }
     }
 }
@@ -190,7 +218,7 @@ impl VmConfig {
         }
         self.clock.validate().map_err(ConfigError::Clock)?;
         if let Some(sampling) = &self.sampling {
-            sampling.kperf.engine()?;
+            sampling.engine()?;
             sampling.kperf.check_samplers(crate::pmu::probe())?;
         }
         if self.clock.hz > 10_000 {

@@ -386,6 +386,7 @@ impl VcpuSampler {
             } => {
                 sampling.set_deadline(self.id, next_deadline);
                 self.stats.timer_fires += fires.len() as u64;
+                sampling.count_timer_fires(fires.len() as u64);
                 let mut requests = Vec::with_capacity(fires.len());
                 for fire in &fires {
                     if fire.leader {

@@ -48,6 +48,7 @@ pub struct SamplingShared {
     /// Samples on their way out of the vCPU threads.
     pub samples: SampleBuffer,
     samples_taken: AtomicU64,
+    timer_fires: AtomicU64,
     /// Traditional PET.
     pub pet: PetShared,
     /// Lightweight PET: the PET page and the self-sample requests.
@@ -188,7 +189,7 @@ impl SamplingShared {
     pub fn new(config: &SamplingConfig, vcpus: u32) -> Result<Self, KperfConfigError> {
         let n = vcpus as usize;
         Ok(Self {
-            kperf: Mutex::new(config.kperf.engine()?),
+            kperf: Mutex::new(config.engine()?),
             deadlines: (0..n).map(|_| AtomicU64::new(NO_DEADLINE)).collect(),
             epoch: AtomicU64::new(0),
             acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
@@ -199,6 +200,7 @@ impl SamplingShared {
             guest_events: GuestEventRings::new(vcpus),
             samples: SampleBuffer::new(n, STACK_LIMIT),
             samples_taken: AtomicU64::new(0),
+            timer_fires: AtomicU64::new(0),
             pet: PetShared::new(n),
             lightweight: LightweightPet::new(n),
             config: config.clone(),
@@ -271,6 +273,34 @@ impl SamplingShared {
     /// Samples taken so far, all vCPUs.
     pub fn samples_taken(&self) -> u64 {
         self.samples_taken.load(Ordering::Acquire)
+    }
+
+    /// Counts `n` timer fires a vCPU answered.
+    pub fn count_timer_fires(&self, n: u64) {
+        self.timer_fires.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Timer fires answered so far, all vCPUs (one per kptimer per expiry
+    /// that found it due).
+    pub fn timer_fires(&self) -> u64 {
+        self.timer_fires.load(Ordering::Relaxed)
+    }
+
+    /// Resets kperf (CFG-R-1): sampling stopped synchronously as by
+    /// [`SamplingShared::stop`], then every timer, PET and action back to
+    /// the defaults ([`Kperf::reset`]; the counts are kept).
+    pub fn reset(&self, kick: impl Fn(u32), gone: impl Fn() -> bool) -> Result<(), KperfError> {
+        self.stop(kick, gone)?;
+        let mut engine = self.engine();
+        engine.reset();
+        // A start racing the reset: its deadlines go with it.
+        for id in 0..self.deadlines.len() as u32 {
+            self.set_deadline(id, None);
+        }
+        self.pet.set_deadline(None);
+        self.pet.clear_requests();
+        self.lightweight.publish(&engine);
+        Ok(())
     }
 
     /// Turns sampling on at device time `now` and sets every vCPU's first

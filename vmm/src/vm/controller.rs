@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metronome_abi::Vector;
 
+use super::pet_thread::PetThread;
 use super::{VmExit, VmShared};
 use crate::sampling::SamplingShared;
 use crate::summary::ClockintrSummary;
@@ -40,6 +41,9 @@ pub enum SamplingError {
     /// The engine refused.
     #[error("kperf refused: {0}")]
     Kperf(kperf::KperfError),
+    /// The PET sampler thread could not be created.
+    #[error("cannot create the PET sampler thread: {0}")]
+    PetThread(String),
 }
 
 /// How a paused VM resumes.
@@ -154,6 +158,7 @@ impl VmController {
         if self.ended() {
             return Err(SamplingError::NotRunning);
         }
+        PetThread::ensure(&self.shared).map_err(|e| SamplingError::PetThread(e.to_string()))?;
         sampling
             .start(self.shared.now())
             .map_err(SamplingError::Kperf)?;
@@ -164,16 +169,42 @@ impl VmController {
     /// Stops host-side sampling synchronously: when this returns, no vCPU
     /// takes another sample (KT-SP-1, AMB-17; through SHUTDOWN, KT-F-1).
     pub fn sampling_stop(&self) -> Result<(), SamplingError> {
-        let sampling = self.sampling()?;
-        let kick = |id| {
-            // Running or halted vCPUs are kicked or woken; paused ones wait on
-            // the pause condition variable, which a signal does not end.
-            self.shared.wake(id);
-            self.shared.notify_pause_waiters();
-        };
-        sampling
-            .stop(kick, || self.shared.stopping())
+        self.sampling()?
+            .stop(|id| self.kick(id), || self.shared.stopping())
             .map_err(SamplingError::Kperf)
+    }
+
+    /// Resets kperf (CFG-R-1): sampling stopped as by
+    /// [`VmController::sampling_stop`], then every timer, PET and action back
+    /// to the defaults, the counts kept.
+    pub fn sampling_reset(&self) -> Result<(), SamplingError> {
+        self.sampling()?
+            .reset(|id| self.kick(id), || self.shared.stopping())
+            .map_err(SamplingError::Kperf)
+    }
+
+    /// Makes vCPU `id` pass its loop top: running or halted vCPUs are kicked
+    /// or woken; paused ones wait on the pause condition variable, which a
+    /// signal does not end.
+    fn kick(&self, id: u32) {
+        self.shared.wake(id);
+        self.shared.notify_pause_waiters();
+    }
+
+    /// Runs `f` on the kperf engine under its lock (held only for `f`, which
+    /// must not wait): reads, and the configuration changes kperf allows at
+    /// that moment (AMB-16: the vCPUs see a change whole, at their next
+    /// expiry).
+    pub fn with_kperf<T>(
+        &self,
+        f: impl FnOnce(&mut kperf::Kperf) -> T,
+    ) -> Result<T, SamplingError> {
+        Ok(f(&mut self.sampling()?.engine()))
+    }
+
+    /// Timer fires the vCPUs answered so far (one per kptimer per expiry).
+    pub fn timer_fires(&self) -> u64 {
+        self.sampling().map_or(0, SamplingShared::timer_fires)
     }
 
     /// Samples taken so far, all vCPUs.

@@ -26,10 +26,18 @@ pub struct PetThread {
     handle: JoinHandle<()>,
 }
 
+/// A VM's PET sampler thread, once created, and whether the VM's end has
+/// closed the slot (no thread is created after it).
+#[derive(Debug, Default)]
+pub struct PetSlot {
+    thread: Option<PetThread>,
+    closed: bool,
+}
+
 impl PetThread {
     /// Starts the thread when the VM's kperf configuration has a traditional
     /// PET timer (created lazily, as XNU does, only when PET is configured).
-    pub fn start(shared: &Arc<VmShared>) -> std::io::Result<Option<Self>> {
+    fn start(shared: &Arc<VmShared>) -> std::io::Result<Option<Self>> {
         let Some(sampling) = &shared.sampling else {
             return Ok(None);
         };
@@ -46,8 +54,35 @@ impl PetThread {
         Ok(Some(Self { handle }))
     }
 
+    /// Creates the thread if traditional PET is configured and the VM has
+    /// none yet: when the VM starts, and when sampling is turned on after
+    /// PET was configured at run time (PET-T-1: created lazily the first time
+    /// PET is configured; PET only fires while sampling is on). Nothing once
+    /// the VM's end has closed the slot.
+    pub fn ensure(shared: &Arc<VmShared>) -> std::io::Result<()> {
+        let mut slot = shared.pet_thread.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.closed || slot.thread.is_some() {
+            return Ok(());
+        }
+        slot.thread = Self::start(shared)?;
+        Ok(())
+    }
+
+    /// Closes the VM's slot and ends its thread, if any (after the vCPUs
+    /// stopped).
+    pub fn close(shared: &VmShared) {
+        let thread = {
+            let mut slot = shared.pet_thread.lock().unwrap_or_else(|p| p.into_inner());
+            slot.closed = true;
+            slot.thread.take()
+        };
+        if let Some(thread) = thread {
+            thread.stop(shared);
+        }
+    }
+
     /// Ends the thread (after the vCPUs stopped) and waits for it.
-    pub fn stop(self, shared: &VmShared) {
+    fn stop(self, shared: &VmShared) {
         if let Some(sampling) = &shared.sampling {
             sampling.pet.close();
         }

@@ -84,14 +84,14 @@ impl Vm {
             .config
             .kick_stress_hz
             .map(|hz| StressGenerator::start(shared.clone(), hz));
-        let pet = match PetThread::start(&shared) {
-            Ok(pet) => pet,
-            Err(e) => {
-                shared.request_exit(VmExit::Host(format!("spawning the PET thread: {e}")));
-                None
-            }
-        };
-        if shared.sampling.is_some() {
+        if let Err(e) = PetThread::ensure(&shared) {
+            shared.request_exit(VmExit::Host(format!("spawning the PET thread: {e}")));
+        }
+        if shared
+            .sampling
+            .as_ref()
+            .is_some_and(|s| s.config.start_at_boot)
+        {
             if let Err(e) = VmController::new(shared.clone()).sampling_start() {
                 shared.request_exit(VmExit::Host(format!("starting sampling: {e}")));
             }
@@ -99,7 +99,6 @@ impl Vm {
         Ok(RunningVm {
             vm: self,
             threads,
-            pet,
             stress,
             watch_signals: signals.is_some(),
             signals,
@@ -112,7 +111,6 @@ impl Vm {
 pub struct RunningVm {
     vm: Vm,
     threads: Vec<JoinHandle<VcpuRunStats>>,
-    pet: Option<PetThread>,
     stress: Option<StressGenerator>,
     signals: Option<SignalSubscriber>,
     /// The VM blocked SIGINT/SIGTERM in this thread and unblocks them at its end.
@@ -181,9 +179,7 @@ impl RunningVm {
             .into_iter()
             .map(|t| t.join().unwrap_or_default())
             .collect();
-        if let Some(pet) = self.pet.take() {
-            pet.stop(&shared);
-        }
+        PetThread::close(&shared);
         let mut summary =
             crate::summary::collect(&self.vm, &stats, self.process_start.elapsed(), exit_wall);
         if let Some(sampling) = &shared.sampling {

@@ -18,6 +18,7 @@ use metronome_devices::{Expiry, Raise, VirtualInterruptController, VirtualTimer}
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::pet_thread::PetSlot;
 use super::VmExit;
 use crate::host_time::DeviceClock;
 use crate::kick;
@@ -153,6 +154,8 @@ pub struct VmShared {
     pub exit_evt: EventFd,
     /// Host-side sampling, when configured.
     pub sampling: Option<SamplingShared>,
+    /// The PET sampler thread, once created.
+    pub(crate) pet_thread: Mutex<PetSlot>,
 }
 
 impl VmShared {
@@ -173,6 +176,7 @@ impl VmShared {
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             sampling,
+            pet_thread: Mutex::new(PetSlot::default()),
         })
     }
 
