@@ -11,7 +11,7 @@ use crate::config::ConfigError;
 /// A refused request: the status and the message the client reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
-    /// 400, 404, 405, 408, 413 or 500.
+    /// 400, 404, 405, 408, 409, 413 or 500.
     pub status: StatusCode,
     /// What was wrong and what is allowed.
     pub fault_message: String,
@@ -29,6 +29,22 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
+            fault_message: message.into(),
+        }
+    }
+
+    /// 404: no such thing (a kperf action or timer beyond the counts).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            fault_message: message.into(),
+        }
+    }
+
+    /// 409: kperf is busy (EBUSY): the request conflicts with sampling.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
             fault_message: message.into(),
         }
     }

@@ -21,6 +21,7 @@ use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
 use super::errors::ApiError;
+use crate::config::{KperfConfig, SamplingConfig};
 use crate::vm::{BuildVmError, SignalWatch, Vm, VmController};
 use crate::{Summary, VmConfig};
 
@@ -90,11 +91,18 @@ impl Phase {
 }
 
 impl Instance {
-    /// An instance not started yet, configured with `defaults`.
+    /// An instance not started yet, configured with `defaults`. Its VM
+    /// always has the kperf engine, so that kperf can be configured at any
+    /// time: without sampling on the command line, an empty configuration
+    /// with sampling off ([`SamplingConfig::on_request`]).
     pub fn new(defaults: VmConfig, on_end: OnVmEnd) -> Arc<Self> {
+        let mut config = defaults.clone();
+        config
+            .sampling
+            .get_or_insert_with(SamplingConfig::on_request);
         Arc::new(Self {
             state: Mutex::new(State {
-                config: defaults.clone(),
+                config,
                 phase: Phase::NotStarted,
                 thread: None,
                 shutting_down: false,
@@ -144,6 +152,61 @@ impl Instance {
                 phase.name()
             ))),
         }
+    }
+
+    /// Where the kperf engine is: `None` before InstanceStart (the pre-boot
+    /// configuration, [`Instance::pre_boot_kperf`]), the running VM's
+    /// controller after; `what` names the request for the message.
+    pub fn kperf_home(&self, what: &str) -> Result<Option<VmController>, ApiError> {
+        match &self.lock().phase {
+            Phase::NotStarted => Ok(None),
+            Phase::Running { controller, .. } => Ok(Some(controller.clone())),
+            Phase::Starting => Err(ApiError::bad_request(format!(
+                "{what} refused: InstanceStart is building the VM; send it again once it runs"
+            ))),
+            Phase::Exited(_) => Err(ApiError::bad_request(format!(
+                "{what} refused: the instance has exited; GET /summary holds the kperf configuration it ran with"
+            ))),
+        }
+    }
+
+    /// Before InstanceStart: runs `f` on a kperf engine built from the
+    /// pre-boot configuration and on whether sampling starts with the VM;
+    /// with `keep`, what `f` leaves is kept if `f` succeeds and the whole
+    /// configuration still passes [`VmConfig::validate`].
+    pub fn pre_boot_kperf<T>(
+        &self,
+        what: &str,
+        keep: bool,
+        f: impl FnOnce(&mut kperf::Kperf, &mut bool) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let mut state = self.lock();
+        if !matches!(state.phase, Phase::NotStarted) {
+            return Err(ApiError::bad_request(format!(
+                "{what} refused: the instance started while it was served; send it again"
+            )));
+        }
+        let sampling = state
+            .config
+            .sampling
+            .get_or_insert_with(SamplingConfig::on_request);
+        let mut engine = sampling
+            .engine()
+            .map_err(|e| ApiError::internal(format!("the pre-boot kperf configuration: {e}")))?;
+        let mut at_boot = sampling.start_at_boot;
+        let out = f(&mut engine, &mut at_boot)?;
+        if keep {
+            let kperf = KperfConfig::from_engine(&engine);
+            super::types::change(&mut state.config, |config| {
+                let sampling = config
+                    .sampling
+                    .get_or_insert_with(SamplingConfig::on_request);
+                sampling.kperf = kperf;
+                sampling.start_at_boot = at_boot;
+                Ok(())
+            })?;
+        }
+        Ok(out)
     }
 
     /// Records a pause or resume the controller carried out.

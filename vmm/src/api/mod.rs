@@ -7,6 +7,7 @@
 //! - [`routes`]: the endpoints and the JSON body extractor.
 //! - [`types`]: the request and answer bodies, and how a pre-boot request
 //!   changes the [`crate::VmConfig`].
+//! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
@@ -20,6 +21,7 @@
 
 pub mod errors;
 pub mod instance;
+pub mod kperf;
 pub mod routes;
 pub mod server;
 pub mod types;

@@ -42,6 +42,7 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route("/actions", axum::routing::put(put_actions))
         .route("/summary", get(get_summary))
         .route("/clockintr", get(get_clockintr))
+        .merge(super::kperf::routes())
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -50,8 +51,25 @@ pub fn router(instance: Arc<Instance>) -> Router {
 
 type Api = State<Arc<Instance>>;
 
+/// Every route: the general ones and kperf's.
+fn all_routes() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    ROUTES.iter().chain(&super::kperf::ROUTES)
+}
+
+/// Whether `path` is `route`'s, a `{...}` segment matching any one segment.
+fn route_matches(route: &str, path: &str) -> bool {
+    let (mut route, mut path) = (route.split('/'), path.split('/'));
+    loop {
+        match (route.next(), path.next()) {
+            (None, None) => return true,
+            (Some(r), Some(p)) if r == p || (r.starts_with('{') && !p.is_empty()) => {}
+            _ => return false,
+        }
+    }
+}
+
 async fn unknown_path(uri: Uri) -> ApiError {
-    let paths: Vec<&str> = ROUTES.iter().map(|(path, _)| *path).collect();
+    let paths: Vec<&str> = all_routes().map(|(path, _)| *path).collect();
     ApiError {
         status: StatusCode::NOT_FOUND,
         fault_message: format!(
@@ -63,9 +81,8 @@ async fn unknown_path(uri: Uri) -> ApiError {
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    let allowed = ROUTES
-        .iter()
-        .find(|(path, _)| *path == uri.path())
+    let allowed = all_routes()
+        .find(|(route, _)| route_matches(route, uri.path()))
         .map_or("none", |(_, methods)| methods);
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
@@ -217,20 +234,35 @@ async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::VmConfig;
     use axum::body::Body;
     use tower::ServiceExt;
 
     async fn call(method: &str, path: &str, body: &str) -> (StatusCode, serde_json::Value) {
-        let instance = Instance::new(VmConfig::default(), Box::new(|_, _| {}));
+        call_on(&new_instance(), method, path, body).await
+    }
+
+    /// An instance not started, on the default configuration.
+    pub(crate) fn new_instance() -> Arc<Instance> {
+        Instance::new(VmConfig::default(), Box::new(|_, _| {}))
+    }
+
+    /// `method path body` on `instance`'s router: the status and the JSON
+    /// body (null if empty).
+    pub(crate) async fn call_on(
+        instance: &Arc<Instance>,
+        method: &str,
+        path: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
         let request = Request::builder()
             .method(method)
             .uri(path)
             .body(Body::from(body.to_owned()))
             .unwrap();
-        let response = router(instance).oneshot(request).await.unwrap();
+        let response = router(instance.clone()).oneshot(request).await.unwrap();
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
@@ -243,7 +275,8 @@ mod tests {
         (status, json)
     }
 
-    fn run<F: std::future::Future>(f: F) -> F::Output {
+    /// Runs `f` on a current-thread runtime, as the API thread does.
+    pub(crate) fn run<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
