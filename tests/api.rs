@@ -264,6 +264,134 @@ fn test_api_session_on_a_real_guest() {
     assert_eq!(server.terminate(), 0);
 }
 
+/// `GET /kperf/counters`.
+fn counters(server: &Server) -> Value {
+    let (status, counters) = server.call("GET", "/kperf/counters", None);
+    assert_eq!(status, 200, "{counters:?}");
+    counters
+}
+
+/// Polls `GET /kperf/counters` until `field` exceeds `above` (5 s at most).
+fn counter_above(server: &Server, field: &str, above: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let value = counters(server)[field].as_u64().expect(field);
+        if value > above {
+            return value;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{field} stayed at {value}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn test_api_kperf_on_a_real_guest() {
+    let Some((_serial, server, summary_path)) = kvm_session("api kperf") else {
+        return;
+    };
+    let put = |path: &str, body: &str| server.call("PUT", path, Some(body));
+    // A fresh instance has no action: sampling cannot be turned on.
+    let answer = put("/kperf/sampling", r#"{"on": true}"#);
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("ECANCELED, CFG-S-1"), "{answer:?}");
+
+    // Configured before start, sampling off.
+    let machine = r#"{"vcpu_count": 2, "mem_size_mib": 96}"#;
+    assert_eq!(put("/machine-config", machine).0, 204);
+    let boot = r#"{"workload": "profile", "duration_s": 600}"#;
+    assert_eq!(put("/boot-source", boot).0, 204);
+    assert_eq!(put("/kperf/action-count", r#"{"count": 1}"#).0, 204);
+    assert_eq!(put("/kperf/timer-count", r#"{"count": 1}"#).0, 204);
+    let action = r#"{"samplers": ["th_info", "kstack"], "kernel_stack_depth": 16}"#;
+    assert_eq!(put("/kperf/actions/1", action).0, 204);
+    let timer = r#"{"period_ns": 1000000, "action_id": 1}"#;
+    assert_eq!(put("/kperf/timers/0", timer).0, 204);
+    assert_eq!(server.action("InstanceStart").0, 204);
+    let (_, sampling) = server.call("GET", "/kperf/sampling", None);
+    assert_eq!(sampling["on"], false);
+    assert_eq!(counters(&server)["samples"], 0);
+    let (_, got) = server.call("GET", "/kperf/actions/1", None);
+    assert_eq!(got["kernel_stack_depth"], 16);
+
+    // Sampling on: samples and timer fires grow.
+    assert_eq!(put("/kperf/sampling", r#"{"on": true}"#).0, 204);
+    assert_eq!(counters(&server)["sampling"], "on");
+    counter_above(&server, "samples", 0);
+    counter_above(&server, "timer_fires", 0);
+    // Timers are busy while sampling (EBUSY); actions are not (CFG-A-4).
+    let answer = put("/kperf/timers/0", timer);
+    assert_eq!(answer.0, 409);
+    assert!(
+        fault(&answer).starts_with("PUT /kperf/timers refused: kperf is busy"),
+        "{answer:?}"
+    );
+    assert_eq!(put("/kperf/timer-count", r#"{"count": 2}"#).0, 409);
+    assert_eq!(put("/kperf/actions/1", action).0, 204);
+    // Ids beyond the counts.
+    let answer = server.call("GET", "/kperf/actions/2", None);
+    assert_eq!(answer.0, 404);
+    assert!(fault(&answer).contains("CFG-A-2"), "{answer:?}");
+    assert_eq!(put("/kperf/timers/1", timer).0, 404);
+
+    // Sampling off (synchronous): the counters stop growing.
+    assert_eq!(put("/kperf/sampling", r#"{"on": false}"#).0, 204);
+    let stopped = counters(&server);
+    assert_eq!(stopped["sampling"], "off");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counters(&server)["samples"], stopped["samples"]);
+    assert_eq!(counters(&server)["timer_fires"], stopped["timer_fires"]);
+
+    // Off, the timers can change; the period is raised to the minimum.
+    let fast = r#"{"period_ns": 1000, "action_id": 1}"#;
+    assert_eq!(put("/kperf/timers/0", fast).0, 204);
+    let (_, got) = server.call("GET", "/kperf/timers/0", None);
+    assert_eq!(got["period_ns"], 20_000);
+
+    // PET configured at run time: its sampler thread is created when
+    // sampling is turned on (PET-T-1), and its passes re-arm it.
+    assert_eq!(put("/kperf/timers/0", timer).0, 204);
+    assert_eq!(put("/kperf/timer-count", r#"{"count": 2}"#).0, 204);
+    let pet_timer = r#"{"period_ns": 5000000, "action_id": 1}"#;
+    assert_eq!(put("/kperf/timers/1", pet_timer).0, 204);
+    assert_eq!(put("/kperf/pet", r#"{"timer_id": 1}"#).0, 204);
+    let (_, pet) = server.call("GET", "/kperf/pet", None);
+    assert_eq!(
+        (pet["timer_id"].as_u64(), pet["lightweight"].as_bool()),
+        (Some(1), Some(false))
+    );
+    assert_eq!(put("/kperf/sampling", r#"{"on": true}"#).0, 204);
+    counter_above(&server, "pet_broadcasts", 3);
+    assert_eq!(put("/kperf/pet", r#"{"timer_id": 0}"#).0, 409);
+    // The idle rate may change while sampling (CFG-P-1).
+    assert_eq!(
+        put("/kperf/pet", r#"{"timer_id": 1, "idle_rate": 3}"#).0,
+        204
+    );
+
+    // Reset: sampling off, timers back to 0, the counts kept (CFG-R-1).
+    assert_eq!(server.call("PUT", "/kperf/reset", None).0, 204);
+    assert_eq!(counters(&server)["sampling"], "off");
+    let (_, got) = server.call("GET", "/kperf/timers/0", None);
+    assert_eq!(got["period_ns"], 0);
+    let (_, count) = server.call("GET", "/kperf/timer-count", None);
+    assert_eq!(count["count"], 2);
+
+    assert_eq!(server.action("SendExit").0, 204);
+    let summary = written_summary(&summary_path);
+    assert!(
+        summary["sampling"]["samples"].as_u64() > Some(0),
+        "{}",
+        summary["sampling"]
+    );
+    let answer = server.call("GET", "/kperf/counters", None);
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("has exited"), "{answer:?}");
+    assert_eq!(server.terminate(), 0);
+}
+
 #[test]
 fn test_api_sigterm_stops_a_running_vm() {
     let Some((_serial, server, summary_path)) = kvm_session("api sigterm") else {

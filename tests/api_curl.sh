@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The API's happy path with curl, as README's quick start does it: start
-# `metronome --api-sock`, configure, boot, pause, resume, read clockintr,
-# exit, stop the server with SIGTERM; check each answer's status.
+# `metronome --api-sock`, configure (kperf too), boot, pause, resume, read
+# clockintr, sample with kperf, exit, stop the server with SIGTERM; check each answer's status.
 # Run by tests/api.rs (test_api_curl_script) with METRONOME (the binary) and
 # SOCKET (a fresh path) set.
 set -euo pipefail
@@ -34,12 +34,25 @@ state() { api GET / 200 | grep -o '"state":"[^"]*"'; }
 api PUT /machine-config 204 '{"vcpu_count": 2, "mem_size_mib": 128}'
 api PUT /boot-source 204 '{"workload": "demo", "duration_s": 600}'
 api PUT /clock 204 '{"hz": 100}'
+api PUT /kperf/action-count 204 '{"count": 1}'
+api PUT /kperf/timer-count 204 '{"count": 1}'
+api PUT /kperf/actions/1 204 '{"samplers": ["th_info", "kstack"]}'
+api PUT /kperf/timers/0 204 '{"period_ns": 1000000, "action_id": 1}'
 api PUT /actions 204 '{"action_type": "InstanceStart"}'
 [ "$(state)" = '"state":"Running"' ]
 api PUT /actions 204 '{"action_type": "Pause"}'
 [ "$(state)" = '"state":"Paused"' ]
 api PUT /actions 204 '{"action_type": "Resume"}'
 api GET /clockintr 200 | grep -q '"total"'
+api PUT /kperf/sampling 204 '{"on": true}'
+for _ in $(seq 100); do
+    api GET /kperf/counters 200 | grep -q '"samples":0,' || break
+    sleep 0.05
+done
+api GET /kperf/counters 200 | grep -q '"sampling":"on"'
+! api GET /kperf/counters 200 | grep -q '"samples":0,'
+api PUT /kperf/sampling 204 '{"on": false}'
+api GET /kperf/sampling 200 | grep -q '"on":false'
 api PUT /actions 204 '{"action_type": "SendExit"}'
 [ "$(state)" = '"state":"Exited"' ]
 api GET /summary 200 | grep -q '"outcome":"stopped"'
