@@ -353,66 +353,7 @@ pub mod boot_flags {
     pub const PROFILE_MIDDLE_THIRD: u32 = 1 << 0;
 }
 
-/// A small log-linear histogram the guest fills and the VMM reads: buckets
-/// 0..16 hold one value each; above, each power of two up to 2^36 ns has 8
-/// buckets (12.5 % resolution); larger values land in the last bucket.
-pub mod hist {
-    /// Number of buckets.
-    pub const BUCKETS: usize = 16 + 32 * 8;
-
-    /// Bucket counts.
-    #[repr(C)]
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Counts(pub [u64; BUCKETS]);
-
-    impl Default for Counts {
-        fn default() -> Self {
-            Self([0; BUCKETS])
-        }
-    }
-
-    /// The bucket of `value`.
-    pub const fn bucket(value: u64) -> usize {
-        if value < 16 {
-            return value as usize;
-        }
-        let exp = 63 - value.leading_zeros() as usize;
-        if exp >= 36 {
-            return BUCKETS - 1;
-        }
-        16 + (exp - 4) * 8 + ((value >> (exp - 3)) & 7) as usize
-    }
-
-    /// The largest value in bucket `index`.
-    pub const fn upper(index: usize) -> u64 {
-        if index < 16 {
-            return index as u64;
-        }
-        let exp = (index - 16) / 8 + 4;
-        let sub = ((index - 16) % 8) as u64;
-        let width = 1u64 << (exp - 3);
-        (1u64 << exp) + sub * width + width - 1
-    }
-
-    /// The value at percentile `p` (0..=100) of `counts`, capped at `max`.
-    pub fn percentile(counts: &Counts, max: u64, p: u64) -> u64 {
-        // The counts are guest-written: saturate rather than overflow.
-        let total: u64 = counts.0.iter().fold(0u64, |a, &n| a.saturating_add(n));
-        if total == 0 {
-            return 0;
-        }
-        let rank = ((u128::from(total) * u128::from(p)).div_ceil(100) as u64).max(1);
-        let mut seen = 0;
-        for (i, n) in counts.0.iter().enumerate() {
-            seen = n.saturating_add(seen);
-            if seen >= rank {
-                let v = upper(i);
-                return if v < max { v } else { max };
-            }
-        }
-        max
-    }
-}
+pub mod hist;
 
 /// The clockintr statistics of one CPU (`struct clockintr_stat`). With the
 /// `serde` feature it serializes with these field names (the VMM's summary).
@@ -664,62 +605,8 @@ impl Default for PetPage {
     }
 }
 
-/// Largest number of key/value pairs in the [`GuestReport`].
-pub const MAX_REPORTS: usize = 32;
-
-/// The guest-wide report page at [`layout::GUEST_REPORT`], written by the guest.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GuestReport {
-    /// Guest uptime in ns when the guest decided to exit.
-    pub uptime_at_exit_ns: u64,
-    /// Number of valid entries in `reports`.
-    pub report_count: u64,
-    /// `(key, value)` pairs reported by workloads through the `report` system call.
-    pub reports: [[u64; 2]; MAX_REPORTS],
-}
-
-/// What the guest reports when it takes an exception it cannot handle.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FaultReport {
-    /// The registers at the fault, as the entry path saved them: the vector,
-    /// the error code (0 when the vector has none), RIP, CS (its low two bits
-    /// are the CPL), RFLAGS, RSP and the general-purpose registers.
-    pub frame: InterruptFrame,
-    /// CR2 (the faulting address for a page fault).
-    pub cr2: u64,
-    /// The vCPU that faulted.
-    pub vcpu: u64,
-    /// Thread id running at the fault (0 = kernel/idle).
-    pub tid: u64,
-}
-
-/// What the guest reports when its kernel panics.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PanicReport {
-    /// Guest address of the UTF-8 message.
-    pub message_addr: u64,
-    /// Length of the message in bytes (the VMM reads at most 512).
-    pub message_len: u64,
-    /// The vCPU that panicked.
-    pub vcpu: u64,
-}
-
-/// Report keys used by the built-in workloads (the `report` system call).
-pub mod report_key {
-    /// Ping-pong round trips completed, summed over all partners.
-    pub const PINGPONG_ROUNDS: u64 = 1;
-    /// Total stress interrupts the guest counted.
-    pub const STRESS_RECEIVED: u64 = 2;
-    /// Work units completed by the demo threads.
-    pub const DEMO_WORK: u64 = 3;
-    /// Uptime (ns) when statclock profiling was switched on.
-    pub const PROFIL_ON_NS: u64 = 4;
-    /// Uptime (ns) when statclock profiling was switched off.
-    pub const PROFIL_OFF_NS: u64 = 5;
-}
+mod report;
+pub use report::{report_key, FaultReport, GuestReport, PanicReport, MAX_REPORTS};
 
 // The layout is checked when this crate compiles, for both the guest and the VMM.
 const _: () = {

@@ -18,18 +18,19 @@
 //! assert_eq!(KperfConfig::from_engine(&engine).timers[0].period_ns, 20_000);
 //! ```
 
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use kperf::{
-    sampler, Kperf, SamplerListError, ACTION_MAX, KCALLSTACK_DEPTH_MAX, KCALLSTACK_DEPTH_MIN,
-    KPTIMER_MAX, PET_DEFAULT_IDLE_RATE, PID_FILTER_ALL, UCALLSTACK_DEPTH_MAX, UCALLSTACK_DEPTH_MIN,
+    sampler, Kperf, KCALLSTACK_DEPTH_MAX, KCALLSTACK_DEPTH_MIN, PET_DEFAULT_IDLE_RATE,
+    PID_FILTER_ALL, UCALLSTACK_DEPTH_MAX, UCALLSTACK_DEPTH_MIN,
 };
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
 use crate::pmu::NoGuestPmu;
+
+pub use super::kperf_error::KperfConfigError;
+pub use super::samplers::{sampler_refusal, Samplers};
 
 /// The longest timer period accepted, in ns (10 s; a VMM rule, not kperf's).
 pub const MAX_PERIOD_NS: u64 = 10_000_000_000;
@@ -41,9 +42,9 @@ pub const MAX_PERIOD_NS: u64 = 10_000_000_000;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KperfConfig {
-    /// Actions 1..=`action_count`, 1 to [`ACTION_MAX`] (CFG-A-1).
+    /// Actions 1..=`action_count`, 1 to [`kperf::ACTION_MAX`] (CFG-A-1).
     pub action_count: u32,
-    /// Timers 0..`timer_count`, 0 to [`KPTIMER_MAX`] (CFG-T-1).
+    /// Timers 0..`timer_count`, 0 to [`kperf::KPTIMER_MAX`] (CFG-T-1).
     pub timer_count: u32,
     /// The actions configured, each id at most once.
     #[serde(default)]
@@ -121,241 +122,6 @@ fn default_kernel_stack_depth() -> u32 {
 
 fn default_idle_rate() -> u32 {
     PET_DEFAULT_IDLE_RATE
-}
-
-/// [`kperf::sampler`] bits. In JSON: a list of sampler names
-/// (`["th_info", "ustack"]`), a comma-separated string of them, or a number;
-/// each name or number as [`sampler::parse_list`] takes it. Written back as
-/// the list of names.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Samplers(pub u32);
-
-impl Samplers {
-    /// The names of the bits, in bit order; a bit without a name as hex.
-    pub fn names(self) -> Vec<String> {
-        let mut names: Vec<String> = sampler::NAMES
-            .iter()
-            .filter(|(_, bit)| self.0 & bit != 0)
-            .map(|(name, _)| (*name).to_string())
-            .collect();
-        if self.0 & !sampler::ALL != 0 {
-            names.push(format!("{:#x}", self.0 & !sampler::ALL));
-        }
-        names
-    }
-}
-
-impl Serialize for Samplers {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.names().serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Samplers {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(SamplersVisitor)
-    }
-}
-
-/// Reads [`Samplers`] from a number, a string or a list of strings.
-struct SamplersVisitor;
-
-/// A sampler list error as a JSON error, citing the sampler table (CFG-A-5).
-fn sampler_error<E: de::Error>(error: SamplerListError) -> E {
-    E::custom(format!("{error} (CFG-A-5)"))
-}
-
-impl<'de> Visitor<'de> for SamplersVisitor {
-    type Value = Samplers;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("sampler names (a list like [\"th_info\", \"kstack\"]) or a sampler number")
-    }
-
-    fn visit_u64<E: de::Error>(self, bits: u64) -> Result<Samplers, E> {
-        sampler::parse_list(&bits.to_string())
-            .map(Samplers)
-            .map_err(sampler_error)
-    }
-
-    fn visit_str<E: de::Error>(self, list: &str) -> Result<Samplers, E> {
-        sampler::parse_list(list)
-            .map(Samplers)
-            .map_err(sampler_error)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Samplers, A::Error> {
-        let mut bits = 0;
-        while let Some(name) = seq.next_element::<String>()? {
-            bits |= sampler::parse_list(&name).map_err(sampler_error)?;
-        }
-        if bits == 0 {
-            return Err(sampler_error(SamplerListError::BadBits(0)));
-        }
-        Ok(Samplers(bits))
-    }
-}
-
-/// A kperf configuration that cannot be used. Each message says what was
-/// wrong and what is allowed, with the spec statement where there is one.
-#[derive(Debug, thiserror::Error)]
-pub enum KperfConfigError {
-    /// The `--kperf` file could not be read.
-    #[error("cannot read the --kperf file '{}'", path.display())]
-    Read {
-        /// The path given.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The `--kperf` file is not JSON of the schema (malformed, an unknown
-    /// field, a missing one, an unknown sampler).
-    #[error(
-        "the --kperf file '{}' does not follow the kperf configuration schema (README, \"The \
-         --kperf file\")",
-        path.display()
-    )]
-    Parse {
-        /// The path given.
-        path: PathBuf,
-        /// What serde_json found.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// An action count kperf refuses, or 0.
-    #[error(
-        "action_count {0} is out of range: 1 to {ACTION_MAX} actions (CFG-A-1; without an action \
-         sampling cannot start, CFG-S-1)"
-    )]
-    ActionCount(u32),
-    /// A timer count above [`KPTIMER_MAX`].
-    #[error("timer_count {0} is out of range: 0 to {KPTIMER_MAX} timers (CFG-T-1, KT-S-1)")]
-    TimerCount(u32),
-    /// An action id that is 0 or above the action count.
-    #[error(
-        "action id {id} is out of range: action ids are 1 to action_count ({count}) (CFG-A-2)"
-    )]
-    ActionId {
-        /// The id given.
-        id: u32,
-        /// The action count.
-        count: u32,
-    },
-    /// The same action twice.
-    #[error("action id {0} is listed twice: each action is listed at most once")]
-    DuplicateAction(u32),
-    /// An action with both PMC samplers.
-    #[error("action {0} has both pmc_thread and pmc_cpu: they exclude each other (CFG-A-3)")]
-    PmcThreadAndCpu(u32),
-    /// A call-stack depth out of range.
-    #[error("action {action}: {field} {depth} is out of range: {min} to {max} frames (CFG-A-3)")]
-    StackDepth {
-        /// The action id.
-        action: u32,
-        /// `user_stack_depth` or `kernel_stack_depth`.
-        field: &'static str,
-        /// The depth given.
-        depth: u32,
-        /// The shallowest depth allowed.
-        min: u32,
-        /// The deepest depth allowed.
-        max: u32,
-    },
-    /// A timer id at or above the timer count.
-    #[error(
-        "timer id {id} is out of range: timer ids are 0 to timer_count - 1 \
-         (timer_count is {count}) (CFG-T-2)"
-    )]
-    TimerId {
-        /// The id given.
-        id: u32,
-        /// The timer count.
-        count: u32,
-    },
-    /// The same timer twice.
-    #[error("timer id {0} is listed twice: each timer is listed at most once")]
-    DuplicateTimer(u32),
-    /// A timer period above [`MAX_PERIOD_NS`].
-    #[error(
-        "timer {timer}: period_ns {period_ns} is out of range: 0 (inactive) to {MAX_PERIOD_NS} ns \
-         (periods below the minimum are raised to it, KT-MIN-1)"
-    )]
-    TimerPeriod {
-        /// The timer id.
-        timer: u32,
-        /// The period given.
-        period_ns: u64,
-    },
-    /// A timer whose action is beyond the action count.
-    #[error(
-        "timer {timer}: action_id {action} is beyond action_count ({count}): a timer's action is \
-         1 to action_count, or 0 for an inactive timer (XNU accepts it and samples nothing, \
-         CFG-T-2; Metronome refuses it)"
-    )]
-    TimerAction {
-        /// The timer id.
-        timer: u32,
-        /// The action id given.
-        action: u32,
-        /// The action count.
-        count: u32,
-    },
-    /// A PET timer that is not one of the timers.
-    #[error(
-        "pet.timer_id {id} is not a timer: the PET timer is one of 0 to timer_count - 1 \
-         (timer_count is {count}) (XNU would silently disable PET, CFG-T-3; Metronome refuses it)"
-    )]
-    PetTimer {
-        /// The id given.
-        id: u32,
-        /// The timer count.
-        count: u32,
-    },
-    /// A PET idle rate of 0.
-    #[error("the PET idle rate 0 is refused: it is at least 1 (AMB-13: XNU would divide by 0)")]
-    PetIdleRate,
-    /// The engine refused a value the rules above let through (a bug).
-    #[error("kperf refused the configuration: {0}")]
-    Engine(kperf::KperfError),
-    /// A sampler that would capture nothing meaningful in this VM on this
-    /// host ([`KperfConfig::check_samplers`]).
-    #[error("action {action}: sampler {sampler} is refused: {reason}")]
-    SamplerRefused {
-        /// The action id.
-        action: u32,
-        /// The sampler's name ([`sampler::NAMES`]).
-        sampler: &'static str,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Why `bit` ([`sampler`]) cannot be taken in this VM, or `None` if it can;
-/// `pmu` is whether the host counts guest events ([`crate::pmu::probe`]).
-///
-/// - `th_dispatch` records the libdispatch queue a thread serves; the guest
-///   kernel has no dispatch queues: always refused.
-/// - The PMC samplers (`pmc_thread`, `pmc_cpu`, `pmc_config`, `th_inscyc`)
-///   need a host PMU that counts guest events: refused without one (AMB-14:
-///   refusing rather than logging zero counters, which would look measured).
-pub fn sampler_refusal(bit: u32, pmu: Result<(), NoGuestPmu>) -> Option<String> {
-    const PMC: u32 =
-        sampler::PMC_THREAD | sampler::PMC_CPU | sampler::PMC_CONFIG | sampler::TH_INSCYC;
-    if bit == sampler::TH_DISPATCH {
-        return Some(
-            "th_dispatch records the libdispatch queue a thread serves; the guest kernel has no \
-             dispatch queues, so there is nothing to capture"
-                .to_string(),
-        );
-    }
-    match pmu {
-        Err(why) if bit & PMC != 0 => Some(format!(
-            "it needs a host PMU that counts guest events; this host has none ({why}) (AMB-14: \
-             refused rather than logging zero counters)"
-        )),
-        _ => None,
-    }
 }
 
 impl KperfConfig {
@@ -771,6 +537,7 @@ impl KperfShorthand {
 mod tests {
     use super::*;
     use kperf::sampler::{KSTACK, PMC_CPU, PMC_THREAD, SYS_MEM, TH_INFO, USTACK};
+    use std::path::PathBuf;
 
     /// The example of the brief and of README.
     const EXAMPLE: &str = r#"{"action_count": 2, "timer_count": 2,

@@ -9,6 +9,8 @@
 //!   the command line's shorthands, and the engine it sets up.
 
 pub mod kperf;
+mod kperf_error;
+mod samplers;
 
 use std::path::PathBuf;
 use std::time::Duration;
