@@ -9,7 +9,7 @@
 mod common;
 use std::collections::BTreeMap;
 
-use common::{kvm_or_skip, read_trace, run_ok, scratch, u};
+use common::{kvm_or_skip, profile_run, read_trace, scratch, u};
 use kperf::trace::{
     DBG_FUNC_END, DBG_FUNC_START, PET_IDLE, PET_RUN, PET_SAMPLE, PET_SAMPLE_THREAD, TM_FIRE,
 };
@@ -35,25 +35,21 @@ struct LightweightRun {
 fn lightweight_run() -> LightweightRun {
     let dir = scratch("lightweight-pet");
     let trace_file = dir.join("trace.jsonl");
-    let r = run_ok(&[
-        "--workload",
-        "profile",
-        "--vcpus",
+    let r = profile_run(
         "3",
-        "--duration",
         "1.5",
-        "--timeout",
-        "120",
-        "--pet-period-ms",
-        &PET_PERIOD_MS.to_string(),
-        "--lightweight-pet",
-        "--profile-dir",
-        dir.to_str().unwrap(),
-        "--trace",
-        trace_file.to_str().unwrap(),
-        "--trace-level",
-        "2",
-    ]);
+        &[
+            "--pet-period-ms",
+            &PET_PERIOD_MS.to_string(),
+            "--lightweight-pet",
+            "--profile-dir",
+            dir.to_str().unwrap(),
+            "--trace",
+            trace_file.to_str().unwrap(),
+            "--trace-level",
+            "2",
+        ],
+    );
     let trace = read_trace(&trace_file);
     let folded = std::fs::read_to_string(dir.join("pet.folded")).expect("pet.folded");
     LightweightRun {

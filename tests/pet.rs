@@ -6,7 +6,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, read_trace, run_ok, scratch, u};
+use common::{kvm_or_skip, profile_run, read_trace, scratch, u};
 use serde_json::Value;
 
 const TM_FIRE: u64 = 0x2503_0000;
@@ -35,26 +35,22 @@ struct PetRun {
 fn pet_run(vcpus: u32, seconds: &str) -> PetRun {
     let dir = scratch("pet");
     let trace_file = dir.join("trace.jsonl");
-    let r = run_ok(&[
-        "--workload",
-        "profile",
-        "--vcpus",
+    let r = profile_run(
         &vcpus.to_string(),
-        "--duration",
         seconds,
-        "--timeout",
-        "120",
-        "--sample-period-us",
-        "1000",
-        "--pet-period-ms",
-        &(PET_PERIOD / 1_000_000).to_string(),
-        "--profile-dir",
-        dir.to_str().unwrap(),
-        "--trace",
-        trace_file.to_str().unwrap(),
-        "--trace-level",
-        "2",
-    ]);
+        &[
+            "--sample-period-us",
+            "1000",
+            "--pet-period-ms",
+            &(PET_PERIOD / 1_000_000).to_string(),
+            "--profile-dir",
+            dir.to_str().unwrap(),
+            "--trace",
+            trace_file.to_str().unwrap(),
+            "--trace-level",
+            "2",
+        ],
+    );
     let trace = read_trace(&trace_file);
     PetRun {
         summary: r.summary,

@@ -7,7 +7,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, metronome, run_ok, scratch, u};
+use common::{kvm_or_skip, metronome, profile_run, scratch, u};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -63,17 +63,9 @@ fn sampled_config(timeout_secs: u64) -> vmm::VmConfig {
 /// as `sampling` says, with its trace.
 fn traced_run(sampling: &[&str], seconds: &str) -> (common::Run, Vec<Value>) {
     let trace = scratch("trace.jsonl");
-    let mut args = vec![
-        "--workload",
-        "profile",
-        "--vcpus",
-        "2",
-        "--duration",
-        seconds,
-    ];
-    args.extend_from_slice(sampling);
-    args.extend_from_slice(&["--trace", trace.to_str().unwrap(), "--timeout", "120"]);
-    let r = run_ok(&args);
+    let mut args = sampling.to_vec();
+    args.extend_from_slice(&["--trace", trace.to_str().unwrap()]);
+    let r = profile_run("2", seconds, &args);
     (r, trace_of(&trace))
 }
 
@@ -89,21 +81,13 @@ fn sampled_run(samplers: &str, seconds: &str) -> (common::Run, Vec<Value>) {
 /// the profile written to `dir`, plus `extra` options.
 fn profiled_run(dir: &std::path::Path, seconds: &str, extra: &[&str]) -> common::Run {
     let mut args = vec![
-        "--workload",
-        "profile",
-        "--vcpus",
-        "2",
-        "--duration",
-        seconds,
         "--sample-period-us",
         "1000",
         "--profile-dir",
         dir.to_str().unwrap(),
-        "--timeout",
-        "120",
     ];
     args.extend_from_slice(extra);
-    run_ok(&args)
+    profile_run("2", seconds, &args)
 }
 
 #[test]
@@ -450,22 +434,18 @@ fn test_kt_i_1_halted_vcpu_is_not_kicked_and_rejoins_the_cadence() {
         return;
     }
     let trace_path = scratch("trace.jsonl");
-    let r = run_ok(&[
-        "--workload",
-        "profile",
-        "--vcpus",
+    let r = profile_run(
         "3",
-        "--duration",
         "2",
-        "--sample-period-us",
-        "1000",
-        "--samplers",
-        "th_info",
-        "--trace",
-        trace_path.to_str().unwrap(),
-        "--timeout",
-        "120",
-    ]);
+        &[
+            "--sample-period-us",
+            "1000",
+            "--samplers",
+            "th_info",
+            "--trace",
+            trace_path.to_str().unwrap(),
+        ],
+    );
     let fires = handlers_per_fire(&trace_of(&trace_path));
     let by_vcpu = |vcpu: u64| fires.iter().filter(|h| h.contains(&vcpu)).count();
     // vCPU 2 only runs a thread that sleeps 50 ms at a time: it is halted,

@@ -12,7 +12,7 @@
 mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{kvm_or_skip, run_ok, scratch, u};
+use common::{kvm_or_skip, profile_run, scratch, u};
 use serde_json::Value;
 
 /// The events named `name`.
@@ -45,24 +45,23 @@ fn test_trace_json_one_timeline_of_fires_samples_dispatches_and_switches() {
     let vcpus: u32 = 2;
     let dir = scratch("timeline");
     let also = dir.join("also.json");
-    let r = run_ok(&[
-        "--workload",
-        "profile",
-        "--vcpus",
+    // The default duration, 3 s.
+    let r = profile_run(
         &vcpus.to_string(),
-        "--sample-period-us",
-        "1000",
-        "--pet-period-ms",
-        "10",
-        "--profile-dir",
-        dir.to_str().unwrap(),
-        "--trace",
-        also.to_str().unwrap(),
-        "--trace-level",
-        "2",
-        "--timeout",
-        "120",
-    ]);
+        "3",
+        &[
+            "--sample-period-us",
+            "1000",
+            "--pet-period-ms",
+            "10",
+            "--profile-dir",
+            dir.to_str().unwrap(),
+            "--trace",
+            also.to_str().unwrap(),
+            "--trace-level",
+            "2",
+        ],
+    );
     let sampling = &r.summary["sampling"];
     assert_eq!(u(sampling, "trace_dropped"), 0, "{sampling}");
     let text = std::fs::read_to_string(dir.join("trace.json")).expect("trace.json");

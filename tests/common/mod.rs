@@ -114,6 +114,23 @@ pub fn run_ok(args: &[&str]) -> Run {
     r
 }
 
+/// `--workload profile` on `vcpus` vCPUs for `seconds` of guest time (host
+/// limit 120 s) with `extra` options; the run must succeed.
+pub fn profile_run(vcpus: &str, seconds: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "--workload",
+        "profile",
+        "--vcpus",
+        vcpus,
+        "--duration",
+        seconds,
+        "--timeout",
+        "120",
+    ];
+    args.extend_from_slice(extra);
+    run_ok(&args)
+}
+
 /// The records of a trace file written with `--trace` (JSON lines).
 pub fn read_trace(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
