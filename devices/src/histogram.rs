@@ -59,6 +59,8 @@ pub struct LatencyHistogram {
     counts: [u64; BUCKETS],
     count: u64,
     max: u64,
+    /// Sum of the values, saturating at `u64::MAX` (about 584 years of ns).
+    sum: u64,
 }
 
 impl Default for LatencyHistogram {
@@ -67,6 +69,7 @@ impl Default for LatencyHistogram {
             counts: [0; BUCKETS],
             count: 0,
             max: 0,
+            sum: 0,
         }
     }
 }
@@ -82,6 +85,7 @@ impl LatencyHistogram {
         self.counts[bucket_of(ns)] += 1;
         self.count += 1;
         self.max = self.max.max(ns);
+        self.sum = self.sum.saturating_add(ns);
     }
 
     /// The number of values recorded.
@@ -92,6 +96,22 @@ impl LatencyHistogram {
     /// The largest value recorded, exactly; 0 when empty.
     pub fn max(&self) -> u64 {
         self.max
+    }
+
+    /// The sum of the values recorded, exactly (saturating at `u64::MAX`).
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+
+    /// The non-empty buckets in increasing order: each bucket's largest
+    /// value and how many values it holds (for exporting the histogram with
+    /// other bucket bounds).
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(index, &n)| (upper_bound(index), n))
     }
 
     /// The `p`-th percentile (`p` in 0..=100, clamped; NaN counts as 0): the
@@ -127,6 +147,7 @@ impl LatencyHistogram {
         }
         self.count += other.count;
         self.max = self.max.max(other.max);
+        self.sum = self.sum.saturating_add(other.sum);
     }
 }
 
@@ -139,6 +160,24 @@ mod tests {
         assert!(reported >= exact, "{reported} below {exact}");
         let error = (reported - exact) as f64 / exact as f64;
         assert!(error <= 0.125, "{reported} is {error:.3} above {exact}");
+    }
+
+    #[test]
+    fn test_sum_and_buckets_account_for_every_value() {
+        let mut h = LatencyHistogram::new();
+        for ns in [3, 3, 1_000, 1_001, 5_000_000] {
+            h.record(ns);
+        }
+        assert_eq!(h.sum(), 5_002_007);
+        let buckets: Vec<(u64, u64)> = h.buckets().collect();
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), h.count());
+        assert_eq!(buckets[0], (3, 2));
+        // 1000 and 1001 share the bucket [960, 1023].
+        assert_eq!(buckets[1], (1_023, 2));
+        assert!(buckets[2].0 >= 5_000_000 && buckets[2].1 == 1);
+        let mut merged = h.clone();
+        merged.merge(&h);
+        assert_eq!(merged.sum(), 2 * h.sum());
     }
 
     #[test]

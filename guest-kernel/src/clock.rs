@@ -118,6 +118,7 @@ pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Op
             let late = report.start - deadline;
             shared.lateness_hist.0[hist::bucket(late)] += 1;
             shared.lateness_max = shared.lateness_max.max(late);
+            shared.lateness_sum = shared.lateness_sum.saturating_add(late);
         }
     }
     cpu.programmed_deadline = report.rearm.map(|n| report.end + n);

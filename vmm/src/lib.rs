@@ -18,6 +18,8 @@
 //! - [`sampling`]: kptimer expiries, samples, the trace; [`profile`]: what
 //!   samples become (symbolized folded stacks, flame graph, pprof).
 //! - [`summary`]: the run summary and the clockintr dump.
+//! - [`metrics`]: run-time counters and histograms (`GET /metrics`), JSON
+//!   and the Prometheus text format.
 //! - [`guestmem`]: the guest ABI's plain-data structures in guest memory.
 //! - [`pmu`]: the host PMU for the PMC samplers (probe, guest-only counters).
 //! - [`api`]: the API socket: HTTP/1.1 with JSON bodies over a Unix domain
@@ -33,6 +35,7 @@ pub mod devices;
 pub mod guestmem;
 pub mod host_time;
 pub mod kick;
+pub mod metrics;
 pub mod pmu;
 pub mod profile;
 pub mod sampling;

@@ -523,6 +523,9 @@ pub struct VcpuShared {
     /// Uptime at the last `clockintr_cpu_init` (a secondary vCPU's first
     /// hardclock is the first grid point after it, CI-CPU-3).
     pub last_cpu_init_ns: u64,
+    /// Sum of the guest-measured lateness values in `lateness_hist`, ns
+    /// (saturating): the histogram's sum for `GET /metrics`.
+    pub lateness_sum: u64,
 }
 
 /// What the guest publishes about each thread, at [`layout::THREAD_TABLE`].
@@ -649,8 +652,11 @@ const _: () = {
             == core::mem::offset_of!(VcpuShared, last_dispatch_start_ns) + 8
     );
     assert!(
-        core::mem::offset_of!(VcpuShared, last_cpu_init_ns) + 8
-            == core::mem::size_of::<VcpuShared>()
+        core::mem::offset_of!(VcpuShared, lateness_sum)
+            == core::mem::offset_of!(VcpuShared, last_cpu_init_ns) + 8
+    );
+    assert!(
+        core::mem::offset_of!(VcpuShared, lateness_sum) + 8 == core::mem::size_of::<VcpuShared>()
     );
 };
 

@@ -18,9 +18,10 @@ pub struct ApiError {
 }
 
 /// The body of every error answer.
-#[derive(Debug, Serialize)]
-struct Fault<'a> {
-    fault_message: &'a str,
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Fault<'a> {
+    /// What was wrong and what is allowed.
+    pub fault_message: &'a str,
 }
 
 impl ApiError {

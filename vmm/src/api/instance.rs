@@ -14,6 +14,7 @@
 //! park) run on the runtime's blocking pool, never on the API thread, and
 //! nothing here is on a vCPU's or timer's path.
 
+use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -21,7 +22,9 @@ use std::time::Instant;
 use tokio::sync::{oneshot, watch};
 
 use super::errors::ApiError;
+use super::metrics::RequestCounts;
 use crate::config::{KperfConfig, SamplingConfig};
+use crate::metrics::VmMetrics;
 use crate::vm::{BuildVmError, SignalWatch, Vm, VmController};
 use crate::{Summary, VmConfig};
 
@@ -57,6 +60,10 @@ struct State {
     thread: Option<JoinHandle<()>>,
     /// The process is ending: a VM still being built is not started.
     shutting_down: bool,
+    /// Where FlushMetrics appends the metrics (`PUT /metrics`).
+    metrics_sink: Option<Arc<Mutex<File>>>,
+    /// The VM's metrics at the end of its run, once it exited.
+    final_metrics: Option<VmMetrics>,
 }
 
 /// The instance, shared by the API's handlers and the VMM thread.
@@ -68,6 +75,8 @@ pub struct Instance {
     /// Becomes true when the VM has exited and its summary is kept.
     exited: watch::Sender<bool>,
     on_end: OnVmEnd,
+    /// The API's answers by status code (`GET /metrics`).
+    pub requests: RequestCounts,
 }
 
 impl std::fmt::Debug for Instance {
@@ -106,10 +115,13 @@ impl Instance {
                 phase: Phase::NotStarted,
                 thread: None,
                 shutting_down: false,
+                metrics_sink: None,
+                final_metrics: None,
             }),
             defaults,
             exited: watch::Sender::new(false),
             on_end,
+            requests: RequestCounts::default(),
         })
     }
 
@@ -207,6 +219,39 @@ impl Instance {
             })?;
         }
         Ok(out)
+    }
+
+    /// The VM's metrics: read now while it runs, kept from the end of the
+    /// run after it exited, `None` before it runs. Reading a running VM
+    /// takes short locks the vCPUs take too: call it off the API thread.
+    pub fn vm_metrics(&self) -> Option<VmMetrics> {
+        let controller = {
+            let state = self.lock();
+            match &state.phase {
+                Phase::Running { controller, .. } => controller.clone(),
+                Phase::Exited(_) => return state.final_metrics.clone(),
+                Phase::NotStarted | Phase::Starting => return None,
+            }
+        };
+        Some(controller.metrics())
+    }
+
+    /// Sets the metrics sink, before the instance started (`PUT /metrics`).
+    pub fn set_metrics_sink(&self, file: File) -> Result<(), ApiError> {
+        let mut state = self.lock();
+        if !matches!(state.phase, Phase::NotStarted) {
+            return Err(ApiError::bad_request(format!(
+                "PUT /metrics is pre-boot only: the metrics sink can be set before InstanceStart, and the instance is {}",
+                state.phase.name()
+            )));
+        }
+        state.metrics_sink = Some(Arc::new(Mutex::new(file)));
+        Ok(())
+    }
+
+    /// The metrics sink, if one was set.
+    pub fn metrics_sink(&self) -> Option<Arc<Mutex<File>>> {
+        self.lock().metrics_sink.clone()
     }
 
     /// Records a pause or resume the controller carried out.
@@ -319,8 +364,14 @@ impl Instance {
         drop(state);
         let _ = started.send(Ok(()));
         let summary = running.wait();
+        let mut metrics = controller.metrics();
+        // The device clock runs on after the end: the uptime is the run's.
+        metrics.guest_uptime_ns = summary.guest_uptime_ns;
         (self.on_end)(&summary, &controller);
-        self.lock().phase = Phase::Exited(Box::new(summary));
+        let mut state = self.lock();
+        state.final_metrics = Some(metrics);
+        state.phase = Phase::Exited(Box::new(summary));
+        drop(state);
         self.exited.send_replace(true);
     }
 

@@ -8,6 +8,8 @@
 //! - [`types`]: the request and answer bodies, and how a pre-boot request
 //!   changes the [`crate::VmConfig`].
 //! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
+//! - [`metrics`]: `GET /metrics` (JSON or Prometheus text), the metrics
+//!   sink and FlushMetrics, and the middleware counting every answer.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
@@ -22,6 +24,7 @@
 pub mod errors;
 pub mod instance;
 pub mod kperf;
+pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod types;

@@ -43,9 +43,14 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route("/summary", get(get_summary))
         .route("/clockintr", get(get_clockintr))
         .merge(super::kperf::routes())
+        .merge(super::metrics::routes())
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            instance.clone(),
+            super::metrics::count_responses,
+        ))
         .with_state(instance)
 }
 
@@ -53,7 +58,10 @@ type Api = State<Arc<Instance>>;
 
 /// Every route: the general ones and kperf's.
 fn all_routes() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    ROUTES.iter().chain(&super::kperf::ROUTES)
+    ROUTES
+        .iter()
+        .chain(&super::kperf::ROUTES)
+        .chain(&super::metrics::ROUTES)
 }
 
 /// Whether `path` is `route`'s, a `{...}` segment matching any one segment.
@@ -194,8 +202,7 @@ async fn put_actions(
             off_thread("Resume", move || controller.resume(ResumeMode::Continue)).await?;
             instance.set_paused(false);
         }
-        // No metrics sink is configured: there is nothing to flush.
-        ActionType::FlushMetrics => {}
+        ActionType::FlushMetrics => super::metrics::flush(&instance).await?,
         ActionType::SendExit => {
             instance.controller("SendExit")?.stop();
             instance.exited().await;

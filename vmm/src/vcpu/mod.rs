@@ -32,6 +32,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use crate::bus::Bus;
 use crate::host_time::{self, PosixTimer};
 use crate::kick;
+use crate::metrics::ExitReason;
 use crate::sampling::{VcpuSampler, VcpuSampling};
 use crate::vm::{VmExit, VmShared};
 
@@ -132,6 +133,12 @@ impl VcpuRunner {
         if let Some(sampler) = self.sampler.take() {
             self.stats.sampling = sampler.into_stats();
         }
+        self.stats.exits = self.shared.vcpus[self.id as usize]
+            .exits
+            .all()
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .collect();
         self.stats
     }
 
@@ -147,8 +154,10 @@ impl VcpuRunner {
             .map_err(|e| host_error(id, "timer_create", e))
     }
 
-    fn count(&mut self, reason: &'static str) {
-        *self.stats.exits.entry(reason).or_insert(0) += 1;
+    /// Counts an exit in this vCPU's slot: one relaxed increment, read by
+    /// `GET /metrics` from the API thread and by the summary at the end.
+    fn count(&self, reason: ExitReason) {
+        self.shared.vcpus[self.id as usize].exits.count(reason);
     }
 
     fn run_loop(&mut self, mut timer: PosixTimer) -> Result<(), VmExit> {
@@ -184,41 +193,41 @@ impl VcpuRunner {
                         self.stats.bus_misses += 1;
                         log::debug!("vCPU {id}: write to unclaimed port {port:#x}");
                     }
-                    self.count("io");
+                    self.count(ExitReason::Io);
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !self.pio.read(id, u64::from(port), data) {
                         self.stats.bus_misses += 1;
                     }
-                    self.count("io");
+                    self.count(ExitReason::Io);
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if !self.mmio.write(id, addr, data) {
                         self.stats.bus_misses += 1;
                         log::debug!("vCPU {id}: write to unclaimed MMIO {addr:#x}");
                     }
-                    self.count("mmio");
+                    self.count(ExitReason::Mmio);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if !self.mmio.read(id, addr, data) {
                         self.stats.bus_misses += 1;
                     }
-                    self.count("mmio");
+                    self.count(ExitReason::Mmio);
                 }
                 Ok(VcpuExit::Hlt) => {
-                    self.count("hlt");
+                    self.count(ExitReason::Hlt);
                     self.stats.halts += 1;
                     self.halt()?;
                 }
-                Ok(VcpuExit::IrqWindowOpen) => self.count("irq_window"),
-                Ok(VcpuExit::Intr) => self.count("intr"),
+                Ok(VcpuExit::IrqWindowOpen) => self.count(ExitReason::IrqWindow),
+                Ok(VcpuExit::Intr) => self.count(ExitReason::Intr),
                 Ok(VcpuExit::Shutdown) => {
-                    self.count("shutdown");
+                    self.count(ExitReason::Shutdown);
                     let rip = self.fd.sync_regs().regs.rip;
                     return Err(VmExit::TripleFault { vcpu: id, rip });
                 }
                 Ok(VcpuExit::InternalError) => {
-                    self.count("internal_error");
+                    self.count(ExitReason::InternalError);
                     // SAFETY: the exit reason says the `internal` union member is valid.
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
@@ -229,7 +238,7 @@ impl VcpuRunner {
                     });
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    self.count("fail_entry");
+                    self.count(ExitReason::FailEntry);
                     return Err(VmExit::Emulation {
                         vcpu: id,
                         detail: format!("VM entry failed (reason {reason:#x}, host cpu {cpu})"),
@@ -237,11 +246,11 @@ impl VcpuRunner {
                 }
                 Ok(other) => {
                     let detail = format!("unexpected exit {other:?}");
-                    self.count("other");
+                    self.count(ExitReason::Other);
                     return Err(VmExit::Emulation { vcpu: id, detail });
                 }
-                Err(e) if e.errno() == libc::EINTR => self.count("intr"),
-                Err(e) if e.errno() == libc::EAGAIN => self.count("again"),
+                Err(e) if e.errno() == libc::EINTR => self.count(ExitReason::Intr),
+                Err(e) if e.errno() == libc::EAGAIN => self.count(ExitReason::Again),
                 Err(e) => return Err(host_error(id, "KVM_RUN", e)),
             }
         }

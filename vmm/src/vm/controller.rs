@@ -218,6 +218,13 @@ impl VmController {
         crate::summary::clockintr_stats(&self.shared)
     }
 
+    /// The VM's run-time metrics (`GET /metrics`), read from the calling
+    /// thread: relaxed loads, each vCPU's irq lock held only to copy its
+    /// timer histogram.
+    pub fn metrics(&self) -> crate::metrics::VmMetrics {
+        crate::metrics::collect(&self.shared)
+    }
+
     /// Every vCPU's pending clockintr events, like ddb's `show all clockintr`.
     pub fn dump_clockintr(&self) -> String {
         crate::summary::clockintr_dump(&self.shared)

@@ -22,6 +22,7 @@ use super::pet_thread::PetSlot;
 use super::VmExit;
 use crate::host_time::DeviceClock;
 use crate::kick;
+use crate::metrics::ExitCounters;
 use crate::sampling::SamplingShared;
 
 /// Interrupts injected into one vCPU, by kind.
@@ -94,6 +95,8 @@ pub struct VcpuSlot {
     pub thread: OnceLock<libc::pthread_t>,
     /// Kicks sent to this vCPU.
     pub kicks_sent: AtomicU64,
+    /// Exits from `KVM_RUN` by reason, counted by this vCPU's thread.
+    pub exits: ExitCounters,
     /// The vCPU's registers while its thread is parked for a pause, so that a
     /// PET pass can sample the thread it was running (`None` otherwise).
     pub parked_regs: Mutex<Option<(kvm_regs, kvm_sregs)>>,
