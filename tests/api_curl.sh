@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The API's happy path with curl, as README's quick start does it: start
 # `metronome --api-sock`, configure (kperf too), boot, pause, resume, read
-# clockintr, sample with kperf, exit, stop the server with SIGTERM; check each answer's status.
+# clockintr, sample with kperf, read the metrics in both formats, exit, stop the server with SIGTERM; check each answer's status.
 # Run by tests/api.rs (test_api_curl_script) with METRONOME (the binary) and
 # SOCKET (a fresh path) set.
 set -euo pipefail
@@ -53,6 +53,9 @@ api GET /kperf/counters 200 | grep -q '"sampling":"on"'
 ! api GET /kperf/counters 200 | grep -q '"samples":0,'
 api PUT /kperf/sampling 204 '{"on": false}'
 api GET /kperf/sampling 200 | grep -q '"on":false'
+api GET /metrics 200 | grep -q '"state":"Running"'
+api GET '/metrics?format=prometheus' 200 | grep -q '^metronome_kperf_samples_total [1-9]'
+api GET '/metrics?format=yaml' 400 | grep -q 'format=prometheus'
 api PUT /actions 204 '{"action_type": "SendExit"}'
 [ "$(state)" = '"state":"Exited"' ]
 api GET /summary 200 | grep -q '"outcome":"stopped"'
