@@ -8,6 +8,7 @@
 //! - [`types`]: the request and answer bodies, and how a pre-boot request
 //!   changes the [`crate::VmConfig`].
 //! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
+//! - [`config_file`]: `--config-file`, the pre-boot bodies in one file.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
@@ -19,6 +20,7 @@
 //! at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
 //! in the listen backlog.
 
+pub mod config_file;
 pub mod errors;
 pub mod instance;
 pub mod kperf;
@@ -28,9 +30,10 @@ pub mod types;
 
 use std::time::Duration;
 
+pub use config_file::{ConfigFile, ConfigFileError};
 pub use errors::ApiError;
 pub use instance::{Instance, OnVmEnd};
-pub use server::{serve, ApiServeError};
+pub use server::{serve, serve_with, ApiServeError};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
