@@ -134,14 +134,11 @@ impl ConfigFile {
     ///
     /// [`ConfigFileError::Read`] or [`ConfigFileError::Parse`].
     pub fn read(path: &Path) -> Result<Self, ConfigFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|source| ConfigFileError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        crate::config::read_json_file(
+            path,
+            |path, source| ConfigFileError::Read { path, source },
+            |path, source| ConfigFileError::Parse { path, source },
+        )
     }
 
     /// The sections the file has.
