@@ -2,7 +2,9 @@
 //! real HTTP client (`curl --unix-socket`) drive a whole session on a KVM
 //! guest: configure, start, pause, resume, read clockintr, exit; the bad
 //! inputs answer with Firecracker-shaped errors; SIGTERM ends the server and
-//! removes the socket; an existing socket path is refused.
+//! removes the socket; an existing socket path is refused; `--config-file`
+//! with `--api-sock` serves a running instance, whose Resume re-synchronises
+//! clockintr and kptimer.
 
 // An integration-test crate is test-only as a whole.
 #![allow(clippy::tests_outside_test_module)]
@@ -723,5 +725,141 @@ fn test_api_metrics_on_a_real_guest() {
     let again = metrics(&server);
     assert_eq!(again["guest_uptime_ns"], exited["guest_uptime_ns"]);
     assert_eq!(again["vcpus"], exited["vcpus"]);
+}
+
+/// `GET /clockintr`: the guest uptime and every vCPU's `clocks` entry.
+fn clocks(server: &Server) -> (u64, Vec<Value>) {
+    let (status, info) = server.call("GET", "/clockintr", None);
+    assert_eq!(status, 200, "{info:?}");
+    let uptime = info["uptime_ns"].as_u64().expect("uptime_ns");
+    (uptime, info["clocks"].as_array().expect("clocks").clone())
+}
+
+/// Polls `GET /clockintr` until the guest clock reaches `ns`; the uptime read.
+fn until_uptime(server: &Server, ns: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let (uptime, _) = clocks(server);
+        if uptime >= ns {
+            return uptime;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest clock stayed at {uptime} ns"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn field(clock: &Value, name: &str) -> u64 {
+    clock[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} in {clock}"))
+}
+
+/// `--config-file` with `--api-sock`: the instance runs at once and the API
+/// serves it (pre-boot PUTs refused, kperf sampling on from the file).
+/// Then Resume re-synchronises (CI-CPU-6 and kptimer): after a pause of
+/// 1.5 s of guest time (hz=100: 150 hardclock periods; 10 ms kptimer: 150
+/// periods), the hardclock calls and timer fires after the resume match the
+/// time run since, not the time paused; a burst would add about 150 per
+/// vCPU to each.
+#[test]
+fn test_api_config_file_instance_and_resume_resynchronises() {
+    if !kvm_or_skip("api config file resume") {
+        return;
+    }
+    let _serial = kvm_lock();
+    let config = scratch("config.json");
+    std::fs::write(
+        &config,
+        r#"{"machine-config": {"vcpu_count": 2, "mem_size_mib": 128},
+            "boot-source": {"workload": "profile", "duration_s": 600},
+            "clock": {"hz": 100},
+            "kperf": {"action_count": 1, "timer_count": 1,
+                      "actions": [{"id": 1, "samplers": ["th_info"]}],
+                      "timers": [{"id": 0, "period_ns": 10000000, "action_id": 1}]}}"#,
+    )
+    .unwrap();
+    let summary_path = scratch("summary.json");
+    let server = Server::start(&[
+        "--config-file",
+        config.to_str().unwrap(),
+        "--summary-json",
+        summary_path.to_str().unwrap(),
+    ]);
+    assert_eq!(server.state(), "Running");
+    let answer = server.call(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    assert_eq!(answer.0, 400);
+    assert!(fault(&answer).contains("pre-boot only"), "{answer:?}");
+    assert_eq!(server.action("InstanceStart").0, 400);
+    assert_eq!(counters(&server)["sampling"], "on");
+    counter_above(&server, "timer_fires", 10);
+    let (_, got) = server.call("GET", "/machine-config", None);
+    assert_eq!(got["vcpu_count"], 2);
+
+    const HZ: u64 = 100;
+    const PERIOD_NS: u64 = 10_000_000;
+    const PAUSE_NS: u64 = 1_500_000_000;
+    const RUN_NS: u64 = 500_000_000;
+    assert_eq!(server.action("Pause").0, 204);
+    let (paused_at, before) = clocks(&server);
+    let fires_before = counters(&server)["timer_fires"].as_u64().unwrap();
+    // Poll the guest clock (it runs on while paused) well past the periods.
+    let last_paused = until_uptime(&server, paused_at + PAUSE_NS);
+    let (_, still) = clocks(&server);
+    assert_eq!(still, before, "nothing dispatches while paused");
+    assert_eq!(server.action("Resume").0, 204);
+    let (resumed, _) = clocks(&server);
+    let end = until_uptime(&server, resumed + RUN_NS);
+    let (_, after) = clocks(&server);
+    let fires_after = counters(&server)["timer_fires"].as_u64().unwrap();
+
+    // The guest ran for at most `end - last_paused` since the resume, and
+    // at least `end - resumed`.
+    let ran_max = end - last_paused;
+    let ran_min = end - resumed;
+    for (b, a) in before.iter().zip(&after) {
+        let hardclocks = field(a, "hardclock") - field(b, "hardclock");
+        // Every period run gives one hardclock; 25 more is host noise, far
+        // from the 150 a catch-up would add.
+        assert!(
+            hardclocks <= ran_max * HZ / 1_000_000_000 + 25,
+            "a burst after resume: {hardclocks} hardclocks in at most {ran_max} ns: {b} -> {a}"
+        );
+        assert!(
+            hardclocks >= ran_min * HZ / 1_000_000_000 / 4,
+            "hardclock stalled after resume: {hardclocks} in {ran_min} ns"
+        );
+        assert_eq!(
+            field(a, "cpu_inits"),
+            field(b, "cpu_inits") + 1,
+            "the guest re-ran clockintr_cpu_init: {a}"
+        );
+        assert!(field(a, "resume_first_batch") <= 2, "{a}");
+    }
+    // kptimer: a deadline passed during the pause fires once per vCPU, then
+    // one fire per period per busy vCPU (2 vCPUs) from now.
+    let fires = fires_after - fires_before;
+    let periods_max = ran_max / PERIOD_NS;
+    assert!(
+        fires <= 2 * (periods_max + 2) + 20,
+        "a burst of kptimer fires after resume: {fires} in at most {periods_max} periods"
+    );
+    assert!(
+        fires >= ran_min / PERIOD_NS / 4,
+        "the kptimer cadence stopped after resume: {fires} fires in {ran_min} ns"
+    );
+
+    assert_eq!(server.action("SendExit").0, 204);
+    let summary = written_summary(&summary_path);
+    assert_eq!(summary["outcome"], "stopped");
+    for v in summary["vcpus"].as_array().unwrap() {
+        assert_eq!(v["timer"]["resumes"], 1, "{v}");
+    }
     assert_eq!(server.terminate(), 0);
 }

@@ -9,14 +9,21 @@
 //! SIGTERM (a VM still running then stops with outcome `signal`), and exits
 //! 0 then; 2 for invalid options or an existing PATH without
 //! `--api-sock-force`; 6 when the socket cannot be served.
+//!
+//! With `--config-file FILE` the pre-boot API bodies come from FILE and the
+//! VM boots at once (`vmm::api::config_file`); a flag that sets what a
+//! section of the file sets is refused (exit 2, naming both). With
+//! `--api-sock` as well, the API serves the running instance; `--no-api`
+//! refuses `--api-sock`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgGroup, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use metronome_abi::{exit, Workload};
-use vmm::api::{self, ApiServeError, Instance, OnVmEnd};
+use vmm::api::{self, ApiServeError, ConfigFile, ConfigFileError, Instance, OnVmEnd};
 use vmm::config::{ConfigError, KperfConfig, KperfShorthand};
 use vmm::{
     BuildVmError, ConsoleSink, KernelSource, SamplingConfig, Summary, Vm, VmConfig, VmController,
@@ -46,7 +53,7 @@ enum Command {
 #[command(group(
     ArgGroup::new("sampling")
         .multiple(true)
-        .args(["sample_period_us", "pet_period_ms", "kperf"])
+        .args(["sample_period_us", "pet_period_ms", "kperf", "config_file"])
 ))]
 #[command(group(
     ArgGroup::new("trace_out")
@@ -166,6 +173,14 @@ struct RunArgs {
     /// Replace an existing file at the --api-sock path.
     #[arg(long, requires = "api_sock")]
     api_sock_force: bool,
+    /// Boot at once with the pre-boot API bodies in a JSON file:
+    /// {"machine-config", "boot-source", "clock", "kperf"}; a flag of a
+    /// section the file has is refused.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// No API socket (with --config-file; refuses --api-sock).
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    no_api: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -291,27 +306,14 @@ fn print_error(error: &dyn std::error::Error) {
 fn main() -> ExitCode {
     let process_start = Instant::now();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One line: clap's first line says what was wrong and what is allowed.
-            // clap's message up to the usage hint, folded onto one line.
-            let rendered = e.render().to_string();
-            let message: Vec<&str> = rendered
-                .lines()
-                .map(str::trim)
-                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
-                .collect();
-            let message = message.join(" ");
-            eprintln!("metronome: {}", message.trim_start_matches("error: "));
-            return ExitCode::from(exit::VMM_BAD_INPUT as u8);
-        }
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (matches, cli)));
+    let (matches, cli) = match parsed {
+        Ok(parsed) => parsed,
+        Err(e) => return clap_error(&e),
     };
+    let run_matches = matches.subcommand_matches("run").unwrap_or(&matches);
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         None => cli.run,
@@ -322,6 +324,16 @@ fn main() -> ExitCode {
             print_error(&e);
             return ExitCode::from(exit::VMM_BAD_INPUT as u8);
         }
+    };
+    let config = match &args.config_file {
+        None => config,
+        Some(path) => match with_config_file(&args, run_matches, path, config) {
+            Ok(config) => config,
+            Err(e) => {
+                print_error(e.as_ref());
+                return ExitCode::from(exit::VMM_BAD_INPUT as u8);
+            }
+        },
     };
     if let Some(path) = args.api_sock.clone() {
         if let Err(e) = config.validate() {
@@ -358,6 +370,56 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints clap's error (one line: what was wrong and what is allowed) and
+/// exits 2; `--help` and `--version` print and exit 0.
+fn clap_error(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    // clap's message up to the usage hint, folded onto one line.
+    let rendered = e.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect();
+    let message = message.join(" ");
+    eprintln!("metronome: {}", message.trim_start_matches("error: "));
+    ExitCode::from(exit::VMM_BAD_INPUT as u8)
+}
+
+/// `--config-file`: the command line's configuration `base` (valid; no
+/// flag of a section the file has, [`ConfigFile::check_flags`]) with the
+/// file's sections applied.
+fn with_config_file(
+    args: &RunArgs,
+    matches: &ArgMatches,
+    path: &std::path::Path,
+    base: VmConfig,
+) -> Result<VmConfig, Box<dyn std::error::Error>> {
+    let file = ConfigFile::read(path)?;
+    file.check_flags(|id| matches.value_source(id) == Some(ValueSource::CommandLine))?;
+    base.validate()?;
+    let files = SamplingConfig {
+        profile_dir: args.profile_dir.clone(),
+        trace_file: args.trace.clone(),
+        trace_level: kperf::trace::Level::from_debug_level(args.trace_level)
+            .unwrap_or(SamplingConfig::DEFAULT_TRACE_LEVEL),
+        ..SamplingConfig::new(KperfConfig::default())
+    };
+    let config = file.apply(path, &base, &files)?;
+    if config.sampling.is_none() && (args.profile_dir.is_some() || args.trace.is_some()) {
+        return Err(Box::new(ConfigFileError::Invalid {
+            path: path.to_owned(),
+            message: "--profile-dir and --trace need sampling: a \"kperf\" section in the file \
+                      (or --kperf, --sample-period-us, --pet-period-ms)"
+                .into(),
+        }));
+    }
+    Ok(config)
+}
+
 /// What the end of a VM prints and writes (`--dump-clockintr`,
 /// `--summary-json`, the errors, the human summary), and its exit code.
 fn report(args: &RunArgs, summary: &Summary, controller: &VmController) -> ExitCode {
@@ -390,15 +452,18 @@ fn report(args: &RunArgs, summary: &Summary, controller: &VmController) -> ExitC
 /// command line's, valid) as the configuration it starts from.
 fn serve_api(args: RunArgs, config: VmConfig, path: &std::path::Path) -> ExitCode {
     let force = args.api_sock_force;
+    // With --config-file the instance boots at once.
+    let boot = args.config_file.is_some();
     let on_end: OnVmEnd = Box::new(move |summary, controller| {
         let _ = report(&args, summary, controller);
     });
-    match api::serve(path, force, Instance::new(config, on_end)) {
+    match api::serve_with(path, force, Instance::new(config, on_end), boot) {
         Ok(_signal) => ExitCode::SUCCESS,
         Err(e) => {
             print_error(&e);
             let code = match e {
                 ApiServeError::SocketExists(_) => exit::VMM_BAD_INPUT,
+                ApiServeError::Boot(e) if e.status.is_client_error() => exit::VMM_BAD_INPUT,
                 _ => exit::VMM_HOST_ERROR,
             };
             ExitCode::from(code as u8)

@@ -8,11 +8,15 @@
 //!                                             --timeout, signal
 //! ```
 //!
-//! The API thread reaches the running VM through [`VmController`], which is
-//! thread-safe and takes only short locks the vCPUs also take (the pause
-//! state, a vCPU's irq lock); calls that wait (pause waits for every vCPU to
-//! park) run on the runtime's blocking pool, never on the API thread, and
-//! nothing here is on a vCPU's or timer's path.
+//! The API thread reaches the running VM only through the VMM thread: a
+//! request is a closure sent on the VM's [`VmmLink`] (a channel plus an
+//! eventfd the VMM thread's event loop watches) and run there with the
+//! [`VmController`], its result coming back on a oneshot
+//! ([`Instance::on_vmm`]). Such a closure never waits; what waits (a pause
+//! until every vCPU has parked, a sampling stop until every vCPU has
+//! acknowledged) waits on the runtime's blocking pool afterwards
+//! ([`Instance::on_vmm_then_wait`]), so that the event loop still sees the
+//! guest's exit or a signal, and nothing here is on a vCPU's or timer's path.
 
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +29,7 @@ use super::errors::ApiError;
 use super::metrics::RequestCounts;
 use crate::config::{KperfConfig, SamplingConfig};
 use crate::metrics::VmMetrics;
-use crate::vm::{BuildVmError, SignalWatch, Vm, VmController};
+use crate::vm::{BuildVmError, SignalWatch, Vm, VmController, VmmLink};
 use crate::{Summary, VmConfig};
 
 /// What the process does with a VM's summary when the VM ends (the command
@@ -39,11 +43,8 @@ enum Phase {
     NotStarted,
     /// InstanceStart is building the VM on the VMM thread.
     Starting,
-    /// The VM runs (or is paused: `paused`).
-    Running {
-        controller: VmController,
-        paused: bool,
-    },
+    /// The VM runs (or is paused: `paused`); `link` reaches its VMM thread.
+    Running { link: VmmLink, paused: bool },
     /// The VM ended; its summary.
     Exited(Box<Summary>),
 }
@@ -154,11 +155,11 @@ impl Instance {
         super::types::change(&mut state.config, |c| edit(c, &self.defaults))
     }
 
-    /// The running VM's controller, or why there is none; `action` names
-    /// the request for the message.
-    pub fn controller(&self, action: &str) -> Result<VmController, ApiError> {
+    /// The link to the running VM's VMM thread, or why there is none;
+    /// `action` names the request for the message.
+    pub fn link(&self, action: &str) -> Result<VmmLink, ApiError> {
         match &self.lock().phase {
-            Phase::Running { controller, .. } => Ok(controller.clone()),
+            Phase::Running { link, .. } => Ok(link.clone()),
             phase => Err(ApiError::bad_request(format!(
                 "{action} needs a running instance (Running or Paused); the instance is {}",
                 phase.name()
@@ -166,13 +167,48 @@ impl Instance {
         }
     }
 
+    /// Runs `f` with the running VM's controller on its VMM thread (between
+    /// the event loop's other events) and answers what it returned; `what`
+    /// names the request for the messages. `f` must not wait.
+    ///
+    /// # Errors
+    ///
+    /// 400 when the instance is not Running or Paused, or the VM ended
+    /// before `f` ran.
+    pub async fn on_vmm<T: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&VmController) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        on_link(&self.link(what)?, what, f).await
+    }
+
+    /// [`Instance::on_vmm`], then, with what `f` returned and a controller,
+    /// `wait` on the runtime's blocking pool (off the API and VMM threads):
+    /// for operations that `f` starts and that end when the vCPUs answer.
+    ///
+    /// # Errors
+    ///
+    /// As [`Instance::on_vmm`].
+    pub async fn on_vmm_then_wait<T: Send + 'static, U: Send + 'static>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&VmController) -> T + Send + 'static,
+        wait: impl FnOnce(&VmController, T) -> U + Send + 'static,
+    ) -> Result<U, ApiError> {
+        let (started, controller) = self.on_vmm(what, move |c| (f(c), c.clone())).await?;
+        tokio::task::spawn_blocking(move || wait(&controller, started))
+            .await
+            .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))
+    }
+
     /// Where the kperf engine is: `None` before InstanceStart (the pre-boot
-    /// configuration, [`Instance::pre_boot_kperf`]), the running VM's
-    /// controller after; `what` names the request for the message.
-    pub fn kperf_home(&self, what: &str) -> Result<Option<VmController>, ApiError> {
+    /// configuration, [`Instance::pre_boot_kperf`]), the link to the running
+    /// VM's VMM thread after; `what` names the request for the message.
+    pub fn kperf_home(&self, what: &str) -> Result<Option<VmmLink>, ApiError> {
         match &self.lock().phase {
             Phase::NotStarted => Ok(None),
-            Phase::Running { controller, .. } => Ok(Some(controller.clone())),
+            Phase::Running { link, .. } => Ok(Some(link.clone())),
             Phase::Starting => Err(ApiError::bad_request(format!(
                 "{what} refused: InstanceStart is building the VM; send it again once it runs"
             ))),
@@ -221,19 +257,27 @@ impl Instance {
         Ok(out)
     }
 
-    /// The VM's metrics: read now while it runs, kept from the end of the
-    /// run after it exited, `None` before it runs. Reading a running VM
-    /// takes short locks the vCPUs take too: call it off the API thread.
-    pub fn vm_metrics(&self) -> Option<VmMetrics> {
-        let controller = {
+    /// The VM's metrics: read now on the VMM thread while it runs (relaxed
+    /// loads, each vCPU's irq lock held only to copy its timer histogram),
+    /// kept from the end of the run after it exited, `None` before it runs
+    /// or when the VM ends while the request is in flight.
+    pub async fn vm_metrics(&self) -> Option<VmMetrics> {
+        let link = {
             let state = self.lock();
             match &state.phase {
-                Phase::Running { controller, .. } => controller.clone(),
+                Phase::Running { link, .. } => link.clone(),
                 Phase::Exited(_) => return state.final_metrics.clone(),
                 Phase::NotStarted | Phase::Starting => return None,
             }
         };
-        Some(controller.metrics())
+        match on_link(&link, "GET /metrics", |c| c.metrics()).await {
+            Ok(metrics) => Some(metrics),
+            // It ended meanwhile: its final metrics, once they are kept.
+            Err(_) => {
+                self.exited().await;
+                self.lock().final_metrics.clone()
+            }
+        }
     }
 
     /// Sets the metrics sink, before the instance started (`PUT /metrics`).
@@ -346,7 +390,7 @@ impl Instance {
             drop(state);
             return refuse(started, ApiError::internal("the process is ending"));
         }
-        let running = match vm.start_with(process_start, SignalWatch::Caller) {
+        let mut running = match vm.start_with(process_start, SignalWatch::Caller) {
             Ok(running) => running,
             Err((_vm, reason)) => {
                 drop(state);
@@ -357,8 +401,20 @@ impl Instance {
             }
         };
         let controller = running.controller();
+        let link = match running.link() {
+            Ok(link) => link,
+            Err(e) => {
+                drop(state);
+                controller.stop();
+                drop(running.wait());
+                return refuse(
+                    started,
+                    ApiError::internal(format!("cannot make the VMM request eventfd: {e}")),
+                );
+            }
+        };
         state.phase = Phase::Running {
-            controller: controller.clone(),
+            link,
             paused: false,
         };
         drop(state);
@@ -379,22 +435,44 @@ impl Instance {
     /// with it, one being built is not started, and the VMM thread is joined
     /// (its summary reported).
     pub fn shut_down(&self, signo: i32) {
-        let (controller, thread) = {
+        let (link, thread) = {
             let mut state = self.lock();
             state.shutting_down = true;
-            let controller = match &state.phase {
-                Phase::Running { controller, .. } => Some(controller.clone()),
+            let link = match &state.phase {
+                Phase::Running { link, .. } => Some(link.clone()),
                 _ => None,
             };
-            (controller, state.thread.take())
+            (link, state.thread.take())
         };
-        if let Some(controller) = controller {
-            controller.stop_on_signal(signo);
+        if let Some(link) = link {
+            // A closed link: the VM is ending already.
+            let _ = link.send(Box::new(move |c| c.stop_on_signal(signo)));
         }
         if let Some(thread) = thread {
             let _ = thread.join();
         }
     }
+}
+
+/// Sends `f` on `link` and awaits what it returned on the VMM thread.
+pub async fn on_link<T: Send + 'static>(
+    link: &VmmLink,
+    what: &str,
+    f: impl FnOnce(&VmController) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let ended = || {
+        ApiError::bad_request(format!(
+            "{what} refused: the VM has exited or is exiting; GET /summary holds its results once it has"
+        ))
+    };
+    let (reply, answer) = oneshot::channel();
+    link.send(Box::new(move |controller| {
+        // The client may have gone: nobody waits for the answer then.
+        let _ = reply.send(f(controller));
+    }))
+    .map_err(|_| ended())?;
+    // An error: the loop ended with the request still queued.
+    answer.await.map_err(|_| ended())
 }
 
 /// An error and its source chain on one line.

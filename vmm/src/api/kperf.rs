@@ -9,8 +9,10 @@
 //! Afterwards it acts on the live engine under its lock: a change is made
 //! on a copy that replaces the engine only if every step succeeded, so a
 //! refused request changes nothing and the vCPUs see a change whole
-//! (AMB-16). Turning sampling on, off, and reset go through
-//! [`VmController`] on the blocking pool (the stop is synchronous).
+//! (AMB-16). Every live request runs on the VMM thread
+//! ([`super::instance::on_link`]); a sampling stop (off, reset) is
+//! synchronous: the VMM thread begins it, its wait for the vCPUs runs on
+//! the blocking pool, and the VMM thread finishes it.
 //!
 //! The bodies are the `--kperf` file's objects (README, "The --kperf
 //! file"): an action or a timer without its `id`, which is the path's.
@@ -30,12 +32,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::errors::ApiError;
+use super::instance::on_link;
 use super::instance::Instance;
 use super::routes::ApiJson;
 use crate::config::kperf::MAX_PERIOD_NS;
 use crate::config::{ActionConfig, KperfConfig, KperfConfigError, PetConfig, TimerConfig};
 use crate::summary::KperfLimits;
-use crate::vm::{SamplingError, VmController};
+use crate::vm::{SamplingError, VmmLink};
 
 /// The kperf paths and their methods (for the 404 and 405 messages).
 pub const ROUTES: [(&str, &str); 9] = [
@@ -179,39 +182,52 @@ fn sampling_error(what: &str, error: SamplingError) -> ApiError {
     }
 }
 
-/// Runs `f` on the kperf engine, wherever it is now ([`Instance::kperf_home`]).
-/// With `keep`, what `f` leaves is kept if it succeeds; live, `f` works on
-/// a copy that replaces the engine then (AMB-16).
-fn engine<T>(
+/// Runs `f` on the kperf engine, wherever it is now ([`Instance::kperf_home`]):
+/// live, on the VMM thread ([`on_link`]). With `keep`, what `f` leaves is
+/// kept if it succeeds; live, `f` works on a copy that replaces the engine
+/// then (AMB-16).
+async fn engine<T: Send + 'static>(
     instance: &Instance,
     what: &str,
     keep: bool,
-    f: impl FnOnce(&mut Kperf) -> Result<T, ApiError>,
+    f: impl FnOnce(&mut Kperf) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match instance.kperf_home(what)? {
         None => instance.pre_boot_kperf(what, keep, |kperf, _| f(kperf)),
-        Some(controller) => controller
-            .with_kperf(|live| {
-                let mut copy = live.clone();
-                let out = f(&mut copy)?;
-                if keep {
-                    *live = copy;
-                }
-                Ok(out)
+        Some(link) => {
+            let owned = what.to_owned();
+            on_link(&link, what, move |controller| {
+                controller
+                    .with_kperf(|live| {
+                        let mut copy = live.clone();
+                        let out = f(&mut copy)?;
+                        if keep {
+                            *live = copy;
+                        }
+                        Ok(out)
+                    })
+                    .map_err(|e| sampling_error(&owned, e))?
             })
-            .map_err(|e| sampling_error(what, e))?,
+            .await?
+        }
     }
 }
 
-/// Runs a controller call that may wait on the blocking pool.
-async fn off_thread(
-    what: &'static str,
-    controller: VmController,
-    call: fn(&VmController) -> Result<(), SamplingError>,
-) -> Result<(), ApiError> {
-    tokio::task::spawn_blocking(move || call(&controller))
-        .await
-        .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))?
+/// Stops sampling on the running VM behind `link`, synchronously (KT-SP-1),
+/// and with `reset` resets kperf (CFG-R-1): the VMM thread begins the stop,
+/// the wait for every vCPU's acknowledgement runs on the blocking pool (the
+/// event loop runs on meanwhile), then the VMM thread finishes it.
+async fn stop_sampling(link: &VmmLink, what: &'static str, reset: bool) -> Result<(), ApiError> {
+    let (pending, controller) =
+        on_link(link, what, |c| (c.sampling_stop_begin(), c.clone())).await?;
+    let pending = pending.map_err(|e| sampling_error(what, e))?;
+    if let Some(pending) = pending {
+        tokio::task::spawn_blocking(move || controller.sampling_stop_wait(&pending))
+            .await
+            .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))?;
+    }
+    on_link(link, what, move |c| c.sampling_stop_finish(pending, reset))
+        .await?
         .map_err(|e| sampling_error(what, e))
 }
 
@@ -248,7 +264,7 @@ type Api = State<Arc<Instance>>;
 
 /// An object `/kperf/{kind}s/{id}` reads and sets: the `--kperf` file's
 /// action or timer.
-trait PathObject: DeserializeOwned + Serialize {
+trait PathObject: DeserializeOwned + Serialize + Send + 'static {
     /// `action` or `timer`.
     const KIND: &'static str;
     /// What `PUT` refuses before it looks at the engine.
@@ -310,9 +326,11 @@ async fn get_object<T: PathObject>(
 ) -> Result<Json<T>, ApiError> {
     let what = format!("GET /kperf/{}s", T::KIND);
     let id = path_id(T::KIND, &id)?;
-    let object = engine(&instance, &what, false, |kperf| {
-        T::read(kperf, id).map_err(|e| config_error(&what, e))
-    })?;
+    let owned = what.clone();
+    let object = engine(&instance, &what, false, move |kperf| {
+        T::read(kperf, id).map_err(|e| config_error(&owned, e))
+    })
+    .await?;
     Ok(Json(object))
 }
 
@@ -325,9 +343,11 @@ async fn put_object<T: PathObject>(
     let what = format!("PUT /kperf/{}s", T::KIND);
     let object: T = with_id(T::KIND, path_id(T::KIND, &id)?, body)?;
     object.check().map_err(|e| config_error(&what, e))?;
-    engine(&instance, &what, true, |kperf| {
-        object.set(kperf).map_err(|e| config_error(&what, e))
-    })?;
+    let owned = what.clone();
+    engine(&instance, &what, true, move |kperf| {
+        object.set(kperf).map_err(|e| config_error(&owned, e))
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -339,7 +359,8 @@ async fn get_count<const TIMERS: bool>(State(instance): Api) -> Result<Json<Coun
         } else {
             kperf.action_count()
         })
-    })?;
+    })
+    .await?;
     Ok(Json(Count { count }))
 }
 
@@ -354,7 +375,7 @@ async fn put_count<const TIMERS: bool>(
     } else {
         "PUT /kperf/action-count"
     };
-    engine(&instance, what, true, |kperf| {
+    engine(&instance, what, true, move |kperf| {
         let now = kperf.action_count();
         let set = if TIMERS {
             kperf.set_timer_count(count)
@@ -373,7 +394,8 @@ async fn put_count<const TIMERS: bool>(
                 }
             })
         })
-    })?;
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -386,7 +408,8 @@ async fn get_pet(State(instance): Api) -> Result<Json<PetConfig>, ApiError> {
             lightweight: kperf.lightweight_pet(),
             idle_rate: kperf.pet_idle_rate(),
         })
-    })?;
+    })
+    .await?;
     Ok(Json(pet))
 }
 
@@ -395,9 +418,10 @@ async fn put_pet(
     ApiJson(pet): ApiJson<PetConfig>,
 ) -> Result<StatusCode, ApiError> {
     let what = "PUT /kperf/pet";
-    engine(&instance, what, true, |kperf| {
+    engine(&instance, what, true, move |kperf| {
         pet.apply(kperf).map_err(|e| config_error(what, e))
-    })?;
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -406,7 +430,7 @@ async fn get_sampling(State(instance): Api) -> Result<Json<Sampling>, ApiError> 
     let on = match instance.kperf_home(what)? {
         // Before start: whether sampling starts with the VM.
         None => instance.pre_boot_kperf(what, false, |_, at_boot| Ok(*at_boot))?,
-        Some(_) => engine(&instance, what, false, |kperf| Ok(kperf.sampling()))?,
+        Some(_) => engine(&instance, what, false, |kperf| Ok(kperf.sampling())).await?,
     };
     Ok(Json(Sampling { on }))
 }
@@ -424,10 +448,10 @@ async fn put_sampling(
             *at_boot = on;
             Ok(())
         })?,
-        Some(controller) if on => {
-            off_thread(what, controller, VmController::sampling_start).await?;
-        }
-        Some(controller) => off_thread(what, controller, VmController::sampling_stop).await?,
+        Some(link) if on => on_link(&link, what, |c| c.sampling_start())
+            .await?
+            .map_err(|e| sampling_error(what, e))?,
+        Some(link) => stop_sampling(&link, what, false).await?,
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -442,7 +466,7 @@ async fn put_reset(State(instance): Api) -> Result<StatusCode, ApiError> {
             *at_boot = false;
             Ok(())
         })?,
-        Some(controller) => off_thread(what, controller, VmController::sampling_reset).await?,
+        Some(link) => stop_sampling(&link, what, true).await?,
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -461,18 +485,22 @@ async fn get_limits() -> Json<Limits> {
 
 async fn get_counters(State(instance): Api) -> Result<Json<Counters>, ApiError> {
     let what = "GET /kperf/counters";
-    let home = instance.kperf_home(what)?;
+    let (samples, timer_fires) = match instance.kperf_home(what)? {
+        None => (0, 0),
+        Some(link) => on_link(&link, what, |c| (c.samples_taken(), c.timer_fires())).await?,
+    };
     let (state, pet_broadcasts) = engine(&instance, what, false, |kperf| {
         Ok((kperf.sampling_state(), kperf.pet_broadcasts()))
-    })?;
+    })
+    .await?;
     Ok(Json(Counters {
         sampling: match state {
             SamplingState::Off => "off",
             SamplingState::On => "on",
             SamplingState::Shutdown => "shutdown",
         },
-        samples: home.as_ref().map_or(0, VmController::samples_taken),
-        timer_fires: home.as_ref().map_or(0, VmController::timer_fires),
+        samples,
+        timer_fires,
         pet_broadcasts,
     }))
 }

@@ -113,24 +113,19 @@ pub struct MetricsSink {
     pub metrics_path: String,
 }
 
-/// The metrics now, read off the API thread.
+/// The metrics now: the VM's read on its VMM thread, the API's counters here.
 async fn read(instance: &Arc<Instance>) -> Result<MetricsBody, ApiError> {
-    let instance = instance.clone();
-    tokio::task::spawn_blocking(move || {
-        let state = instance.state_name();
-        let vm = instance.vm_metrics().unwrap_or_default();
-        let utc_timestamp_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        MetricsBody {
-            state,
-            utc_timestamp_ms,
-            vm,
-            api_requests: instance.requests.snapshot(),
-        }
+    let state = instance.state_name();
+    let vm = instance.vm_metrics().await.unwrap_or_default();
+    let utc_timestamp_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Ok(MetricsBody {
+        state,
+        utc_timestamp_ms,
+        vm,
+        api_requests: instance.requests.snapshot(),
     })
-    .await
-    .map_err(|e| ApiError::internal(format!("reading the metrics failed: {e}")))
 }
 
 /// The VM's counters and histograms, and the API's answers by status.

@@ -10,6 +10,7 @@
 //! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
 //! - [`metrics`]: `GET /metrics` (JSON or Prometheus text), the metrics
 //!   sink and FlushMetrics, and the middleware counting every answer.
+//! - [`config_file`]: `--config-file`, the pre-boot bodies in one file.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
@@ -21,6 +22,7 @@
 //! at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
 //! in the listen backlog.
 
+pub mod config_file;
 pub mod errors;
 pub mod instance;
 pub mod kperf;
@@ -31,9 +33,10 @@ pub mod types;
 
 use std::time::Duration;
 
+pub use config_file::{ConfigFile, ConfigFileError};
 pub use errors::ApiError;
 pub use instance::{Instance, OnVmEnd};
-pub use server::{serve, ApiServeError};
+pub use server::{serve, serve_with, ApiServeError};
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -13,13 +13,13 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use super::errors::ApiError;
-use super::instance::Instance;
+use super::instance::{on_link, Instance};
 use super::types::{
     ActionType, BootSource, ClockConfig, ClockintrInfo, InstanceAction, InstanceInfo,
     MachineConfig, PreBootSection, RunningSummary,
 };
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES};
-use crate::vm::{ControlError, ResumeMode};
+use crate::vm::{ControlError, ResumeMode, VmController};
 
 /// Every path and the methods it answers (for the 404 and 405 messages).
 const ROUTES: [(&str, &str); 7] = [
@@ -174,16 +174,9 @@ fn section<T: PreBootSection>() -> MethodRouter<Arc<Instance>> {
     get(get_section::<T>).put(put_section::<T>)
 }
 
-/// Runs a controller call that may wait (pause waits for every vCPU to
-/// park) on the blocking pool, off the API thread.
-async fn off_thread<T: Send + 'static>(
-    action: &str,
-    call: impl FnOnce() -> Result<T, ControlError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| ApiError::internal(format!("{action} failed: {e}")))?
-        .map_err(|e| ApiError::bad_request(format!("{action} refused: {e}")))
+/// A control operation's refusal as a 400 naming `action`.
+fn refused(action: &'static str) -> impl Fn(ControlError) -> ApiError {
+    move |e| ApiError::bad_request(format!("{action} refused: {e}"))
 }
 
 async fn put_actions(
@@ -193,18 +186,32 @@ async fn put_actions(
     match action.action_type {
         ActionType::InstanceStart => instance.start().await?,
         ActionType::Pause => {
-            let controller = instance.controller("Pause")?;
-            off_thread("Pause", move || controller.pause()).await?;
+            // The VMM thread asks the vCPUs to park; the wait for them runs
+            // on the blocking pool, so its event loop runs on meanwhile.
+            instance
+                .on_vmm_then_wait("Pause", VmController::begin_pause, |c, begun| {
+                    begun.map(|()| c.wait_paused())
+                })
+                .await?
+                .map_err(refused("Pause"))?;
             instance.set_paused(true);
         }
         ActionType::Resume => {
-            let controller = instance.controller("Resume")?;
-            off_thread("Resume", move || controller.resume(ResumeMode::Continue)).await?;
+            // Re-synchronised (CI-CPU-6): the guest re-runs clockintr_cpu_init
+            // on every vCPU, so no missed hardclock runs; kptimer deadlines
+            // that passed meanwhile fire once, then dead reckoning (KT-F-2)
+            // puts every vCPU back on the cadence from now.
+            instance
+                .on_vmm("Resume", |c| c.resume(ResumeMode::Reinit))
+                .await?
+                .map_err(refused("Resume"))?;
             instance.set_paused(false);
         }
         ActionType::FlushMetrics => super::metrics::flush(&instance).await?,
         ActionType::SendExit => {
-            instance.controller("SendExit")?.stop();
+            let link = instance.link("SendExit")?;
+            // Refused only when the VM is ending already: wait for its end too.
+            let _ = on_link(&link, "SendExit", VmController::stop).await;
             instance.exited().await;
         }
     }
@@ -215,28 +222,34 @@ async fn get_summary(State(instance): Api) -> Response {
     if let Some(summary) = instance.summary() {
         return Json(summary).into_response();
     }
-    let controller = instance.controller("GET /summary").ok();
+    let running = instance
+        .on_vmm("GET /summary", |c| {
+            (c.uptime_ns(), c.samples_taken(), c.clockintr_stats().1)
+        })
+        .await
+        .ok();
     Json(RunningSummary {
         state: instance.state_name(),
-        guest_uptime_ns: controller.as_ref().map_or(0, |c| c.uptime_ns()),
-        samples_taken: controller.as_ref().map_or(0, |c| c.samples_taken()),
-        clockintr_total: controller.as_ref().map(|c| c.clockintr_stats().1),
+        guest_uptime_ns: running.map_or(0, |r| r.0),
+        samples_taken: running.map_or(0, |r| r.1),
+        clockintr_total: running.map(|r| r.2),
     })
     .into_response()
 }
 
 async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {
-    let controller = instance.controller("GET /clockintr")?;
-    let info = off_thread("GET /clockintr", move || {
-        let (vcpus, total) = controller.clockintr_stats();
-        Ok(ClockintrInfo {
-            uptime_ns: controller.uptime_ns(),
-            vcpus,
-            total,
-            dump: controller.dump_clockintr(),
+    let info = instance
+        .on_vmm("GET /clockintr", |controller| {
+            let (vcpus, total) = controller.clockintr_stats();
+            ClockintrInfo {
+                uptime_ns: controller.uptime_ns(),
+                vcpus,
+                total,
+                clocks: controller.vcpu_clocks(),
+                dump: controller.dump_clockintr(),
+            }
         })
-    })
-    .await?;
+        .await?;
     Ok(Json(info))
 }
 

@@ -55,6 +55,9 @@ pub enum ApiServeError {
     /// The API thread or its runtime could not start, or it failed.
     #[error("the API thread failed")]
     Thread(#[source] std::io::Error),
+    /// The VM booted at once (`--config-file`) could not be started.
+    #[error("the VM could not be started: {}", .0.fault_message)]
+    Boot(super::ApiError),
 }
 
 /// The socket file, removed when dropped.
@@ -107,16 +110,38 @@ fn bind(path: &Path, force: bool) -> Result<StdUnixListener, ApiServeError> {
 /// The socket path exists without `force`, or the socket, the signalfd, the
 /// API thread or its runtime cannot be made.
 pub fn serve(path: &Path, force: bool, instance: Arc<Instance>) -> Result<i32, ApiServeError> {
+    serve_with(path, force, instance, false)
+}
+
+/// [`serve`]; with `boot`, the instance is started (InstanceStart) once the
+/// socket exists and before the first connection is served
+/// (`--config-file` with `--api-sock`).
+///
+/// # Errors
+///
+/// As [`serve`], and [`ApiServeError::Boot`] when the VM cannot start.
+pub fn serve_with(
+    path: &Path,
+    force: bool,
+    instance: Arc<Instance>,
+    boot: bool,
+) -> Result<i32, ApiServeError> {
     let signals = block_stop_signals().map_err(ApiServeError::Signals)?;
     let listener = bind(path, force)?;
     let _socket = SocketFile(path.to_owned());
     let thread = std::thread::Builder::new()
         .name("metronome-api".into())
-        .spawn(move || -> std::io::Result<i32> {
+        .spawn(move || -> Result<i32, ApiServeError> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?;
-            let served = runtime.block_on(accept_loop(listener, signals, instance.clone()));
+                .build()
+                .map_err(ApiServeError::Thread)?;
+            let served = match boot.then(|| runtime.block_on(instance.start())) {
+                Some(Err(e)) => Err(ApiServeError::Boot(e)),
+                _ => runtime
+                    .block_on(accept_loop(listener, signals, instance.clone()))
+                    .map_err(ApiServeError::Thread),
+            };
             // A VM still running ends with the signal (or, if the server
             // failed, as stopped); the VMM thread reports and is joined.
             instance.shut_down(*served.as_ref().unwrap_or(&libc::SIGTERM));
@@ -125,7 +150,7 @@ pub fn serve(path: &Path, force: bool, instance: Arc<Instance>) -> Result<i32, A
         })
         .map_err(ApiServeError::Thread)?;
     match thread.join() {
-        Ok(result) => result.map_err(ApiServeError::Thread),
+        Ok(result) => result,
         Err(_) => Err(ApiServeError::Thread(std::io::Error::other(
             "the API thread panicked",
         ))),

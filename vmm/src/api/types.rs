@@ -257,6 +257,8 @@ pub struct ClockintrInfo {
     pub vcpus: Vec<ClockintrStat>,
     /// Their field-wise sum (kern.clockintr.stats).
     pub total: ClockintrStat,
+    /// Per vCPU: hardclock calls and the resume re-sync figures.
+    pub clocks: Vec<crate::summary::VcpuClock>,
     /// Every vCPU's pending clockintr events, like ddb's `show all clockintr`.
     pub dump: String,
 }

@@ -132,14 +132,11 @@ impl KperfConfig {
     /// [`KperfConfigError::Read`] or [`KperfConfigError::Parse`]; the values
     /// themselves are checked by [`KperfConfig::engine`].
     pub fn from_file(path: &Path) -> Result<Self, KperfConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KperfConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        serde_json::from_str(&text).map_err(|source| KperfConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        super::read_json_file(
+            path,
+            |path, source| KperfConfigError::Read { path, source },
+            |path, source| KperfConfigError::Parse { path, source },
+        )
     }
 
     /// One action and one on-CPU timer: action 1 with `samplers` and the

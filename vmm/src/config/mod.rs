@@ -191,6 +191,17 @@ pub enum ConfigError {
     HzTooHigh(u32),
 }
 
+/// Reads the JSON file at `path` as a `T`; `read` and `parse` word the two
+/// ways it can fail (the `--kperf` and `--config-file` files).
+pub(crate) fn read_json_file<T: serde::de::DeserializeOwned, E>(
+    path: &std::path::Path,
+    read: impl FnOnce(PathBuf, std::io::Error) -> E,
+    parse: impl FnOnce(PathBuf, serde_json::Error) -> E,
+) -> Result<T, E> {
+    let text = std::fs::read_to_string(path).map_err(|e| read(path.to_owned(), e))?;
+    serde_json::from_str(&text).map_err(|e| parse(path.to_owned(), e))
+}
+
 /// Longest duration or timeout accepted.
 const MAX_SPAN: Duration = Duration::from_secs(24 * 3600);
 

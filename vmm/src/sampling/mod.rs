@@ -35,5 +35,5 @@ pub mod walk;
 pub use buffer::SampleBuffer;
 pub use capture::RawSample;
 pub use expiry::{VcpuSampler, VcpuSampling};
-pub use state::SamplingShared;
+pub use state::{PendingStop, SamplingShared};
 pub use trace::TraceRecord;

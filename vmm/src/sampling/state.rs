@@ -29,6 +29,15 @@ pub const NO_DEADLINE: u64 = u64::MAX;
 /// How long a synchronous stop waits for one vCPU before kicking it again.
 const ACK_RETRY: Duration = Duration::from_millis(10);
 
+/// A sampling stop begun by [`SamplingShared::begin_stop`]: the
+/// acknowledgement epoch it waits for, and whether it turns sampling OFF
+/// when complete (another thread's stop does that itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingStop {
+    epoch: u64,
+    owner: bool,
+}
+
 /// Sampling state shared by the vCPU threads and the controller.
 #[derive(Debug)]
 pub struct SamplingShared {
@@ -291,6 +300,13 @@ impl SamplingShared {
     /// the defaults ([`Kperf::reset`]; the counts are kept).
     pub fn reset(&self, kick: impl Fn(u32), gone: impl Fn() -> bool) -> Result<(), KperfError> {
         self.stop(kick, gone)?;
+        self.reset_stopped();
+        Ok(())
+    }
+
+    /// The second half of a reset, once sampling is stopped: every timer,
+    /// PET and action back to the defaults, the counts kept.
+    pub fn reset_stopped(&self) {
         let mut engine = self.engine();
         engine.reset();
         // A start racing the reset: its deadlines go with it.
@@ -300,7 +316,6 @@ impl SamplingShared {
         self.pet.set_deadline(None);
         self.pet.clear_requests();
         self.lightweight.publish(&engine);
-        Ok(())
     }
 
     /// Turns sampling on at device time `now` and sets every vCPU's first
@@ -322,33 +337,60 @@ impl SamplingShared {
     /// Stopping while already off does nothing; a stop while another thread's
     /// is under way waits for the same acknowledgements.
     pub fn stop(&self, kick: impl Fn(u32), gone: impl Fn() -> bool) -> Result<(), KperfError> {
-        let epoch = {
-            let mut engine = self.engine();
-            match engine.begin_shutdown() {
-                Ok(false) => return Ok(()),
-                Ok(true) => {}
-                Err(KperfError::Busy) => {
-                    // Another thread's stop is under way: this one is
-                    // synchronous too, so wait for the same acknowledgements.
-                    let epoch = self.epoch.load(Ordering::Acquire);
-                    drop(engine);
-                    self.wait_for_acks(epoch, kick, gone);
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            }
-            for id in 0..self.deadlines.len() as u32 {
-                self.set_deadline(id, None);
-            }
-            self.pet.set_deadline(None);
-            self.pet.clear_requests();
-            // Generation 0: the guest stops asking for self-samples.
-            self.lightweight.publish(&engine);
-            self.epoch.fetch_add(1, Ordering::AcqRel) + 1
-        };
-        self.wait_for_acks(epoch, kick, gone);
-        self.engine().finish_shutdown();
+        if let Some(pending) = self.begin_stop()? {
+            self.wait_stop(&pending, kick, gone);
+            self.finish_stop(pending);
+        }
         Ok(())
+    }
+
+    /// The first step of [`SamplingShared::stop`], which does not wait:
+    /// SHUTDOWN and every deadline cancelled. `None` when sampling was off;
+    /// otherwise what the stop still waits for ([`SamplingShared::wait_stop`],
+    /// then [`SamplingShared::finish_stop`]).
+    ///
+    /// # Errors
+    ///
+    /// What the engine refused.
+    pub fn begin_stop(&self) -> Result<Option<PendingStop>, KperfError> {
+        let mut engine = self.engine();
+        match engine.begin_shutdown() {
+            Ok(false) => Ok(None),
+            Ok(true) => {
+                for id in 0..self.deadlines.len() as u32 {
+                    self.set_deadline(id, None);
+                }
+                self.pet.set_deadline(None);
+                self.pet.clear_requests();
+                // Generation 0: the guest stops asking for self-samples.
+                self.lightweight.publish(&engine);
+                Ok(Some(PendingStop {
+                    epoch: self.epoch.fetch_add(1, Ordering::AcqRel) + 1,
+                    owner: true,
+                }))
+            }
+            // Another thread's stop is under way: this one is synchronous
+            // too, so it waits for the same acknowledgements.
+            Err(KperfError::Busy) => Ok(Some(PendingStop {
+                epoch: self.epoch.load(Ordering::Acquire),
+                owner: false,
+            })),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until every vCPU acknowledged the stop `pending` (kicking the
+    /// others every 10 ms), or `gone()`. Changes nothing.
+    pub fn wait_stop(&self, pending: &PendingStop, kick: impl Fn(u32), gone: impl Fn() -> bool) {
+        self.wait_for_acks(pending.epoch, kick, gone);
+    }
+
+    /// The last step of a stop: sampling OFF (only for the stop that
+    /// began the shutdown).
+    pub fn finish_stop(&self, pending: PendingStop) {
+        if pending.owner {
+            self.engine().finish_shutdown();
+        }
     }
 
     /// Called by vCPU `id` at every loop top and whenever it wakes while parked.

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 pub use clockintr_dump::clockintr_dump;
 pub use collect::{clockintr_stats, collect, workload_name};
-pub use vcpu_page::{read_vcpu_page, VcpuPage};
+pub use vcpu_page::{read_vcpu_page, vcpu_clocks, VcpuClock, VcpuPage};
 
 /// Percentiles of a latency histogram, in ns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

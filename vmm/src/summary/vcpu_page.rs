@@ -68,6 +68,42 @@ pub fn read_vcpu_page(mem: &GuestMemoryMmap, id: u32) -> Option<VcpuPage> {
     })
 }
 
+/// One vCPU's clock counts as its guest kernel last wrote them: how many
+/// times hardclock ran, and the figures that show a resume's re-sync
+/// (CI-CPU-6). Read without the generation protocol: each field is one
+/// aligned word the guest only increases or overwrites.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct VcpuClock {
+    /// The vCPU.
+    pub id: u32,
+    /// hardclock() calls so far.
+    pub hardclock: u64,
+    /// clockintr_cpu_init calls: 1 after boot, one more per re-synchronised
+    /// resume.
+    pub cpu_inits: u64,
+    /// Most hardclock() calls one dispatch made (a catch-up burst shows here).
+    pub max_hardclock_batch: u64,
+    /// hardclock() calls of the first dispatch after the last re-init.
+    pub resume_first_batch: u64,
+}
+
+/// Every vCPU's [`VcpuClock`] in `mem` (a vCPU whose page is not guest
+/// memory reads as zeros).
+pub fn vcpu_clocks(mem: &GuestMemoryMmap, vcpus: u32) -> Vec<VcpuClock> {
+    (0..vcpus)
+        .map(|id| {
+            let page = read_vcpu_page(mem, id).map(|p| p.page).unwrap_or_default();
+            VcpuClock {
+                id,
+                hardclock: page.hardclock,
+                cpu_inits: page.cpu_inits,
+                max_hardclock_batch: page.max_hardclock_batch,
+                resume_first_batch: page.resume_first_batch,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,8 @@ use metronome_abi::Vector;
 
 use super::pet_thread::PetThread;
 use super::{VmExit, VmShared};
-use crate::sampling::SamplingShared;
-use crate::summary::ClockintrSummary;
+use crate::sampling::{PendingStop, SamplingShared};
+use crate::summary::{ClockintrSummary, VcpuClock};
 
 /// Why a control operation was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,6 +80,16 @@ impl VmController {
 
     /// Stops every vCPU out of the guest and returns once all are parked.
     pub fn pause(&self) -> Result<(), ControlError> {
+        self.begin_pause()?;
+        self.wait_paused();
+        Ok(())
+    }
+
+    /// The first half of [`VmController::pause`], which does not wait: the
+    /// pause is in force and every vCPU is asked to park. The VMM thread's
+    /// event loop runs this; the waiting ([`VmController::wait_paused`])
+    /// happens elsewhere, so that the loop still sees an exit or a signal.
+    pub fn begin_pause(&self) -> Result<(), ControlError> {
         let mut state = self.shared.pause_state();
         if self.ended() {
             return Err(ControlError::NotRunning);
@@ -90,11 +100,22 @@ impl VmController {
         state.user = true;
         self.shared.update_pause(&mut state);
         drop(state);
-        self.shared.wait_parked(|| self.ended());
+        self.shared.wake_all();
         Ok(())
     }
 
-    /// Lets the vCPUs run again.
+    /// Waits until every vCPU is parked for the pause in force (kicking
+    /// them again every 10 ms), the pause was lifted, or the VM ends.
+    pub fn wait_paused(&self) {
+        self.shared.wait_parked(|| self.ended());
+    }
+
+    /// Lets the vCPUs run again. With [`ResumeMode::Reinit`] the guest
+    /// re-synchronises clockintr (CI-CPU-6). kptimer needs no step of its
+    /// own: a vCPU's deadline that passed during the pause fires once at its
+    /// first loop top, and the fire's dead reckoning (KT-F-2, KT-F-4) puts
+    /// the next deadline on the timer's grid after now, so the cadence
+    /// continues from now without a burst of missed fires.
     pub fn resume(&self, mode: ResumeMode) -> Result<(), ControlError> {
         let shared = &self.shared;
         let mut state = shared.pause_state();
@@ -174,6 +195,40 @@ impl VmController {
             .map_err(SamplingError::Kperf)
     }
 
+    /// The first step of [`VmController::sampling_stop`], which does not
+    /// wait (the VMM thread's event loop runs it): sampling SHUTDOWN and
+    /// every deadline cancelled. `None` when sampling was off; otherwise
+    /// wait with [`VmController::sampling_stop_wait`] (anywhere), then
+    /// [`VmController::sampling_stop_finish`].
+    pub fn sampling_stop_begin(&self) -> Result<Option<PendingStop>, SamplingError> {
+        self.sampling()?.begin_stop().map_err(SamplingError::Kperf)
+    }
+
+    /// Waits until every vCPU acknowledged the stop (kicking those that
+    /// have not), or the VM stops: afterwards no vCPU takes another sample.
+    pub fn sampling_stop_wait(&self, pending: &PendingStop) {
+        if let Ok(sampling) = self.sampling() {
+            sampling.wait_stop(pending, |id| self.kick(id), || self.shared.stopping());
+        }
+    }
+
+    /// The last step of a stop: sampling OFF; with `reset`, then every
+    /// timer, PET and action back to the defaults (CFG-R-1).
+    pub fn sampling_stop_finish(
+        &self,
+        pending: Option<PendingStop>,
+        reset: bool,
+    ) -> Result<(), SamplingError> {
+        let sampling = self.sampling()?;
+        if let Some(pending) = pending {
+            sampling.finish_stop(pending);
+        }
+        if reset {
+            sampling.reset_stopped();
+        }
+        Ok(())
+    }
+
     /// Resets kperf (CFG-R-1): sampling stopped as by
     /// [`VmController::sampling_stop`], then every timer, PET and action back
     /// to the defaults, the counts kept.
@@ -223,6 +278,11 @@ impl VmController {
     /// timer histogram.
     pub fn metrics(&self) -> crate::metrics::VmMetrics {
         crate::metrics::collect(&self.shared)
+    }
+
+    /// Every vCPU's hardclock count and re-sync figures ([`VcpuClock`]).
+    pub fn vcpu_clocks(&self) -> Vec<VcpuClock> {
+        crate::summary::vcpu_clocks(&self.shared.mem, self.shared.vcpus.len() as u32)
     }
 
     /// Every vCPU's pending clockintr events, like ddb's `show all clockintr`.

@@ -8,6 +8,8 @@
 //!   `--timeout`, then parks every vCPU at an interruptible point, stops them
 //!   (stop flag + kick), joins them, and builds the [`crate::Summary`]
 //!   ([`RunningVm::wait`]).
+//! - [`requests`]: the channel plus eventfd through which another thread
+//!   (the API's) has the event loop run operations on the VM ([`VmmLink`]).
 //! - [`controller`]: pause, resume, hold a vCPU, stop, sampling on and off,
 //!   from any thread ([`VmController`]).
 //! - [`shared`]: the state every thread of a running VM shares ([`VmShared`]).
@@ -21,6 +23,7 @@ pub mod controller;
 pub mod events;
 pub mod exit;
 pub mod pet_thread;
+pub mod requests;
 pub mod run;
 pub mod shared;
 pub mod stress;
@@ -35,6 +38,7 @@ use crate::devices::DeviceManager;
 pub use builder::BuildVmError;
 pub use controller::{ControlError, ResumeMode, SamplingError, VmController};
 pub use exit::VmExit;
+pub use requests::{LinkClosed, VmRequest, VmmLink};
 pub use run::{RunningVm, SignalWatch};
 pub use shared::VmShared;
 

@@ -11,6 +11,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use super::events::{unblock_stop_signals, ExitSubscriber, SignalSubscriber, TimeoutSubscriber};
 use super::pet_thread::PetThread;
+use super::requests::{self, RequestSubscriber, VmmLink};
 use super::stress::{drain_stress, StressGenerator};
 use super::{Vm, VmController, VmExit};
 use crate::kick;
@@ -102,6 +103,7 @@ impl Vm {
             stress,
             watch_signals: signals.is_some(),
             signals,
+            requests: None,
             process_start,
         })
     }
@@ -113,6 +115,9 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<VcpuRunStats>>,
     stress: Option<StressGenerator>,
     signals: Option<SignalSubscriber>,
+    /// The request channel's end, once [`RunningVm::link`] made one: the
+    /// event loop watches it.
+    requests: Option<RequestSubscriber>,
     /// The VM blocked SIGINT/SIGTERM in this thread and unblocks them at its end.
     watch_signals: bool,
     process_start: Instant,
@@ -143,6 +148,20 @@ impl RunningVm {
     /// A handle to drive the VM from other threads.
     pub fn controller(&self) -> VmController {
         VmController::new(self.vm.shared.clone())
+    }
+
+    /// A channel to this VM's event loop ([`super::requests`]): requests sent
+    /// on the link run on the thread that calls [`RunningVm::wait`], between
+    /// its other events. One channel per VM: a second call replaces the
+    /// first, whose link then reports [`requests::LinkClosed`].
+    ///
+    /// # Errors
+    ///
+    /// The eventfd cannot be made.
+    pub fn link(&mut self) -> std::io::Result<VmmLink> {
+        let (link, subscriber) = requests::channel(self.controller())?;
+        self.requests = Some(subscriber);
+        Ok(link)
     }
 
     /// Runs the event loop until the VM ends (guest exit, fault, signal,
@@ -202,6 +221,10 @@ impl RunningVm {
         manager.add_subscriber(exit_watch.clone());
         if let Some(signals) = self.signals.take() {
             manager.add_subscriber(Arc::new(Mutex::new(signals)));
+        }
+        // Dropped with the manager when the loop ends: later requests fail.
+        if let Some(requests) = self.requests.take() {
+            manager.add_subscriber(Arc::new(Mutex::new(requests)));
         }
         if let Some(limit) = self.vm.config.timeout {
             let timeout = TimeoutSubscriber::new(shared.clone(), limit)
