@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!            +--------------------------------------------------------------+
-//!            |  loop top: clear immediate_exit; stop? pause? hold?          |
+//!            |  loop top: clear immediate_exit; stop? publish the counters  |
+//!            |  (every 20 ms); pause? hold?                                 |
 //!            |  sampling: kperf deadline passed? expiry + own sample        |
 //!            |  trace: drain the guest's event ring                         |
 //!            |  under the irq lock: poll own timer device, pick the vector  |
@@ -34,6 +35,11 @@ use crate::host_time::{self, PosixTimer};
 use crate::kick;
 use crate::sampling::{VcpuSampler, VcpuSampling};
 use crate::vm::{VmExit, VmShared};
+
+/// How often, in device time, a vCPU thread copies its counters where a
+/// live summary reads them ([`crate::vm::shared::VcpuSlot::published`]): a
+/// live summary's per-vCPU figures are at most this old, exact while paused.
+pub const PUBLISH_PERIOD_NS: u64 = 20_000_000;
 
 /// What one vCPU thread observed, returned when it finishes.
 #[derive(Clone, Debug, Default)]
@@ -68,6 +74,8 @@ pub struct VcpuRunner {
     stats: VcpuRunStats,
     /// The sampling side of this vCPU (only with sampling).
     sampler: Option<VcpuSampler>,
+    /// Device time of the last copy of the counters for a live summary.
+    published_at: Option<u64>,
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -97,6 +105,7 @@ impl VcpuRunner {
             mmio,
             stats,
             sampler: None,
+            published_at: None,
         }
     }
 
@@ -147,6 +156,29 @@ impl VcpuRunner {
             .map_err(|e| host_error(id, "timer_create", e))
     }
 
+    /// Copies the counters where a live summary reads them, every
+    /// [`PUBLISH_PERIOD_NS`] or at once with `force` (before parking for a
+    /// pause). The copy is made before the slot's lock is taken.
+    fn publish_stats(&mut self, force: bool) {
+        let now = self.shared.now();
+        if !force
+            && self
+                .published_at
+                .is_some_and(|at| now.saturating_sub(at) < PUBLISH_PERIOD_NS)
+        {
+            return;
+        }
+        self.published_at = Some(now);
+        let mut stats = self.stats.clone();
+        if let Some(sampler) = &self.sampler {
+            stats.sampling = sampler.stats().clone();
+        }
+        *self.shared.vcpus[self.id as usize]
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
     fn count(&mut self, reason: &'static str) {
         *self.stats.exits.entry(reason).or_insert(0) += 1;
     }
@@ -163,6 +195,7 @@ impl VcpuRunner {
                 // Every pass acknowledges a pending sampling stop, held or not.
                 sampling.acknowledge(id);
             }
+            self.publish_stats(false);
             if self.stay_out() {
                 continue;
             }
