@@ -22,6 +22,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::errors::ApiError;
 use crate::config::{KperfConfig, SamplingConfig};
+use crate::sampling::export::RunRecords;
 use crate::vm::{BuildVmError, SignalWatch, Vm, VmController};
 use crate::{Summary, VmConfig};
 
@@ -41,8 +42,27 @@ enum Phase {
         controller: VmController,
         paused: bool,
     },
-    /// The VM ended; its summary.
-    Exited(Box<Summary>),
+    /// The VM ended; its summary, and what its profiles and trace were
+    /// written from (with sampling).
+    Exited {
+        summary: Box<Summary>,
+        records: Option<Arc<RunRecords>>,
+    },
+}
+
+/// Where a run's profiles, trace and summary are read from.
+#[derive(Debug, Clone)]
+pub enum Readout {
+    /// The VM runs (or is paused): copies, nothing drained.
+    Running(VmController),
+    /// The VM ended: what the end of the run kept (`None` without
+    /// sampling), and its summary.
+    Exited {
+        /// The stacks and trace the end-of-run files hold.
+        records: Option<Arc<RunRecords>>,
+        /// The run's summary.
+        summary: Box<Summary>,
+    },
 }
 
 /// The instance state, behind [`Instance`]'s lock (held briefly, never
@@ -85,7 +105,7 @@ impl Phase {
             Self::NotStarted | Self::Starting => "Not started",
             Self::Running { paused: false, .. } => "Running",
             Self::Running { paused: true, .. } => "Paused",
-            Self::Exited(_) => "Exited",
+            Self::Exited { .. } => "Exited",
         }
     }
 }
@@ -164,7 +184,7 @@ impl Instance {
             Phase::Starting => Err(ApiError::bad_request(format!(
                 "{what} refused: InstanceStart is building the VM; send it again once it runs"
             ))),
-            Phase::Exited(_) => Err(ApiError::bad_request(format!(
+            Phase::Exited { .. } => Err(ApiError::bad_request(format!(
                 "{what} refused: the instance has exited; GET /summary holds the kperf configuration it ran with"
             ))),
         }
@@ -219,8 +239,24 @@ impl Instance {
     /// The summary of the exited VM.
     pub fn summary(&self) -> Option<Summary> {
         match &self.lock().phase {
-            Phase::Exited(summary) => Some((**summary).clone()),
+            Phase::Exited { summary, .. } => Some((**summary).clone()),
             _ => None,
+        }
+    }
+
+    /// Where the run's profiles, trace and summary are read from once it
+    /// started; before, why there is nothing yet (`what` names the request).
+    pub fn readout(&self, what: &str) -> Result<Readout, ApiError> {
+        match &self.lock().phase {
+            Phase::Running { controller, .. } => Ok(Readout::Running(controller.clone())),
+            Phase::Exited { summary, records } => Ok(Readout::Exited {
+                records: records.clone(),
+                summary: summary.clone(),
+            }),
+            phase => Err(ApiError::bad_request(format!(
+                "{what} has nothing to show yet: the instance is {}; send InstanceStart (PUT /actions) first",
+                phase.name()
+            ))),
         }
     }
 
@@ -318,9 +354,12 @@ impl Instance {
         };
         drop(state);
         let _ = started.send(Ok(()));
-        let summary = running.wait();
+        let (summary, records) = running.wait_keeping();
         (self.on_end)(&summary, &controller);
-        self.lock().phase = Phase::Exited(Box::new(summary));
+        self.lock().phase = Phase::Exited {
+            summary: Box::new(summary),
+            records: records.map(Arc::new),
+        };
         self.exited.send_replace(true);
     }
 

@@ -8,6 +8,8 @@
 //! - [`types`]: the request and answer bodies, and how a pre-boot request
 //!   changes the [`crate::VmConfig`].
 //! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
+//! - [`readout`]: what a run shows while it runs and after: `GET /profile`,
+//!   `GET /trace`, `GET /summary`.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
@@ -17,11 +19,13 @@
 //! most [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`] fields, arriving within
 //! [`HEADER_TIMEOUT`] (idle keep-alive connections are closed after it too);
 //! at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
-//! in the listen backlog.
+//! in the listen backlog; at most [`readout::MAX_RENDERS`] profiles or
+//! traces rendered at once, later ones wait their turn.
 
 pub mod errors;
 pub mod instance;
 pub mod kperf;
+pub mod readout;
 pub mod routes;
 pub mod server;
 pub mod types;
