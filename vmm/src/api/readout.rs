@@ -21,7 +21,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -433,6 +432,7 @@ pub async fn get_summary(State(instance): Api) -> Result<Json<SummaryAnswer>, Ap
 mod tests {
     use super::*;
     use crate::api::routes::tests::{call_on, new_instance, run};
+    use axum::http::StatusCode;
 
     fn stacks(counts: &[(u64, &str, u64)]) -> ProfileStacks {
         ProfileStacks {
