@@ -31,6 +31,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::errors::ApiError;
 use super::instance::{Instance, Readout};
+use super::routes::on_pool;
 use crate::profile::ProfileError;
 use crate::sampling::export::{ProfileKind, ProfileStacks, RunRecords, TraceCopy};
 use crate::Summary;
@@ -153,16 +154,6 @@ pub struct SummaryAnswer {
     #[serde(flatten)]
     #[schema(value_type = Object)]
     pub summary: Map<String, Value>,
-}
-
-/// Runs `work` on the blocking pool.
-async fn on_pool<T: Send + 'static>(
-    what: &str,
-    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))?
 }
 
 fn sampling_not_configured(what: &str) -> ApiError {

@@ -169,16 +169,28 @@ fn section<T: PreBootSection>() -> MethodRouter<Arc<Instance>> {
     get(get_section::<T>).put(put_section::<T>)
 }
 
+/// Runs `work` on the blocking pool, off the API thread; `what` names the
+/// request for the message if the pool fails it.
+pub(super) async fn on_pool<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))?
+}
+
 /// Runs a controller call that may wait (pause waits for every vCPU to
 /// park) on the blocking pool, off the API thread.
 async fn off_thread<T: Send + 'static>(
     action: &str,
     call: impl FnOnce() -> Result<T, ControlError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(call)
-        .await
-        .map_err(|e| ApiError::internal(format!("{action} failed: {e}")))?
-        .map_err(|e| ApiError::bad_request(format!("{action} refused: {e}")))
+    let refused = format!("{action} refused");
+    on_pool(action, move || {
+        call().map_err(|e| ApiError::bad_request(format!("{refused}: {e}")))
+    })
+    .await
 }
 
 async fn put_actions(

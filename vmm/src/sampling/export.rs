@@ -1,6 +1,6 @@
 //! The profiles and the trace as readers outside the VM see them: copies of
 //! the stack counts and trace records, taken while the VM runs without
-//! draining anything ([`snapshot_profile`], [`snapshot_trace`]), or kept by
+//! draining anything ([`snapshot_profile`], [`TraceCopy::of`]), or kept by
 //! the end of the run ([`RunRecords`]), and turned into the end-of-run
 //! files' formats by the same code ([`ProfileStacks::profile`],
 //! [`TraceCopy::write_chrome`]).

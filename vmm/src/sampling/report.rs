@@ -26,12 +26,11 @@ enum Source {
     Snapshot,
 }
 
+/// A profile's stack counts.
+type Stacks = Vec<(StackSample, u64)>;
+
 /// Both profiles' stack counts (on-CPU, PET) and the sampler totals of both.
-type Taken = (
-    Vec<(StackSample, u64)>,
-    Vec<(StackSample, u64)>,
-    samplers::Totals,
-);
+type Taken = (Stacks, Stacks, samplers::Totals);
 
 /// The stack counts of both profiles and the sampler totals, drained at the
 /// end of the run or copied while it runs.
@@ -60,15 +59,14 @@ pub fn live(
     (kernel_image, mem): (&[u8], &GuestMemoryMmap),
     uptime_ns: u64,
 ) -> SamplingSummary {
-    let (samples, _, totals) = take_samples(sampling, Source::Snapshot);
     figures(
         sampling,
         stats,
         (kernel_image, mem),
         uptime_ns,
-        &samples,
-        totals,
+        Source::Snapshot,
     )
+    .0
 }
 
 /// Builds the sampling summary and writes the files the configuration asks for
@@ -86,14 +84,12 @@ pub fn finish(
     for id in 0..sampling.guest_events().vcpus() {
         sampling.drain_guest_events(id, mem);
     }
-    let (samples, pet_samples, totals) = take_samples(sampling, Source::Drain);
-    let mut summary = figures(
+    let (mut summary, samples, pet_samples) = figures(
         sampling,
         stats,
         (kernel_image, mem),
         uptime_ns,
-        &samples,
-        totals,
+        Source::Drain,
     );
     let records = RunRecords {
         on_cpu: ProfileStacks {
@@ -153,16 +149,17 @@ pub fn finish(
     (summary, records)
 }
 
-/// The sampling figures from the vCPUs' counters, the on-CPU stack counts
-/// `samples` and the sampler totals of both profiles.
+/// The sampling figures from the vCPUs' counters and both profiles'
+/// samples, taken from `source`; with the stack counts of both (on-CPU,
+/// PET).
 fn figures(
     sampling: &SamplingShared,
     stats: &[VcpuRunStats],
     (kernel_image, mem): (&[u8], &GuestMemoryMmap),
     uptime_ns: u64,
-    samples: &[(StackSample, u64)],
-    totals: samplers::Totals,
-) -> SamplingSummary {
+    source: Source,
+) -> (SamplingSummary, Stacks, Stacks) {
+    let (samples, pet_samples, totals) = take_samples(sampling, source);
     let mut cost = metronome_devices::LatencyHistogram::new();
     let config = effective_config(sampling);
     let profile_timer = config.kperf.shortest_on_cpu_timer();
@@ -204,12 +201,12 @@ fn figures(
     summary.trace_ring_dropped = summary.vcpus.iter().map(|v| v.trace_ring_dropped).sum();
     summary.cost_per_sample_ns = Percentiles::of(&cost);
     // The CPU profile: the samples that describe a place in the code.
-    summary.user_functions = user_functions(samples, kernel_image);
+    summary.user_functions = user_functions(&samples, kernel_image);
     pet_figures(sampling, &mut summary);
     summary.samplers_captured = totals.captured;
     summary.sys_mem_vmm_resident_bytes = totals.vmm_resident;
     summary.meminfo_guest_in_use_bytes = totals.guest_in_use;
-    summary
+    (summary, samples, pet_samples)
 }
 
 /// The configuration in force, read back from the engine.

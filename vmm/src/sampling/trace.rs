@@ -107,7 +107,7 @@ impl TraceBuffer {
     }
 
     /// Copies every record kept so far and leaves them: the lock is taken
-    /// once per [`SNAPSHOT_CHUNK`] records, so recording goes on between
+    /// once per 16384 records, so recording goes on between
     /// chunks (records only arrive at the end, so the copy is the buffer as
     /// it was at some moment, plus perhaps some later records).
     pub fn snapshot(&self) -> Vec<TraceRecord> {
