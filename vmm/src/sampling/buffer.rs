@@ -142,6 +142,16 @@ impl SampleBuffer {
         all
     }
 
+    /// Whether no stack is counted (each vCPU's lock held only to look).
+    pub fn is_empty(&self) -> bool {
+        self.per_vcpu.iter().all(|c| {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stacks
+                .is_empty()
+        })
+    }
+
     /// Copies the sampler totals so far, all vCPUs merged, and leaves them.
     pub fn snapshot_totals(&self) -> Totals {
         let mut all = Totals::default();
@@ -231,7 +241,9 @@ mod tests {
     fn test_a_snapshot_copies_and_does_not_drain() {
         let buffer = SampleBuffer::new(2, 10);
         assert!(buffer.snapshot().is_empty());
+        assert!(buffer.is_empty());
         assert!(buffer.push(sample(1, 1, 0xaa)));
+        assert!(!buffer.is_empty());
         assert!(buffer.push(sample(0, 2, 0xbb)));
         assert!(buffer.push(sample(0, 3, 0xbb)));
         let first = buffer.snapshot();

@@ -106,7 +106,7 @@ impl VmController {
     /// Whether PET is configured now, or its profile holds samples.
     pub fn pet_available(&self) -> bool {
         self.sampling_state().is_ok_and(|sampling| {
-            export::pet_configured(sampling) || !sampling.pet.samples.snapshot().is_empty()
+            export::pet_configured(sampling) || !sampling.pet.samples.is_empty()
         })
     }
 
