@@ -229,9 +229,11 @@ fn encode(
     path = "/profile",
     params(ProfileQuery),
     responses(
-        (status = 200, description = "Folded stacks", body = String, content_type = "text/plain; charset=utf-8"),
-        (status = 200, description = "An SVG flame graph", body = String, content_type = "image/svg+xml"),
-        (status = 200, description = "A gzipped perftools profile (go tool pprof)", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 200, description = "The profile: folded stacks, an SVG flame graph, or a gzipped perftools profile (go tool pprof), by `format`", content(
+            (String = "text/plain; charset=utf-8"),
+            (String = "image/svg+xml"),
+            (Vec<u8> = "application/octet-stream"),
+        )),
         (status = 400, description = "A bad query, kind=pet without PET, or the instance not started", body = super::errors::FaultBody, content_type = "application/json"),
         (status = 409, description = "format=svg of a profile with no samples", body = super::errors::FaultBody, content_type = "application/json"),
     )
@@ -489,6 +491,23 @@ mod tests {
             "{}",
             e.fault_message
         );
+    }
+
+    #[test]
+    fn test_the_profile_path_lists_every_content_type() {
+        use utoipa::Path;
+        let operation = serde_json::to_value(__path_get_profile::operation()).unwrap();
+        let ok = &operation["responses"]["200"]["content"];
+        for format in [
+            ProfileFormat::Folded,
+            ProfileFormat::Svg,
+            ProfileFormat::Pprof,
+        ] {
+            assert!(ok.get(format.content_type()).is_some(), "{format:?}: {ok}");
+        }
+        for status in ["400", "409"] {
+            assert!(operation["responses"].get(status).is_some(), "{status}");
+        }
     }
 
     #[test]
