@@ -10,119 +10,12 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
+use common::api::{call, call_text, fault, Server};
 use common::{kvm_lock, kvm_or_skip, metronome, scratch};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A `metronome --api-sock` child; SIGTERM and reaped when dropped.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let socket = scratch("api.sock");
-        let child = metronome()
-            .arg("--api-sock")
-            .arg(&socket)
-            .args(["--quiet", "--console", "/dev/null"])
-            .args(extra)
-            .spawn()
-            .expect("spawn metronome --api-sock");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(20), "no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket }
-    }
-
-    /// `METHOD path [body]`: the status and the JSON body (null if empty).
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        call(&self.socket, method, path, body)
-    }
-
-    fn state(&self) -> String {
-        let (status, info) = self.call("GET", "/", None);
-        assert_eq!(status, 200);
-        info["state"].as_str().expect("state").to_owned()
-    }
-
-    fn action(&self, action: &str) -> (u16, Value) {
-        self.call(
-            "PUT",
-            "/actions",
-            Some(&format!(r#"{{"action_type": "{action}"}}"#)),
-        )
-    }
-
-    /// SIGTERM; the exit code.
-    fn terminate(mut self) -> i32 {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let code = self.child.wait().expect("wait").code().expect("exited");
-        assert!(!self.socket.exists(), "the socket file is removed at exit");
-        code
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `METHOD path [body]` with curl: the status, the `Content-Type` and the
-/// body as text.
-fn call_text(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String, String) {
-    let mut curl = Command::new("curl");
-    curl.args(["-s", "--max-time", "30", "--unix-socket"])
-        .arg(socket)
-        .args(["-X", method, "-w", "\n%{content_type}\n%{http_code}"]);
-    if let Some(body) = body {
-        curl.args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    let output = curl
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8(output.stdout).expect("UTF-8 answer");
-    let (rest, status) = text.rsplit_once('\n').expect("status line");
-    let (body, content_type) = rest.rsplit_once('\n').expect("content type line");
-    (
-        status.parse().expect("status"),
-        content_type.to_owned(),
-        body.to_owned(),
-    )
-}
-
-fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let (status, _, body) = call_text(socket, method, path, body);
-    let json = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}"))
-    };
-    (status, json)
-}
-
-fn fault(answer: &(u16, Value)) -> &str {
-    answer.1["fault_message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no fault_message in {answer:?}"))
-}
 
 /// A KVM session: the VM lock, a server writing its summary to the path.
 fn kvm_session(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Server, PathBuf)> {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The API's happy path with curl, as README's quick start does it: start
 # `metronome --api-sock`, configure (kperf too), boot, pause, resume, read
-# clockintr, sample with kperf, read the metrics in both formats, exit, stop the server with SIGTERM; check each answer's status.
+# clockintr, sample with kperf, fetch the profile and the summary so far, read
+# the metrics in both formats, exit, stop the server with SIGTERM; check each
+# answer's status.
 # Run by tests/api.rs (test_api_curl_script) with METRONOME (the binary) and
 # SOCKET (a fresh path) set.
 set -euo pipefail
@@ -51,6 +53,14 @@ for _ in $(seq 100); do
 done
 api GET /kperf/counters 200 | grep -q '"sampling":"on"'
 ! api GET /kperf/counters 200 | grep -q '"samples":0,'
+# The profile and the summary so far, while the guest runs.
+api GET '/profile?format=folded' 200 >/dev/null
+pprof=$(mktemp)
+[ "$(curl -s --max-time 60 --unix-socket "$SOCKET" -o "$pprof" -w '%{http_code} %{content_type}' \
+    'http://localhost/profile?format=pprof')" = '200 application/octet-stream' ]
+[ "$(head -c 2 "$pprof" | od -An -tx1 | tr -d ' ')" = 1f8b ]
+rm -f "$pprof"
+api GET /summary 200 | grep -q '"state":"Running"'
 api PUT /kperf/sampling 204 '{"on": false}'
 api GET /kperf/sampling 200 | grep -q '"on":false'
 api GET /metrics 200 | grep -q '"state":"Running"'

@@ -9,9 +9,10 @@
 // An integration-test crate is test-only as a whole.
 #![allow(clippy::tests_outside_test_module)]
 
+mod common;
+use common::{in_ci, run_tool};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::{fs, io};
 
 use object::{Object, ObjectSymbol, SymbolKind};
 use quick_xml::events::Event;
@@ -48,20 +49,6 @@ fn scratch_dir() -> PathBuf {
         .join(format!("profile-formats-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     dir
-}
-
-/// Whether `CI=true`: then the tools CI installs are required.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Runs `program args`, or returns `None` if `program` is not installed.
-fn run_tool(program: &str, args: &[&str]) -> Option<std::process::Output> {
-    match Command::new(program).args(args).output() {
-        Ok(output) => Some(output),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => panic!("cannot run {program}: {e}"),
-    }
 }
 
 /// Parses `svg` fully as XML; returns the text of its `<title>` elements.

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -145,4 +147,18 @@ pub fn u(value: &serde_json::Value, key: &str) -> u64 {
     value[key]
         .as_u64()
         .unwrap_or_else(|| panic!("missing u64 field {key} in {value}"))
+}
+
+/// Whether `CI=true`: then the tools CI installs are required.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Runs `program args`, or returns `None` if `program` is not installed.
+pub fn run_tool(program: &str, args: &[&str]) -> Option<Output> {
+    match Command::new(program).args(args).output() {
+        Ok(output) => Some(output),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
 }

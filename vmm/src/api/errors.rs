@@ -24,6 +24,13 @@ pub struct Fault<'a> {
     pub fault_message: &'a str,
 }
 
+/// The body of every error answer, as the OpenAPI document describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct FaultBody {
+    /// What was wrong and what is allowed.
+    pub fault_message: String,
+}
+
 impl ApiError {
     /// 400: the request is malformed, breaks a rule, or is not allowed in
     /// the instance's state.

@@ -29,6 +29,7 @@ use super::errors::ApiError;
 use super::metrics::RequestCounts;
 use crate::config::{KperfConfig, SamplingConfig};
 use crate::metrics::VmMetrics;
+use crate::sampling::export::RunRecords;
 use crate::vm::{BuildVmError, SignalWatch, Vm, VmController, VmmLink};
 use crate::{Summary, VmConfig};
 
@@ -45,8 +46,28 @@ enum Phase {
     Starting,
     /// The VM runs (or is paused: `paused`); `link` reaches its VMM thread.
     Running { link: VmmLink, paused: bool },
-    /// The VM ended; its summary.
-    Exited(Box<Summary>),
+    /// The VM ended; its summary, and what its profiles and trace were
+    /// written from (with sampling).
+    Exited {
+        summary: Box<Summary>,
+        records: Option<Arc<RunRecords>>,
+    },
+}
+
+/// Where a run's profiles, trace and summary are read from.
+#[derive(Debug, Clone)]
+pub enum Readout {
+    /// The VM runs (or is paused): copies made on its VMM thread through
+    /// the link, nothing drained.
+    Running(VmmLink),
+    /// The VM ended: what the end of the run kept (`None` without
+    /// sampling), and its summary.
+    Exited {
+        /// The stacks and trace the end-of-run files hold.
+        records: Option<Arc<RunRecords>>,
+        /// The run's summary.
+        summary: Box<Summary>,
+    },
 }
 
 /// The instance state, behind [`Instance`]'s lock (held briefly, never
@@ -95,7 +116,7 @@ impl Phase {
             Self::NotStarted | Self::Starting => "Not started",
             Self::Running { paused: false, .. } => "Running",
             Self::Running { paused: true, .. } => "Paused",
-            Self::Exited(_) => "Exited",
+            Self::Exited { .. } => "Exited",
         }
     }
 }
@@ -212,7 +233,7 @@ impl Instance {
             Phase::Starting => Err(ApiError::bad_request(format!(
                 "{what} refused: InstanceStart is building the VM; send it again once it runs"
             ))),
-            Phase::Exited(_) => Err(ApiError::bad_request(format!(
+            Phase::Exited { .. } => Err(ApiError::bad_request(format!(
                 "{what} refused: the instance has exited; GET /summary holds the kperf configuration it ran with"
             ))),
         }
@@ -266,7 +287,7 @@ impl Instance {
             let state = self.lock();
             match &state.phase {
                 Phase::Running { link, .. } => link.clone(),
-                Phase::Exited(_) => return state.final_metrics.clone(),
+                Phase::Exited { .. } => return state.final_metrics.clone(),
                 Phase::NotStarted | Phase::Starting => return None,
             }
         };
@@ -308,8 +329,24 @@ impl Instance {
     /// The summary of the exited VM.
     pub fn summary(&self) -> Option<Summary> {
         match &self.lock().phase {
-            Phase::Exited(summary) => Some((**summary).clone()),
+            Phase::Exited { summary, .. } => Some((**summary).clone()),
             _ => None,
+        }
+    }
+
+    /// Where the run's profiles, trace and summary are read from once it
+    /// started; before, why there is nothing yet (`what` names the request).
+    pub fn readout(&self, what: &str) -> Result<Readout, ApiError> {
+        match &self.lock().phase {
+            Phase::Running { link, .. } => Ok(Readout::Running(link.clone())),
+            Phase::Exited { summary, records } => Ok(Readout::Exited {
+                records: records.clone(),
+                summary: summary.clone(),
+            }),
+            phase => Err(ApiError::bad_request(format!(
+                "{what} has nothing to show yet: the instance is {}; send InstanceStart (PUT /actions) first",
+                phase.name()
+            ))),
         }
     }
 
@@ -419,14 +456,17 @@ impl Instance {
         };
         drop(state);
         let _ = started.send(Ok(()));
-        let summary = running.wait();
+        let (summary, records) = running.wait_keeping();
         let mut metrics = controller.metrics();
         // The device clock runs on after the end: the uptime is the run's.
         metrics.guest_uptime_ns = summary.guest_uptime_ns;
         (self.on_end)(&summary, &controller);
         let mut state = self.lock();
         state.final_metrics = Some(metrics);
-        state.phase = Phase::Exited(Box::new(summary));
+        state.phase = Phase::Exited {
+            summary: Box::new(summary),
+            records: records.map(Arc::new),
+        };
         drop(state);
         self.exited.send_replace(true);
     }

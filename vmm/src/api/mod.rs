@@ -11,6 +11,8 @@
 //! - [`metrics`]: `GET /metrics` (JSON or Prometheus text), the metrics
 //!   sink and FlushMetrics, and the middleware counting every answer.
 //! - [`config_file`]: `--config-file`, the pre-boot bodies in one file.
+//! - [`readout`]: what a run shows while it runs and after: `GET /profile`,
+//!   `GET /trace`, `GET /summary`.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
@@ -20,13 +22,15 @@
 //! most [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`] fields, arriving within
 //! [`HEADER_TIMEOUT`] (idle keep-alive connections are closed after it too);
 //! at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
-//! in the listen backlog.
+//! in the listen backlog; at most [`readout::MAX_RENDERS`] profiles or
+//! traces rendered at once, later ones wait their turn.
 
 pub mod config_file;
 pub mod errors;
 pub mod instance;
 pub mod kperf;
 pub mod metrics;
+pub mod readout;
 pub mod routes;
 pub mod server;
 pub mod types;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -16,13 +15,13 @@ use super::errors::ApiError;
 use super::instance::{on_link, Instance};
 use super::types::{
     ActionType, BootSource, ClockConfig, ClockintrInfo, InstanceAction, InstanceInfo,
-    MachineConfig, PreBootSection, RunningSummary,
+    MachineConfig, PreBootSection,
 };
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES};
 use crate::vm::{ControlError, ResumeMode, VmController};
 
 /// Every path and the methods it answers (for the 404 and 405 messages).
-const ROUTES: [(&str, &str); 7] = [
+const ROUTES: [(&str, &str); 9] = [
     ("/", "GET"),
     ("/machine-config", "GET, PUT"),
     ("/boot-source", "GET, PUT"),
@@ -30,6 +29,8 @@ const ROUTES: [(&str, &str); 7] = [
     ("/actions", "PUT"),
     ("/summary", "GET"),
     ("/clockintr", "GET"),
+    ("/profile", "GET"),
+    ("/trace", "GET"),
 ];
 
 /// The API's router over `instance`.
@@ -40,8 +41,10 @@ pub fn router(instance: Arc<Instance>) -> Router {
         .route(BootSource::PATH, section::<BootSource>())
         .route(ClockConfig::PATH, section::<ClockConfig>())
         .route("/actions", axum::routing::put(put_actions))
-        .route("/summary", get(get_summary))
+        .route("/summary", get(super::readout::get_summary))
         .route("/clockintr", get(get_clockintr))
+        .route("/profile", get(super::readout::get_profile))
+        .route("/trace", get(super::readout::get_trace))
         .merge(super::kperf::routes())
         .merge(super::metrics::routes())
         .fallback(unknown_path)
@@ -179,6 +182,17 @@ fn refused(action: &'static str) -> impl Fn(ControlError) -> ApiError {
     move |e| ApiError::bad_request(format!("{action} refused: {e}"))
 }
 
+/// Runs `work` on the blocking pool, off the API thread; `what` names the
+/// request for the message if the pool fails it.
+pub(super) async fn on_pool<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))?
+}
+
 async fn put_actions(
     State(instance): Api,
     ApiJson(action): ApiJson<InstanceAction>,
@@ -216,25 +230,6 @@ async fn put_actions(
         }
     }
     Ok(StatusCode::NO_CONTENT)
-}
-
-async fn get_summary(State(instance): Api) -> Response {
-    if let Some(summary) = instance.summary() {
-        return Json(summary).into_response();
-    }
-    let running = instance
-        .on_vmm("GET /summary", |c| {
-            (c.uptime_ns(), c.samples_taken(), c.clockintr_stats().1)
-        })
-        .await
-        .ok();
-    Json(RunningSummary {
-        state: instance.state_name(),
-        guest_uptime_ns: running.map_or(0, |r| r.0),
-        samples_taken: running.map_or(0, |r| r.1),
-        clockintr_total: running.map(|r| r.2),
-    })
-    .into_response()
 }
 
 async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {

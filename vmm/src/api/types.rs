@@ -263,20 +263,6 @@ pub struct ClockintrInfo {
     pub dump: String,
 }
 
-/// `GET /summary` before the VM has exited: the figures a running VM gives
-/// without stopping (the full summary needs the vCPUs joined).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RunningSummary {
-    /// `Not started`, `Running` or `Paused`.
-    pub state: &'static str,
-    /// Guest uptime in ns (0 before start).
-    pub guest_uptime_ns: u64,
-    /// Host-side samples taken so far, all vCPUs.
-    pub samples_taken: u64,
-    /// clockintr statistics summed over vCPUs (absent before start).
-    pub clockintr_total: Option<ClockintrStat>,
-}
-
 /// Applies a pre-boot change to a copy of `config` and keeps it only if the
 /// whole configuration still passes [`VmConfig::validate`].
 pub fn change(

@@ -1,9 +1,10 @@
 //! Where samples go when they leave the vCPU thread: one aggregate per vCPU
 //! that counts each distinct stack as samples arrive, so memory grows with
-//! the number of distinct stacks, not with the length of the run. Whoever
-//! reads the profile drains it (the end of the run today; any thread may
-//! drain while the VM runs). Each vCPU thread adds only to its own
-//! aggregate, so the lock it takes is uncontended except during a drain.
+//! the number of distinct stacks, not with the length of the run. The end of
+//! the run drains it; while the VM runs a reader takes a snapshot, which
+//! copies each vCPU's counts under that vCPU's lock and leaves them in place.
+//! Each vCPU thread adds only to its own aggregate, so the lock it takes is
+//! uncontended except during a drain or the copy of a snapshot.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -125,6 +126,46 @@ impl SampleBuffer {
         all
     }
 
+    /// Copies every stack counted so far with its count, vCPU by vCPU, in the
+    /// order of [`SampleBuffer::drain`], and leaves them counted: each vCPU's
+    /// lock is held only while its counts are copied (sorted after).
+    pub fn snapshot(&self) -> Vec<(StackSample, u64)> {
+        let mut all = Vec::new();
+        for counts in &self.per_vcpu {
+            let mut copy: Vec<(StackSample, u64)> = {
+                let counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                counts.stacks.iter().map(|(s, n)| (s.clone(), *n)).collect()
+            };
+            copy.sort();
+            all.append(&mut copy);
+        }
+        all
+    }
+
+    /// Whether no stack is counted (each vCPU's lock held only to look).
+    pub fn is_empty(&self) -> bool {
+        self.per_vcpu.iter().all(|c| {
+            c.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stacks
+                .is_empty()
+        })
+    }
+
+    /// Copies the sampler totals so far, all vCPUs merged, and leaves them.
+    pub fn snapshot_totals(&self) -> Totals {
+        let mut all = Totals::default();
+        for counts in &self.per_vcpu {
+            let totals = counts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .totals
+                .clone();
+            all.merge(&totals);
+        }
+        all
+    }
+
     /// Takes the sampler totals so far, all vCPUs merged.
     pub fn take_totals(&self) -> Totals {
         let mut all = Totals::default();
@@ -194,6 +235,33 @@ mod tests {
             .collect();
         assert_eq!(counts, [(0, 0xaa, 3), (0, 0xbb, 1), (1, 0xaa, 1)]);
         assert!(buffer.drain().is_empty());
+    }
+
+    #[test]
+    fn test_a_snapshot_copies_and_does_not_drain() {
+        let buffer = SampleBuffer::new(2, 10);
+        assert!(buffer.snapshot().is_empty());
+        assert!(buffer.is_empty());
+        assert!(buffer.push(sample(1, 1, 0xaa)));
+        assert!(!buffer.is_empty());
+        assert!(buffer.push(sample(0, 2, 0xbb)));
+        assert!(buffer.push(sample(0, 3, 0xbb)));
+        let first = buffer.snapshot();
+        // Each vCPU's counts in the drain's order, and still there.
+        assert_eq!(buffer.snapshot(), first);
+        assert!(buffer.push(sample(0, 4, 0xbb)));
+        let second = buffer.snapshot();
+        let total = |v: &[(StackSample, u64)]| v.iter().map(|(_, n)| n).sum::<u64>();
+        assert_eq!((total(&first), total(&second)), (3, 4));
+        assert_eq!(
+            buffer.snapshot_totals().captured.get("ustack"),
+            Some(&4),
+            "{:?}",
+            buffer.snapshot_totals()
+        );
+        assert_eq!(buffer.snapshot_totals(), buffer.snapshot_totals());
+        assert_eq!(buffer.drain(), second);
+        assert_eq!(buffer.take_totals().captured.get("ustack"), Some(&4));
     }
 
     #[test]

@@ -165,6 +165,11 @@ impl VcpuSampler {
         sampling.set_deadline(self.id, deadline);
     }
 
+    /// The counters so far.
+    pub fn stats(&self) -> &VcpuSampling {
+        &self.stats
+    }
+
     /// The counters, when the vCPU thread ends.
     pub fn into_stats(self) -> VcpuSampling {
         self.stats

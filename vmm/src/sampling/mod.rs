@@ -18,11 +18,14 @@
 //!   dispatches, context switches) into the trace.
 //! - [`chrome`]: the trace as Chrome trace-event JSON (`trace.json`).
 //! - [`report`]: the end of a sampled run: figures, profile files, trace file.
+//! - [`export`]: the profiles and the trace for readers outside the VM:
+//!   copies taken while it runs, or what the end of the run kept.
 
 pub mod buffer;
 pub mod capture;
 pub mod chrome;
 pub mod expiry;
+pub mod export;
 pub mod guest_events;
 pub mod lightweight;
 pub mod pet;

@@ -1,41 +1,170 @@
 //! The end of a sampled run: per-vCPU sampling figures, the symbolized profile
-//! files and the trace.
+//! files and the trace; and the same figures while the run goes on ([`live`]).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
 use super::buffer::StackSample;
-use super::{chrome, samplers, trace, SamplingShared};
+use super::export::{self, ProfileStacks, RunRecords, TraceCopy};
+use super::{samplers, trace, SamplingShared};
 use crate::config::KperfConfig;
-use crate::profile::{Profile, Sample, Symbolizer};
+use crate::profile::Symbolizer;
 use crate::summary::{
     EffectiveSamplingConfig, FunctionShare, Percentiles, SamplingSummary, VcpuSamplingSummary,
 };
 use crate::vcpu::VcpuRunStats;
 
-/// Builds the sampling summary and writes the files the configuration asks for
-/// (after the vCPUs stopped: it drains their guest event rings a last time
-/// from `mem`). Failures to write are reported in `errors`; they do not
-/// change the outcome.
-pub fn finish(
+/// Where the sampling figures' samples come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The end of the run: the buffers are drained.
+    Drain,
+    /// A running VM: the buffers are copied and left as they are.
+    Snapshot,
+}
+
+/// A profile's stack counts.
+type Stacks = Vec<(StackSample, u64)>;
+
+/// Both profiles' stack counts (on-CPU, PET) and the sampler totals of both.
+type Taken = (Stacks, Stacks, samplers::Totals);
+
+/// The stack counts of both profiles and the sampler totals, drained at the
+/// end of the run or copied while it runs.
+fn take_samples(sampling: &SamplingShared, source: Source) -> Taken {
+    let (on_cpu, pet) = (&sampling.samples, &sampling.pet.samples);
+    match source {
+        Source::Drain => {
+            let mut totals = on_cpu.take_totals();
+            totals.merge(&pet.take_totals());
+            (on_cpu.drain(), pet.drain(), totals)
+        }
+        Source::Snapshot => {
+            let mut totals = on_cpu.snapshot_totals();
+            totals.merge(&pet.snapshot_totals());
+            (on_cpu.snapshot(), pet.snapshot(), totals)
+        }
+    }
+}
+
+/// The sampling figures while the VM runs, from each vCPU's counters `stats`
+/// as last published: the end-of-run summary's, without files, and with
+/// nothing drained (the end of the run still has every sample and record).
+pub fn live(
     sampling: &SamplingShared,
     stats: &[VcpuRunStats],
     (kernel_image, mem): (&[u8], &GuestMemoryMmap),
     uptime_ns: u64,
-    errors: &mut Vec<String>,
 ) -> SamplingSummary {
+    figures(
+        sampling,
+        stats,
+        (kernel_image, mem),
+        uptime_ns,
+        Source::Snapshot,
+    )
+    .0
+}
+
+/// Builds the sampling summary and writes the files the configuration asks for
+/// (after the vCPUs stopped: it drains their guest event rings a last time
+/// from `mem`). Failures to write are reported in `errors`; they do not
+/// change the outcome. Returns the stack counts and the trace the files were
+/// written from, for readers after the run.
+pub fn finish(
+    sampling: &SamplingShared,
+    stats: &[VcpuRunStats],
+    (kernel_image, mem): (&Arc<[u8]>, &GuestMemoryMmap),
+    uptime_ns: u64,
+    errors: &mut Vec<String>,
+) -> (SamplingSummary, RunRecords) {
     for id in 0..sampling.guest_events().vcpus() {
         sampling.drain_guest_events(id, mem);
     }
+    let (mut summary, samples, pet_samples) = figures(
+        sampling,
+        stats,
+        (kernel_image, mem),
+        uptime_ns,
+        Source::Drain,
+    );
+    let records = RunRecords {
+        on_cpu: ProfileStacks {
+            stacks: samples,
+            period_ns: summary.period_ns,
+            kernel_image: kernel_image.clone(),
+        },
+        pet: ProfileStacks {
+            stacks: pet_samples,
+            // Thread samples are not periodic per CPU: the profile has no period.
+            period_ns: 0,
+            kernel_image: kernel_image.clone(),
+        },
+        pet_configured: export::pet_configured(sampling),
+        trace: sampling.trace().map(|buffer| TraceCopy {
+            records: buffer.take(),
+            tracks: export::tracks(sampling, mem),
+            end_ns: uptime_ns,
+        }),
+    };
+    if let Some(dir) = &sampling.config.profile_dir {
+        let profiles = [
+            (&records.on_cpu, "profile", "profile"),
+            (&records.pet, "pet", "PET profile"),
+        ];
+        for (stacks, stem, what) in profiles {
+            if stem == "pet" && stacks.stacks.is_empty() {
+                continue;
+            }
+            match stacks.profile().and_then(|p| p.write_files(dir, stem)) {
+                Ok(files) => summary
+                    .files
+                    .extend(files.iter().map(|f| f.display().to_string())),
+                Err(e) => errors.push(format!(
+                    "cannot write the {what} to '{}': {e}",
+                    dir.display()
+                )),
+            }
+        }
+    }
+    if let Some(trace) = &records.trace {
+        let chrome_file = sampling
+            .config
+            .profile_dir
+            .as_ref()
+            .map(|d| d.join("trace.json"));
+        for path in sampling.config.trace_file.iter().chain(&chrome_file) {
+            match write_trace(trace, path) {
+                Ok(()) => summary.files.push(path.display().to_string()),
+                Err(e) => errors.push(format!(
+                    "cannot write the trace to '{}': {e}",
+                    path.display()
+                )),
+            }
+        }
+    }
+    (summary, records)
+}
+
+/// The sampling figures from the vCPUs' counters and both profiles'
+/// samples, taken from `source`; with the stack counts of both (on-CPU,
+/// PET).
+fn figures(
+    sampling: &SamplingShared,
+    stats: &[VcpuRunStats],
+    (kernel_image, mem): (&[u8], &GuestMemoryMmap),
+    uptime_ns: u64,
+    source: Source,
+) -> (SamplingSummary, Stacks, Stacks) {
+    let (samples, pet_samples, totals) = take_samples(sampling, source);
     let mut cost = metronome_devices::LatencyHistogram::new();
     let config = effective_config(sampling);
-    // The profile's period: the shortest on-CPU timer's (a profile mixing
-    // timers of several periods has no single period; pprof takes one).
     let profile_timer = config.kperf.shortest_on_cpu_timer();
     let mut summary = SamplingSummary {
-        period_ns: profile_timer.map_or(0, |t| t.period_ns),
+        period_ns: export::on_cpu_period_ns(&config.kperf),
         samplers: profile_timer
             .and_then(|t| config.kperf.action(t.action_id))
             .map_or(0, |a| a.samplers.0),
@@ -72,54 +201,12 @@ pub fn finish(
     summary.trace_ring_dropped = summary.vcpus.iter().map(|v| v.trace_ring_dropped).sum();
     summary.cost_per_sample_ns = Percentiles::of(&cost);
     // The CPU profile: the samples that describe a place in the code.
-    let samples = sampling.samples.drain();
-    let mut totals = sampling.samples.take_totals();
     summary.user_functions = user_functions(&samples, kernel_image);
-    if let Some(dir) = &sampling.config.profile_dir {
-        match write_profile(samples, kernel_image, summary.period_ns, dir, "profile") {
-            Ok(files) => summary.files.extend(files),
-            Err(e) => errors.push(format!(
-                "cannot write the profile to '{}': {e}",
-                dir.display()
-            )),
-        }
-    }
-    pet_report(sampling, kernel_image, &mut summary, &mut totals, errors);
+    pet_figures(sampling, &mut summary);
     summary.samplers_captured = totals.captured;
     summary.sys_mem_vmm_resident_bytes = totals.vmm_resident;
     summary.meminfo_guest_in_use_bytes = totals.guest_in_use;
-    if let Some(buffer) = sampling.trace() {
-        let records = buffer.take();
-        let tracks = chrome::Tracks {
-            vcpus: sampling.guest_events().vcpus(),
-            threads: super::samplers::thread_table(mem)
-                .iter()
-                .filter(|t| t.tid != 0)
-                .map(|t| (t.tid, thread_name(&t.name)))
-                .collect(),
-        };
-        let chrome_file = sampling
-            .config
-            .profile_dir
-            .as_ref()
-            .map(|d| d.join("trace.json"));
-        for path in sampling.config.trace_file.iter().chain(&chrome_file) {
-            match write_trace(&records, &tracks, uptime_ns, path) {
-                Ok(()) => summary.files.push(path.display().to_string()),
-                Err(e) => errors.push(format!(
-                    "cannot write the trace to '{}': {e}",
-                    path.display()
-                )),
-            }
-        }
-    }
-    summary
-}
-
-/// A NUL-padded guest thread name.
-fn thread_name(name: &[u8; 16]) -> String {
-    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    String::from_utf8_lossy(&name[..len]).into_owned()
+    (summary, samples, pet_samples)
 }
 
 /// The configuration in force, read back from the engine.
@@ -164,83 +251,27 @@ fn user_functions(samples: &[(StackSample, u64)], kernel_image: &[u8]) -> Vec<Fu
     shares
 }
 
-/// PET's figures (traditional and lightweight), and its profile of every
-/// thread (`pet.*`: pass samples or self-samples).
-fn pet_report(
-    sampling: &SamplingShared,
-    kernel_image: &[u8],
-    summary: &mut SamplingSummary,
-    totals: &mut samplers::Totals,
-    errors: &mut Vec<String>,
-) {
+/// PET's figures (traditional and lightweight).
+fn pet_figures(sampling: &SamplingShared, summary: &mut SamplingSummary) {
     let pet = &sampling.pet;
-    summary.pet_passes = pet.passes.load(std::sync::atomic::Ordering::Relaxed);
+    summary.pet_passes = pet.passes.load(Ordering::Relaxed);
     summary.pet_broadcasts = sampling.engine().pet_broadcasts();
-    summary.threads_sampled = pet
-        .threads_sampled
-        .load(std::sync::atomic::Ordering::Relaxed);
+    summary.threads_sampled = pet.threads_sampled.load(Ordering::Relaxed);
     summary.pet_sample_ns = Percentiles::of(&pet.pass_ns.lock().unwrap_or_else(|p| p.into_inner()));
     summary.pet_remote_missed = pet.remote_missed.load(Ordering::Relaxed);
     let lightweight = &sampling.lightweight;
     summary.lightweight_self_samples = lightweight.self_samples.load(Ordering::Relaxed);
     summary.lightweight_refused = lightweight.refused.load(Ordering::Relaxed);
-    let samples = pet.samples.drain();
-    totals.merge(&pet.samples.take_totals());
-    if let (Some(dir), false) = (&sampling.config.profile_dir, samples.is_empty()) {
-        // Thread samples are not periodic per CPU: the profile has no period.
-        match write_profile(samples, kernel_image, 0, dir, "pet") {
-            Ok(files) => summary.files.extend(files),
-            Err(e) => errors.push(format!(
-                "cannot write the PET profile to '{}': {e}",
-                dir.display()
-            )),
-        }
-    }
-}
-
-fn write_profile(
-    samples: Vec<(StackSample, u64)>,
-    kernel_image: &[u8],
-    period_ns: u64,
-    dir: &Path,
-    stem: &str,
-) -> Result<Vec<String>, crate::profile::ProfileError> {
-    let mut profile = Profile::new(Symbolizer::new(kernel_image)?);
-    if period_ns > 0 {
-        profile.set_period_ns(period_ns);
-    }
-    for (stack, count) in samples {
-        profile.add(&Sample {
-            vcpu: stack.vcpu,
-            tid: stack.tid,
-            thread_name: if stack.tid == 0 {
-                "idle".to_string()
-            } else {
-                stack.thread_name
-            },
-            user_stack: stack.user_stack,
-            kernel_stack: stack.kernel_stack,
-            user_leaf_after_trap: stack.user_leaf_after_trap,
-            weight: count,
-        });
-    }
-    let files = profile.write_files(dir, stem)?;
-    Ok(files.iter().map(|f| f.display().to_string()).collect())
 }
 
 /// Writes the trace to `path`: Chrome trace-event JSON when the name ends in
 /// `.json` (`trace.json` in the profile directory), otherwise JSON lines in
 /// recording order.
-fn write_trace(
-    records: &[super::TraceRecord],
-    tracks: &chrome::Tracks,
-    end_ns: u64,
-    path: &Path,
-) -> std::io::Result<()> {
+fn write_trace(trace: &TraceCopy, path: &Path) -> std::io::Result<()> {
     let file = std::fs::File::create(path)?;
     if path.extension().is_some_and(|e| e == "json") {
-        chrome::write_chrome(records, tracks, end_ns, file)
+        trace.write_chrome(file)
     } else {
-        trace::write_json_lines(records, file)
+        trace::write_json_lines(&trace.records, file)
     }
 }

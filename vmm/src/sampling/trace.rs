@@ -16,7 +16,10 @@ use metronome_abi::{layout, VcpuShared};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Trace records kept at most; later ones are counted as dropped.
-const TRACE_LIMIT: usize = 1_000_000;
+pub const TRACE_LIMIT: usize = 1_000_000;
+/// Records a snapshot copies per hold of the buffer's lock, so that a
+/// snapshot of a full buffer never keeps a recording vCPU waiting for long.
+const SNAPSHOT_CHUNK: usize = 16_384;
 
 /// kdebug class `DBG_MACH`.
 const DBG_MACH: u8 = 1;
@@ -103,6 +106,23 @@ impl TraceBuffer {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// Copies every record kept so far and leaves them: the lock is taken
+    /// once per 16384 records, so recording goes on between
+    /// chunks (records only arrive at the end, so the copy is the buffer as
+    /// it was at some moment, plus perhaps some later records).
+    pub fn snapshot(&self) -> Vec<TraceRecord> {
+        let mut copy = Vec::new();
+        loop {
+            let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+            let from = copy.len();
+            let to = records.len().min(from + SNAPSHOT_CHUNK);
+            if from >= to {
+                return copy;
+            }
+            copy.extend_from_slice(&records[from..to]);
+        }
+    }
+
     /// Takes every record kept so far.
     pub fn take(&self) -> Vec<TraceRecord> {
         std::mem::take(&mut *self.records.lock().unwrap_or_else(|p| p.into_inner()))
@@ -155,5 +175,21 @@ mod tests {
         assert_eq!(lines[0]["id"], kperf::trace::TM_FIRE);
         assert!(buffer.take().is_empty());
         assert_eq!(buffer.dropped(), 0);
+    }
+
+    #[test]
+    fn test_a_snapshot_copies_in_chunks_and_does_not_take() {
+        let buffer = TraceBuffer::default();
+        assert!(buffer.snapshot().is_empty());
+        let n = SNAPSHOT_CHUNK * 2 + 3;
+        buffer.record_all((0..n as u64).map(|t| TraceRecord {
+            time_ns: t,
+            ..Default::default()
+        }));
+        let copy = buffer.snapshot();
+        assert_eq!(copy.len(), n);
+        assert!(copy.iter().enumerate().all(|(i, r)| r.time_ns == i as u64));
+        assert_eq!(buffer.snapshot(), copy);
+        assert_eq!(buffer.take(), copy);
     }
 }

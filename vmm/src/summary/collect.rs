@@ -13,6 +13,8 @@ use super::{
     ClockConfigSummary, ClockintrSummary, CpTime, GuestErrors, GuestVcpuSummary, IntervalSummary,
     Percentiles, StressSummary, Summary, ThreadSummary, TimerSummary, VcpuSummary,
 };
+use crate::config::VmConfig;
+use crate::devices::{ControlPage, VicPage};
 use crate::guestmem::read_plain;
 use crate::vcpu::VcpuRunStats;
 use crate::vm::{Vm, VmExit, VmShared};
@@ -34,9 +36,48 @@ pub fn clockintr_stats(shared: &VmShared) -> (Vec<ClockintrSummary>, ClockintrSu
     (records, total)
 }
 
+/// What a summary is read from: the VM's configuration, its shared state
+/// and its devices' counters; a [`Vm`]'s, or a running VM's through its
+/// [`crate::VmController`].
+#[derive(Clone, Copy, Debug)]
+pub struct SummarySource<'a> {
+    /// The configuration the VM was built with.
+    pub config: &'a VmConfig,
+    /// The state every thread of the VM shares.
+    pub shared: &'a VmShared,
+    /// The interrupt controller page (its refused accesses).
+    pub vic: &'a VicPage,
+    /// The control page (its refused writes).
+    pub control: &'a ControlPage,
+}
+
+impl<'a> SummarySource<'a> {
+    /// `vm`'s.
+    pub fn of(vm: &'a Vm) -> Self {
+        Self {
+            config: &vm.config,
+            shared: &vm.shared,
+            vic: &vm.devices.vic,
+            control: &vm.devices.control,
+        }
+    }
+}
+
 /// Builds the summary of `vm` once its vCPU threads returned `stats`.
 pub fn collect(vm: &Vm, stats: &[VcpuRunStats], wall: Duration, exit_wall: Duration) -> Summary {
-    let shared = &vm.shared;
+    collect_from(SummarySource::of(vm), stats, wall, exit_wall)
+}
+
+/// Builds the summary from `source` and the vCPU threads' counters `stats`
+/// (returned when they finished, or as last published while they run).
+pub fn collect_from(
+    source: SummarySource<'_>,
+    stats: &[VcpuRunStats],
+    wall: Duration,
+    exit_wall: Duration,
+) -> Summary {
+    let vm = source;
+    let shared = vm.shared;
     let reason = shared
         .exit_reason()
         .unwrap_or(VmExit::Host("no exit reason".into()));
@@ -90,7 +131,7 @@ pub fn collect(vm: &Vm, stats: &[VcpuRunStats], wall: Duration, exit_wall: Durat
         reports: guest_reports(shared),
         vcpus,
         exit_code,
-        config: clock_config(vm),
+        config: clock_config(vm.config),
         clockintr_total,
         sampling: None,
         guest_errors: guest_errors(vm),
@@ -242,8 +283,8 @@ fn vcpu_summary(
     }
 }
 
-fn clock_config(vm: &Vm) -> ClockConfigSummary {
-    let clock = vm.config.clock;
+fn clock_config(config: &VmConfig) -> ClockConfigSummary {
+    let clock = config.clock;
     let stat = clockintr::StatVar::new(clock.stathz.max(1));
     ClockConfigSummary {
         hz: clock.hz,
@@ -251,7 +292,7 @@ fn clock_config(vm: &Vm) -> ClockConfigSummary {
         profhz: clock.profhz,
         schedhz: clock.schedhz,
         rndstat: clock.flags & clockintr::CL_RNDSTAT != 0,
-        stat_seed: vm.config.stat_seed,
+        stat_seed: config.stat_seed,
         hardclock_period_ns: hardclock_period_ns(&clock),
         statclock_avg_ns: stat.avg,
         statclock_min_ns: stat.min,
@@ -259,11 +300,11 @@ fn clock_config(vm: &Vm) -> ClockConfigSummary {
     }
 }
 
-fn guest_errors(vm: &Vm) -> GuestErrors {
-    let shared = &vm.shared;
+fn guest_errors(vm: SummarySource<'_>) -> GuestErrors {
+    let shared = vm.shared;
     GuestErrors {
-        vic_bad_accesses: vm.devices.vic.bad_accesses.load(Ordering::Relaxed),
-        control_bad_writes: vm.devices.control.bad_reports.load(Ordering::Relaxed),
+        vic_bad_accesses: vm.vic.bad_accesses.load(Ordering::Relaxed),
+        control_bad_writes: vm.control.bad_reports.load(Ordering::Relaxed),
         spurious_eois: shared
             .vcpus
             .iter()

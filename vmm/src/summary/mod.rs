@@ -14,7 +14,7 @@ use metronome_devices::LatencyHistogram;
 use serde::Serialize;
 
 pub use clockintr_dump::clockintr_dump;
-pub use collect::{clockintr_stats, collect, workload_name};
+pub use collect::{clockintr_stats, collect, collect_from, workload_name, SummarySource};
 pub use vcpu_page::{read_vcpu_page, vcpu_clocks, VcpuClock, VcpuPage};
 
 /// Percentiles of a latency histogram, in ns.

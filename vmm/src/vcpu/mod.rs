@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!            +--------------------------------------------------------------+
-//!            |  loop top: clear immediate_exit; stop? pause? hold?          |
+//!            |  loop top: clear immediate_exit; stop? publish the counters  |
+//!            |  (every 20 ms); pause? hold?                                 |
 //!            |  sampling: kperf deadline passed? expiry + own sample        |
 //!            |  trace: drain the guest's event ring                         |
 //!            |  under the irq lock: poll own timer device, pick the vector  |
@@ -35,6 +36,11 @@ use crate::kick;
 use crate::metrics::ExitReason;
 use crate::sampling::{VcpuSampler, VcpuSampling};
 use crate::vm::{VmExit, VmShared};
+
+/// How often, in device time, a vCPU thread copies its counters where a
+/// live summary reads them ([`crate::vm::shared::VcpuSlot::published`]): a
+/// live summary's per-vCPU figures are at most this old, exact while paused.
+pub const PUBLISH_PERIOD_NS: u64 = 20_000_000;
 
 /// What one vCPU thread observed, returned when it finishes.
 #[derive(Clone, Debug, Default)]
@@ -69,6 +75,8 @@ pub struct VcpuRunner {
     stats: VcpuRunStats,
     /// The sampling side of this vCPU (only with sampling).
     sampler: Option<VcpuSampler>,
+    /// Device time of the last copy of the counters for a live summary.
+    published_at: Option<u64>,
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -98,6 +106,7 @@ impl VcpuRunner {
             mmio,
             stats,
             sampler: None,
+            published_at: None,
         }
     }
 
@@ -133,12 +142,7 @@ impl VcpuRunner {
         if let Some(sampler) = self.sampler.take() {
             self.stats.sampling = sampler.into_stats();
         }
-        self.stats.exits = self.shared.vcpus[self.id as usize]
-            .exits
-            .all()
-            .into_iter()
-            .filter(|&(_, n)| n > 0)
-            .collect();
+        self.stats.exits = self.exit_counts();
         self.stats
     }
 
@@ -154,10 +158,44 @@ impl VcpuRunner {
             .map_err(|e| host_error(id, "timer_create", e))
     }
 
+    /// Copies the counters where a live summary reads them, every
+    /// [`PUBLISH_PERIOD_NS`] or at once with `force` (before parking for a
+    /// pause). The copy is made before the slot's lock is taken.
+    fn publish_stats(&mut self, force: bool) {
+        let now = self.shared.now();
+        if !force
+            && self
+                .published_at
+                .is_some_and(|at| now.saturating_sub(at) < PUBLISH_PERIOD_NS)
+        {
+            return;
+        }
+        self.published_at = Some(now);
+        let mut stats = self.stats.clone();
+        stats.exits = self.exit_counts();
+        if let Some(sampler) = &self.sampler {
+            stats.sampling = sampler.stats().clone();
+        }
+        *self.shared.vcpus[self.id as usize]
+            .published
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
     /// Counts an exit in this vCPU's slot: one relaxed increment, read by
     /// `GET /metrics` from the API thread and by the summary at the end.
     fn count(&self, reason: ExitReason) {
         self.shared.vcpus[self.id as usize].exits.count(reason);
+    }
+
+    /// This vCPU's non-zero exit counts by reason, from its slot.
+    fn exit_counts(&self) -> BTreeMap<&'static str, u64> {
+        self.shared.vcpus[self.id as usize]
+            .exits
+            .all()
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 
     fn run_loop(&mut self, mut timer: PosixTimer) -> Result<(), VmExit> {
@@ -172,6 +210,7 @@ impl VcpuRunner {
                 // Every pass acknowledges a pending sampling stop, held or not.
                 sampling.acknowledge(id);
             }
+            self.publish_stats(false);
             if self.stay_out() {
                 continue;
             }

@@ -24,6 +24,7 @@ impl VcpuRunner {
         if self.shared.pausing() {
             if self.at_pause_point() {
                 self.serve_pet_request();
+                self.publish_stats(true);
                 self.pause_park();
                 return true;
             }
@@ -110,6 +111,7 @@ impl VcpuRunner {
                 .before_halt(sampling)
                 .map_err(|e| super::host_error(self.id, "timer_settime", e))?;
         }
+        self.publish_stats(false);
         self.park_until_pending(interrupts_off);
         if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
             sampler.after_halt(sampling);

@@ -242,7 +242,7 @@ impl Vm {
             vcpus,
             shared,
             devices,
-            kernel_image: image,
+            kernel_image: image.into(),
         })
     }
 }

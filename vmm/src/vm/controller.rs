@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use metronome_abi::Vector;
 
+use super::live::RunView;
 use super::pet_thread::PetThread;
 use super::{VmExit, VmShared};
 use crate::sampling::{PendingStop, SamplingShared};
@@ -60,12 +61,14 @@ pub enum ResumeMode {
 /// The guest clock keeps running while vCPUs are paused or held (spec AMB-6).
 #[derive(Clone, Debug)]
 pub struct VmController {
-    shared: Arc<VmShared>,
+    pub(super) shared: Arc<VmShared>,
+    /// What the live readers need besides `shared` ([`super::live`]).
+    pub(super) view: Arc<RunView>,
 }
 
 impl VmController {
-    pub(crate) fn new(shared: Arc<VmShared>) -> Self {
-        Self { shared }
+    pub(crate) fn new(shared: Arc<VmShared>, view: Arc<RunView>) -> Self {
+        Self { shared, view }
     }
 
     /// The guest clock (device time) in ns.

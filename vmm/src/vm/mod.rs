@@ -17,11 +17,14 @@
 //! - [`pet_thread`]: traditional PET's sampler thread (holds the guest still
 //!   for each pass over its threads).
 //! - [`exit`]: why a VM ended ([`VmExit`]).
+//! - [`live`]: a running VM's summary, profiles and trace so far, without
+//!   stopping it or draining anything.
 
 pub mod builder;
 pub mod controller;
 pub mod events;
 pub mod exit;
+pub mod live;
 pub mod pet_thread;
 pub mod requests;
 pub mod run;
@@ -51,8 +54,9 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     pub(crate) shared: Arc<VmShared>,
     pub(crate) devices: DeviceManager,
-    /// The kernel ELF, for symbolizing profiles.
-    pub(crate) kernel_image: Vec<u8>,
+    /// The kernel ELF, for symbolizing profiles (shared with the readers of
+    /// a running VM's profile, [`VmController`]).
+    pub(crate) kernel_image: Arc<[u8]>,
 }
 
 impl std::fmt::Debug for Vm {

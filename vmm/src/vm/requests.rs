@@ -125,7 +125,17 @@ mod tests {
         let mem =
             vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 0x1000)])
                 .unwrap();
-        VmController::new(Arc::new(crate::vm::VmShared::new(mem, 1, None).unwrap()))
+        let shared = Arc::new(crate::vm::VmShared::new(mem, 1, None).unwrap());
+        let devices =
+            crate::devices::DeviceManager::new(&shared, Box::new(std::io::sink())).unwrap();
+        let view = Arc::new(crate::vm::live::RunView {
+            config: crate::VmConfig::default(),
+            vic: devices.vic,
+            control: devices.control,
+            kernel_image: Arc::from(&[][..]),
+            process_start: std::time::Instant::now(),
+        });
+        VmController::new(shared, view)
     }
 
     #[test]

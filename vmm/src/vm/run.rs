@@ -10,11 +10,13 @@ use std::time::Instant;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use super::events::{unblock_stop_signals, ExitSubscriber, SignalSubscriber, TimeoutSubscriber};
+use super::live::RunView;
 use super::pet_thread::PetThread;
 use super::requests::{self, RequestSubscriber, VmmLink};
 use super::stress::{drain_stress, StressGenerator};
 use super::{Vm, VmController, VmExit};
 use crate::kick;
+use crate::sampling::export::RunRecords;
 use crate::summary::Summary;
 use crate::vcpu::{VcpuRunStats, VcpuRunner};
 
@@ -88,17 +90,25 @@ impl Vm {
         if let Err(e) = PetThread::ensure(&shared) {
             shared.request_exit(VmExit::Host(format!("spawning the PET thread: {e}")));
         }
+        let view = Arc::new(RunView {
+            config: self.config.clone(),
+            vic: self.devices.vic.clone(),
+            control: self.devices.control.clone(),
+            kernel_image: self.kernel_image.clone(),
+            process_start,
+        });
         if shared
             .sampling
             .as_ref()
             .is_some_and(|s| s.config.start_at_boot)
         {
-            if let Err(e) = VmController::new(shared.clone()).sampling_start() {
+            if let Err(e) = VmController::new(shared.clone(), view.clone()).sampling_start() {
                 shared.request_exit(VmExit::Host(format!("starting sampling: {e}")));
             }
         }
         Ok(RunningVm {
             vm: self,
+            view,
             threads,
             stress,
             watch_signals: signals.is_some(),
@@ -112,6 +122,7 @@ impl Vm {
 /// A VM whose vCPUs are running.
 pub struct RunningVm {
     vm: Vm,
+    view: Arc<RunView>,
     threads: Vec<JoinHandle<VcpuRunStats>>,
     stress: Option<StressGenerator>,
     signals: Option<SignalSubscriber>,
@@ -147,7 +158,7 @@ impl std::fmt::Debug for RunningVm {
 impl RunningVm {
     /// A handle to drive the VM from other threads.
     pub fn controller(&self) -> VmController {
-        VmController::new(self.vm.shared.clone())
+        VmController::new(self.vm.shared.clone(), self.view.clone())
     }
 
     /// A channel to this VM's event loop ([`super::requests`]): requests sent
@@ -167,7 +178,13 @@ impl RunningVm {
     /// Runs the event loop until the VM ends (guest exit, fault, signal,
     /// timeout, or [`VmController::stop`]), stops and joins the vCPUs, and
     /// returns the summary.
-    pub fn wait(mut self) -> Summary {
+    pub fn wait(self) -> Summary {
+        self.wait_keeping().0
+    }
+
+    /// [`RunningVm::wait`], also returning what the profile and trace files
+    /// were written from (with sampling), for readers after the run.
+    pub fn wait_keeping(mut self) -> (Summary, Option<RunRecords>) {
         let shared = self.vm.shared.clone();
         let exit_wall = match self.event_loop() {
             Ok(()) => self.process_start.elapsed(),
@@ -201,16 +218,19 @@ impl RunningVm {
         PetThread::close(&shared);
         let mut summary =
             crate::summary::collect(&self.vm, &stats, self.process_start.elapsed(), exit_wall);
+        let mut records = None;
         if let Some(sampling) = &shared.sampling {
-            summary.sampling = Some(crate::sampling::report::finish(
+            let (figures, kept) = crate::sampling::report::finish(
                 sampling,
                 &stats,
                 (&self.vm.kernel_image, &shared.mem),
                 summary.guest_uptime_ns,
                 &mut summary.errors,
-            ));
+            );
+            summary.sampling = Some(figures);
+            records = Some(kept);
         }
-        summary
+        (summary, records)
     }
 
     fn event_loop(&mut self) -> Result<(), VmExit> {

@@ -100,6 +100,10 @@ pub struct VcpuSlot {
     /// The vCPU's registers while its thread is parked for a pause, so that a
     /// PET pass can sample the thread it was running (`None` otherwise).
     pub parked_regs: Mutex<Option<(kvm_regs, kvm_sregs)>>,
+    /// The vCPU thread's counters as of its last copy (every
+    /// [`crate::vcpu::PUBLISH_PERIOD_NS`], and before it parks for a pause),
+    /// for a summary while the VM runs; `None` before the first.
+    pub published: Mutex<Option<crate::vcpu::VcpuRunStats>>,
 }
 
 impl VcpuSlot {
