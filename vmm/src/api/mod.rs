@@ -7,8 +7,11 @@
 //! - [`routes`]: the endpoints and the JSON body extractor.
 //! - [`types`]: the request and answer bodies, and how a pre-boot request
 //!   changes the [`crate::VmConfig`].
-//! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
+//! - [`kperf`]: the kperf endpoints, before and after InstanceStart;
+//!   [`kperf_routes`]: their routes and the operations on an id or a count.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers and
+//!   types, served at `GET /openapi.json`; its list of paths is the API's.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
 //!
@@ -22,6 +25,8 @@
 pub mod errors;
 pub mod instance;
 pub mod kperf;
+pub mod kperf_routes;
+pub mod openapi;
 pub mod routes;
 pub mod server;
 pub mod types;

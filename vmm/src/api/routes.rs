@@ -7,41 +7,35 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, MethodRouter};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Fault};
 use super::instance::Instance;
+use super::openapi::{self, AnyRequest, BodyRefusals, StateRefusals};
 use super::types::{
-    ActionType, BootSource, ClockConfig, ClockintrInfo, InstanceAction, InstanceInfo,
-    MachineConfig, PreBootSection, RunningSummary,
+    ActionType, BootSource, BootSourceInfo, ClockConfig, ClockintrInfo, InstanceAction,
+    InstanceInfo, MachineConfig, PreBootSection, RunningSummary, SummaryAnswer,
 };
 use super::{BODY_TIMEOUT, MAX_BODY_BYTES};
 use crate::vm::{ControlError, ResumeMode};
 
-/// Every path and the methods it answers (for the 404 and 405 messages).
-const ROUTES: [(&str, &str); 7] = [
-    ("/", "GET"),
-    ("/machine-config", "GET, PUT"),
-    ("/boot-source", "GET, PUT"),
-    ("/clock", "GET, PUT"),
-    ("/actions", "PUT"),
-    ("/summary", "GET"),
-    ("/clockintr", "GET"),
-];
-
-/// The API's router over `instance`.
+/// The API's router over `instance`: each route's handler is an operation
+/// of the OpenAPI document ([`super::openapi::ApiDoc`]).
 pub fn router(instance: Arc<Instance>) -> Router {
     Router::new()
         .route("/", get(get_instance))
-        .route(MachineConfig::PATH, section::<MachineConfig>())
-        .route(BootSource::PATH, section::<BootSource>())
-        .route(ClockConfig::PATH, section::<ClockConfig>())
+        .route(
+            MachineConfig::PATH,
+            get(get_machine_config).put(put_machine_config),
+        )
+        .route(BootSource::PATH, get(get_boot_source).put(put_boot_source))
+        .route(ClockConfig::PATH, get(get_clock).put(put_clock))
         .route("/actions", axum::routing::put(put_actions))
         .route("/summary", get(get_summary))
         .route("/clockintr", get(get_clockintr))
+        .route("/openapi.json", get(openapi::get_openapi))
         .merge(super::kperf::routes())
         .fallback(unknown_path)
         .method_not_allowed_fallback(wrong_method)
@@ -51,25 +45,8 @@ pub fn router(instance: Arc<Instance>) -> Router {
 
 type Api = State<Arc<Instance>>;
 
-/// Every route: the general ones and kperf's.
-fn all_routes() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    ROUTES.iter().chain(&super::kperf::ROUTES)
-}
-
-/// Whether `path` is `route`'s, a `{...}` segment matching any one segment.
-fn route_matches(route: &str, path: &str) -> bool {
-    let (mut route, mut path) = (route.split('/'), path.split('/'));
-    loop {
-        match (route.next(), path.next()) {
-            (None, None) => return true,
-            (Some(r), Some(p)) if r == p || (r.starts_with('{') && !p.is_empty()) => {}
-            _ => return false,
-        }
-    }
-}
-
 async fn unknown_path(uri: Uri) -> ApiError {
-    let paths: Vec<&str> = all_routes().map(|(path, _)| *path).collect();
+    let paths: Vec<&str> = openapi::paths().collect();
     ApiError {
         status: StatusCode::NOT_FOUND,
         fault_message: format!(
@@ -81,9 +58,7 @@ async fn unknown_path(uri: Uri) -> ApiError {
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    let allowed = all_routes()
-        .find(|(route, _)| route_matches(route, uri.path()))
-        .map_or("none", |(_, methods)| methods);
+    let allowed = openapi::allowed_methods(uri.path()).unwrap_or_else(|| "none".into());
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         fault_message: format!(
@@ -138,7 +113,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-async fn get_instance(State(instance): Api) -> Json<InstanceInfo> {
+/// `GET /`.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "instance",
+    responses(
+        (status = 200, description = "What the instance is", body = InstanceInfo),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_instance(State(instance): Api) -> Json<InstanceInfo> {
     Json(InstanceInfo {
         id: format!("metronome-{}", std::process::id()),
         state: instance.state_name(),
@@ -161,9 +146,103 @@ async fn put_section<T: PreBootSection>(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The route of a pre-boot section.
-fn section<T: PreBootSection>() -> MethodRouter<Arc<Instance>> {
-    get(get_section::<T>).put(put_section::<T>)
+/// `GET /machine-config`.
+#[utoipa::path(
+    get,
+    path = "/machine-config",
+    tag = "pre-boot",
+    responses(
+        (status = 200, description = "The machine configuration", body = MachineConfig),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_machine_config(instance: Api) -> Json<MachineConfig> {
+    get_section::<MachineConfig>(instance).await
+}
+
+/// `PUT /machine-config`.
+#[utoipa::path(
+    put,
+    path = "/machine-config",
+    tag = "pre-boot",
+    request_body = MachineConfig,
+    responses(
+        (status = 204, description = "Changed; pre-boot only (400 after InstanceStart)"),
+        BodyRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_machine_config(
+    instance: Api,
+    body: ApiJson<MachineConfig>,
+) -> Result<StatusCode, ApiError> {
+    put_section(instance, body).await
+}
+
+/// `GET /boot-source`.
+#[utoipa::path(
+    get,
+    path = "/boot-source",
+    tag = "pre-boot",
+    responses(
+        (status = 200, description = "The boot source in force", body = BootSourceInfo),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_boot_source(instance: Api) -> Json<BootSourceInfo> {
+    get_section::<BootSource>(instance).await
+}
+
+/// `PUT /boot-source`.
+#[utoipa::path(
+    put,
+    path = "/boot-source",
+    tag = "pre-boot",
+    request_body = BootSource,
+    responses(
+        (status = 204, description = "Changed; pre-boot only (400 after InstanceStart)"),
+        BodyRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_boot_source(
+    instance: Api,
+    body: ApiJson<BootSource>,
+) -> Result<StatusCode, ApiError> {
+    put_section(instance, body).await
+}
+
+/// `GET /clock`.
+#[utoipa::path(
+    get,
+    path = "/clock",
+    tag = "pre-boot",
+    responses(
+        (status = 200, description = "The clock configuration, every field", body = ClockConfig),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_clock(instance: Api) -> Json<ClockConfig> {
+    get_section::<ClockConfig>(instance).await
+}
+
+/// `PUT /clock`.
+#[utoipa::path(
+    put,
+    path = "/clock",
+    tag = "pre-boot",
+    request_body = ClockConfig,
+    responses(
+        (status = 204, description = "Changed; pre-boot only (400 after InstanceStart)"),
+        BodyRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_clock(
+    instance: Api,
+    body: ApiJson<ClockConfig>,
+) -> Result<StatusCode, ApiError> {
+    put_section(instance, body).await
 }
 
 /// Runs a controller call that may wait (pause waits for every vCPU to
@@ -178,7 +257,22 @@ async fn off_thread<T: Send + 'static>(
         .map_err(|e| ApiError::bad_request(format!("{action} refused: {e}")))
 }
 
-async fn put_actions(
+/// `PUT /actions`.
+#[utoipa::path(
+    put,
+    path = "/actions",
+    tag = "instance",
+    request_body = InstanceAction,
+    responses(
+        (status = 204, description = "Done: InstanceStart once the VM runs, Pause and Resume once \
+            every vCPU is parked or let run, SendExit once the VM has stopped and its summary is \
+            ready"),
+        BodyRefusals,
+        (status = 500, description = "The host failed: the VMM thread or the VM could not be made", body = Fault),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_actions(
     State(instance): Api,
     ApiJson(action): ApiJson<InstanceAction>,
 ) -> Result<StatusCode, ApiError> {
@@ -204,21 +298,42 @@ async fn put_actions(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn get_summary(State(instance): Api) -> Response {
+/// `GET /summary`.
+#[utoipa::path(
+    get,
+    path = "/summary",
+    tag = "instance",
+    responses(
+        (status = 200, description = "After exit, the run's summary; before, what a running VM \
+            gives without stopping", body = SummaryAnswer),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_summary(State(instance): Api) -> Json<SummaryAnswer> {
     if let Some(summary) = instance.summary() {
-        return Json(summary).into_response();
+        return Json(SummaryAnswer::Exited(Box::new(summary)));
     }
     let controller = instance.controller("GET /summary").ok();
-    Json(RunningSummary {
+    Json(SummaryAnswer::Running(RunningSummary {
         state: instance.state_name(),
         guest_uptime_ns: controller.as_ref().map_or(0, |c| c.uptime_ns()),
         samples_taken: controller.as_ref().map_or(0, |c| c.samples_taken()),
         clockintr_total: controller.as_ref().map(|c| c.clockintr_stats().1),
-    })
-    .into_response()
+    }))
 }
 
-async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {
+/// `GET /clockintr`.
+#[utoipa::path(
+    get,
+    path = "/clockintr",
+    tag = "instance",
+    responses(
+        (status = 200, description = "Every vCPU's clockintr statistics and pending events", body = ClockintrInfo),
+        StateRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {
     let controller = instance.controller("GET /clockintr")?;
     let info = off_thread("GET /clockintr", move || {
         let (vcpus, total) = controller.clockintr_stats();
