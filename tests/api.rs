@@ -2,113 +2,21 @@
 //! real HTTP client (`curl --unix-socket`) drive a whole session on a KVM
 //! guest: configure, start, pause, resume, read clockintr, exit; the bad
 //! inputs answer with Firecracker-shaped errors; SIGTERM ends the server and
-//! removes the socket; an existing socket path is refused.
+//! removes the socket; an existing socket path is refused. Every answer is
+//! checked against the OpenAPI document (`common/api_client.rs`).
 
 // An integration-test crate is test-only as a whole.
 #![allow(clippy::tests_outside_test_module)]
 
+#[path = "common/api_client.rs"]
+mod api_client;
 mod common;
+use api_client::{call, fault, Server};
 use common::{kvm_lock, kvm_or_skip, metronome, scratch};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A `metronome --api-sock` child; SIGTERM and reaped when dropped.
-struct Server {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let socket = scratch("api.sock");
-        let child = metronome()
-            .arg("--api-sock")
-            .arg(&socket)
-            .args(["--quiet", "--console", "/dev/null"])
-            .args(extra)
-            .spawn()
-            .expect("spawn metronome --api-sock");
-        let start = Instant::now();
-        while !socket.exists() {
-            assert!(start.elapsed() < Duration::from_secs(20), "no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self { child, socket }
-    }
-
-    /// `METHOD path [body]`: the status and the JSON body (null if empty).
-    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        call(&self.socket, method, path, body)
-    }
-
-    fn state(&self) -> String {
-        let (status, info) = self.call("GET", "/", None);
-        assert_eq!(status, 200);
-        info["state"].as_str().expect("state").to_owned()
-    }
-
-    fn action(&self, action: &str) -> (u16, Value) {
-        self.call(
-            "PUT",
-            "/actions",
-            Some(&format!(r#"{{"action_type": "{action}"}}"#)),
-        )
-    }
-
-    /// SIGTERM; the exit code.
-    fn terminate(mut self) -> i32 {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let code = self.child.wait().expect("wait").code().expect("exited");
-        assert!(!self.socket.exists(), "the socket file is removed at exit");
-        code
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut curl = Command::new("curl");
-    curl.args(["-s", "--max-time", "30", "--unix-socket"])
-        .arg(socket)
-        .args(["-X", method, "-w", "\n%{http_code}"]);
-    if let Some(body) = body {
-        curl.args([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            body,
-        ]);
-    }
-    let output = curl
-        .arg(format!("http://localhost{path}"))
-        .output()
-        .expect("run curl");
-    let text = String::from_utf8(output.stdout).expect("UTF-8 answer");
-    let (body, status) = text.rsplit_once('\n').expect("status line");
-    let json = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{method} {path}: {e}: {body}"))
-    };
-    (status.parse().expect("status"), json)
-}
-
-fn fault(answer: &(u16, Value)) -> &str {
-    answer.1["fault_message"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no fault_message in {answer:?}"))
-}
 
 /// A KVM session: the VM lock, a server writing its summary to the path.
 fn kvm_session(test: &str) -> Option<(std::sync::MutexGuard<'static, ()>, Server, PathBuf)> {
@@ -485,4 +393,38 @@ fn test_api_curl_script() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn test_api_serves_the_committed_openapi_document() {
+    let server = Server::start(&[]);
+    let (status, served) = server.call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    assert_eq!(&served, api_client::document());
+    // The checker refuses what the document does not describe.
+    let answer = server.call("DELETE", "/kperf/sampling", None);
+    assert_eq!(answer.0, 405);
+    let undocumented = api_client::Exchange {
+        method: "GET".into(),
+        path: "/".into(),
+        status: 418,
+        content_type: "application/json".into(),
+        body: "{}".into(),
+    };
+    let refused = std::panic::catch_unwind(|| api_client::check(undocumented));
+    assert!(
+        refused.is_err(),
+        "a status the document does not list fails"
+    );
+    let wrong_shape = api_client::Exchange {
+        method: "GET".into(),
+        path: "/kperf/counters".into(),
+        status: 200,
+        content_type: "application/json".into(),
+        body: r#"{"sampling": "off", "samples": -1}"#.into(),
+    };
+    let refused = std::panic::catch_unwind(|| api_client::check(wrong_shape));
+    assert!(refused.is_err(), "a body that breaks its schema fails");
+    assert!(api_client::checked().len() >= 2);
+    assert_eq!(server.terminate(), 0);
 }

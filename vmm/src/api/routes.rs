@@ -18,7 +18,7 @@ use super::types::{
     ActionType, BootSource, BootSourceInfo, ClockConfig, ClockintrInfo, InstanceAction,
     InstanceInfo, MachineConfig, PreBootSection, RunningSummary, SummaryAnswer,
 };
-use super::{BODY_TIMEOUT, MAX_BODY_BYTES};
+use super::{body_timeout, MAX_BODY_BYTES};
 use crate::vm::{ControlError, ResumeMode};
 
 /// The API's router over `instance`: each route's handler is an operation
@@ -69,7 +69,7 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 }
 
 /// A JSON request body: at most [`MAX_BODY_BYTES`], read within
-/// [`BODY_TIMEOUT`], parsed into `T` (unknown fields refused by `T`).
+/// [`body_timeout`], parsed into `T` (unknown fields refused by `T`).
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -77,14 +77,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state)).await
-        {
+        let timeout = body_timeout();
+        let bytes = match tokio::time::timeout(timeout, Bytes::from_request(req, state)).await {
             Err(_) => {
                 return Err(ApiError {
                     status: StatusCode::REQUEST_TIMEOUT,
                     fault_message: format!(
                         "the request body did not arrive within {} s",
-                        BODY_TIMEOUT.as_secs()
+                        timeout.as_secs_f64()
                     ),
                 })
             }

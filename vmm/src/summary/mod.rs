@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 
 use metronome_devices::LatencyHistogram;
 use serde::Serialize;
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
 
 pub use clockintr_dump::clockintr_dump;
 pub use collect::{clockintr_stats, collect, workload_name};
@@ -418,7 +420,7 @@ impl MemoryFigures {
 /// engine holds it, in the `--kperf` schema (periods after the minimum,
 /// KT-MIN-1; every action and timer up to the counts), the engine's limits
 /// and the trace level.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct EffectiveSamplingConfig {
     /// `action_count`, `timer_count`, `actions`, `timers`, `pet`, `background`.
     #[serde(flatten)]
@@ -427,6 +429,48 @@ pub struct EffectiveSamplingConfig {
     pub limits: KperfLimits,
     /// The trace's debug level: 0 data, 1 info, 2 verbose (TR-E-3).
     pub trace_level: u32,
+}
+
+/// The OpenAPI schema: [`crate::config::KperfConfig`]'s properties (it
+/// refuses unknown fields as a request, so an `allOf` of it with more
+/// properties would accept no object) plus `limits` and `trace_level`.
+impl utoipa::PartialSchema for EffectiveSamplingConfig {
+    fn schema() -> RefOr<Schema> {
+        let RefOr::T(Schema::Object(mut object)) = crate::config::KperfConfig::schema() else {
+            unreachable!("KperfConfig derives an object schema")
+        };
+        object.additional_properties = None;
+        object.description = Some(
+            "The sampling configuration in force: the kperf configuration as the engine holds \
+             it (the `--kperf` schema), the engine's minimum periods and the trace level"
+                .into(),
+        );
+        object.properties.insert(
+            "limits".into(),
+            Ref::from_schema_name(KperfLimits::name()).into(),
+        );
+        object.properties.insert(
+            "trace_level".into(),
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .description(Some(
+                    "The trace's debug level: 0 data, 1 info, 2 verbose (TR-E-3)",
+                ))
+                .into(),
+        );
+        object
+            .required
+            .extend(["limits".into(), "trace_level".into()]);
+        Schema::Object(object).into()
+    }
+}
+
+impl ToSchema for EffectiveSamplingConfig {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <crate::config::KperfConfig as ToSchema>::schemas(schemas);
+        schemas.push((KperfLimits::name().into(), KperfLimits::schema()));
+    }
 }
 
 /// The engine's minimum periods in ns (KT-MIN-2, `kperf.limits.*`).
