@@ -7,6 +7,8 @@
 //!
 //! Included with `#[path]` by the API test files next to `mod common`.
 
+#![allow(dead_code)]
+
 use super::common::{metronome, scratch};
 use serde_json::Value;
 use std::collections::HashMap;
