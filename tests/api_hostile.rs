@@ -170,36 +170,40 @@ fn bad_input_matrix(server: &Server) {
         "invalid request body: expected ident",
     );
     refused(put("/actions", ""), 400, "invalid request body: EOF");
-    refused_with(
-        put("/kperf/sampling", r#"{"on": "yes"}"#),
-        400,
-        r#"invalid type: string "yes", expected a boolean"#,
-    );
-    refused_with(
-        put("/kperf/action-count", r#"{"count": -1}"#),
-        400,
-        "invalid value: integer `-1`, expected u32",
-    );
-    refused_with(
-        put("/actions", r#"{"action_type": "Reboot"}"#),
-        400,
-        "unknown variant `Reboot`, expected one of `InstanceStart`",
-    );
-    refused_with(
-        put("/kperf/pet", r#"{"timer_id": 0, "period": 5}"#),
-        400,
-        "unknown field `period`",
-    );
-    refused_with(
-        put("/kperf/timers/0", r#"{"period_ns": 1000000, "action": 1}"#),
-        400,
-        "unknown field `action`",
-    );
-    refused(
-        put("/kperf/actions/1", "[1]"),
-        400,
-        "invalid request body: expected a JSON object, the action's fields",
-    );
+    for (path, body, part) in [
+        (
+            "/kperf/sampling",
+            r#"{"on": "yes"}"#,
+            r#"invalid type: string "yes", expected a boolean"#,
+        ),
+        (
+            "/kperf/action-count",
+            r#"{"count": -1}"#,
+            "invalid value: integer `-1`, expected u32",
+        ),
+        (
+            "/actions",
+            r#"{"action_type": "Reboot"}"#,
+            "unknown variant `Reboot`, expected one of `InstanceStart`",
+        ),
+        (
+            "/kperf/pet",
+            r#"{"timer_id": 0, "period": 5}"#,
+            "unknown field `period`",
+        ),
+        (
+            "/kperf/timers/0",
+            r#"{"period_ns": 1000000, "action": 1}"#,
+            "unknown field `action`",
+        ),
+        (
+            "/kperf/actions/1",
+            "[1]",
+            "invalid request body: expected a JSON object, the action's fields",
+        ),
+    ] {
+        refused_with(put(path, body), 400, part);
+    }
     refused(
         get("/kperf/timers/zero"),
         400,
@@ -215,42 +219,40 @@ fn bad_input_matrix(server: &Server) {
     assert_eq!(put("/kperf/timers/0", timer).0, 204);
 
     // Out of range.
-    refused(
-        put(
+    for (path, body, part) in [
+        (
             "/kperf/actions/1",
             r#"{"samplers": ["th_info"], "user_stack_depth": 1}"#,
+            "action 1: user_stack_depth 1 is out of range: 2 to 256 frames (CFG-A-3)",
         ),
-        400,
-        "action 1: user_stack_depth 1 is out of range: 2 to 256 frames (CFG-A-3)",
-    );
-    refused_with(
-        put("/kperf/actions/1", r#"{"samplers": ["bogus"]}"#),
-        400,
-        "(CFG-A-5)",
-    );
-    refused(
-        put("/kperf/timer-count", r#"{"count": 9}"#),
-        400,
-        "timer_count 9 is out of range: 0 to 8 timers (CFG-T-1, KT-S-1)",
-    );
-    refused(
-        put(
+        (
+            "/kperf/actions/1",
+            r#"{"samplers": ["bogus"]}"#,
+            "(CFG-A-5)",
+        ),
+        (
+            "/kperf/timer-count",
+            r#"{"count": 9}"#,
+            "timer_count 9 is out of range: 0 to 8 timers (CFG-T-1, KT-S-1)",
+        ),
+        (
             "/kperf/timers/0",
             r#"{"period_ns": 10000000001, "action_id": 1}"#,
+            "timer 0: period_ns 10000000001 is out of range: 0 (inactive) to 10000000000 ns",
         ),
-        400,
-        "timer 0: period_ns 10000000001 is out of range: 0 (inactive) to 10000000000 ns",
-    );
-    refused(
-        put("/kperf/action-count", r#"{"count": 0}"#),
-        400,
-        "action count 0 refused: the count may only grow, up to 32 (it is 1) (CFG-A-1)",
-    );
-    refused(
-        put("/kperf/pet", r#"{"timer_id": 0, "idle_rate": 0}"#),
-        400,
-        "the PET idle rate 0 is refused: it is at least 1 (AMB-13",
-    );
+        (
+            "/kperf/action-count",
+            r#"{"count": 0}"#,
+            "action count 0 refused: the count may only grow, up to 32 (it is 1) (CFG-A-1)",
+        ),
+        (
+            "/kperf/pet",
+            r#"{"timer_id": 0, "idle_rate": 0}"#,
+            "the PET idle rate 0 is refused: it is at least 1 (AMB-13",
+        ),
+    ] {
+        refused_with(put(path, body), 400, part);
+    }
 
     // Unknown paths.
     refused(
