@@ -4,13 +4,15 @@
 //! inputs answer with Firecracker-shaped errors; SIGTERM ends the server and
 //! removes the socket; an existing socket path is refused; `--config-file`
 //! with `--api-sock` serves a running instance, whose Resume re-synchronises
-//! clockintr and kptimer.
+//! clockintr and kptimer. Every answer is checked against the
+//! OpenAPI document (`common/openapi_check.rs`).
 
 // An integration-test crate is test-only as a whole.
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
 use common::api::{call, call_text, fault, Server};
+use common::openapi_check;
 use common::{kvm_lock, kvm_or_skip, metronome, scratch};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -754,5 +756,38 @@ fn test_api_config_file_instance_and_resume_resynchronises() {
     for v in summary["vcpus"].as_array().unwrap() {
         assert_eq!(v["timer"]["resumes"], 1, "{v}");
     }
+}
+
+#[test]
+fn test_api_serves_the_committed_openapi_document() {
+    let server = Server::start(&[]);
+    let (status, served) = server.call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    assert_eq!(&served, openapi_check::document());
+    // The checker refuses what the document does not describe.
+    let answer = server.call("DELETE", "/kperf/sampling", None);
+    assert_eq!(answer.0, 405);
+    let undocumented = openapi_check::Exchange {
+        method: "GET".into(),
+        path: "/".into(),
+        status: 418,
+        content_type: "application/json".into(),
+        body: "{}".into(),
+    };
+    let refused = std::panic::catch_unwind(|| openapi_check::check(undocumented));
+    assert!(
+        refused.is_err(),
+        "a status the document does not list fails"
+    );
+    let wrong_shape = openapi_check::Exchange {
+        method: "GET".into(),
+        path: "/kperf/counters".into(),
+        status: 200,
+        content_type: "application/json".into(),
+        body: r#"{"sampling": "off", "samples": -1}"#.into(),
+    };
+    let refused = std::panic::catch_unwind(|| openapi_check::check(wrong_shape));
+    assert!(refused.is_err(), "a body that breaks its schema fails");
+    assert!(openapi_check::checked().len() >= 2);
     assert_eq!(server.terminate(), 0);
 }

@@ -1,6 +1,7 @@
 //! The API socket's client side for the integration tests: a
 //! `metronome --api-sock` child and a real HTTP client (`curl
-//! --unix-socket`).
+//! --unix-socket`). Every answer is checked against the OpenAPI document
+//! ([`super::openapi_check`]) as it arrives.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::openapi_check::{check, Exchange};
 use super::{metronome, scratch};
 
 /// A `metronome --api-sock` child; SIGTERM and reaped when dropped.
@@ -19,12 +21,18 @@ pub struct Server {
 impl Server {
     /// Serves on a fresh socket with `extra` options (quiet, console to /dev/null).
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_with(extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables `envs` for the child.
+    pub fn start_with(extra: &[&str], envs: &[(&str, &str)]) -> Self {
         let socket = scratch("api.sock");
         let child = metronome()
             .arg("--api-sock")
             .arg(&socket)
             .args(["--quiet", "--console", "/dev/null"])
             .args(extra)
+            .envs(envs.iter().copied())
             .spawn()
             .expect("spawn metronome --api-sock");
         let start = Instant::now();
@@ -103,11 +111,18 @@ pub fn call_text(
     let text = String::from_utf8(output.stdout).expect("UTF-8 answer");
     let (rest, status) = text.rsplit_once('\n').expect("status line");
     let (body, content_type) = rest.rsplit_once('\n').expect("content type line");
-    (
-        status.parse().expect("status"),
-        content_type.to_owned(),
-        body.to_owned(),
-    )
+    let status: u16 = status.parse().expect("status");
+    // Status 000: curl could not connect; there is no answer to check.
+    if status != 0 {
+        check(Exchange {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status,
+            content_type: content_type.to_owned(),
+            body: body.to_owned(),
+        });
+    }
+    (status, content_type.to_owned(), body.to_owned())
 }
 
 /// `METHOD path [body]` on `socket`: the status and the JSON body (null if empty).
@@ -162,8 +177,16 @@ pub fn get_raw(server: &Server, path: &str) -> Raw {
     let (status, content_type) = text.split_once('\n').expect("status and content type");
     let body = std::fs::read(&out).unwrap_or_default();
     let _ = std::fs::remove_file(&out);
+    let status: u16 = status.parse().expect("status");
+    check(Exchange {
+        method: "GET".into(),
+        path: path.to_owned(),
+        status,
+        content_type: content_type.to_owned(),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    });
     Raw {
-        status: status.parse().expect("status"),
+        status,
         content_type: content_type.to_owned(),
         body,
     }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod openapi_check;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

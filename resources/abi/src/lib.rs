@@ -16,6 +16,13 @@
 #![no_std]
 #![deny(missing_docs)]
 
+// The OpenAPI schema derive (`utoipa` feature, VMM only) builds its schema
+// with the std prelude's names.
+#[cfg(feature = "utoipa")]
+extern crate std;
+#[cfg(feature = "utoipa")]
+use std::{string::String, vec, vec::Vec};
+
 pub mod events;
 mod frame;
 
@@ -360,6 +367,7 @@ pub mod hist;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct ClockintrStat {
     /// ns spent in dispatch.
     pub dispatched_ns: u64,

@@ -4,29 +4,24 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::config::ConfigError;
 
 /// A refused request: the status and the message the client reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
-    /// 400, 404, 405, 408, 409, 413 or 500.
+    /// 400, 404, 405, 408, 409, 413 or 500 (431 comes from the HTTP layer).
     pub status: StatusCode,
     /// What was wrong and what is allowed.
     pub fault_message: String,
 }
 
-/// The body of every error answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Fault<'a> {
-    /// What was wrong and what is allowed.
-    pub fault_message: &'a str,
-}
-
-/// The body of every error answer, as the OpenAPI document describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-pub struct FaultBody {
+/// The body of every error answer (Firecracker's shape).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"fault_message": "vcpu_count 65 is out of range: a VM has 1 to 64 vCPUs"}))]
+pub struct Fault {
     /// What was wrong and what is allowed.
     pub fault_message: String,
 }
@@ -95,7 +90,7 @@ fn api_wording(message: &str) -> String {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(Fault {
-            fault_message: &self.fault_message,
+            fault_message: self.fault_message,
         });
         (self.status, body).into_response()
     }

@@ -21,8 +21,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, put, MethodRouter};
-use axum::{Json, Router};
+use axum::Json;
 use kperf::{
     Kperf, KperfError, SamplingState, ACTION_MAX, KCALLSTACK_DEPTH_MAX, KCALLSTACK_DEPTH_MIN,
     KPTIMER_MAX, UCALLSTACK_DEPTH_MAX, UCALLSTACK_DEPTH_MIN,
@@ -30,64 +29,21 @@ use kperf::{
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Fault};
 use super::instance::on_link;
 use super::instance::Instance;
+pub use super::kperf_routes::routes;
+use super::openapi::{AnyRequest, BodyRefusals, KperfRefusals, StateRefusals};
 use super::routes::ApiJson;
 use crate::config::kperf::MAX_PERIOD_NS;
 use crate::config::{ActionConfig, KperfConfig, KperfConfigError, PetConfig, TimerConfig};
 use crate::summary::KperfLimits;
 use crate::vm::{SamplingError, VmmLink};
 
-/// The kperf paths and their methods (for the 404 and 405 messages).
-pub const ROUTES: [(&str, &str); 9] = [
-    ("/kperf/actions/{id}", "GET, PUT"),
-    ("/kperf/timers/{id}", "GET, PUT"),
-    ("/kperf/action-count", "GET, PUT"),
-    ("/kperf/timer-count", "GET, PUT"),
-    ("/kperf/pet", "GET, PUT"),
-    ("/kperf/sampling", "GET, PUT"),
-    ("/kperf/reset", "PUT"),
-    ("/kperf/limits", "GET"),
-    ("/kperf/counters", "GET"),
-];
-
-/// The kperf routes.
-pub fn routes() -> Router<Arc<Instance>> {
-    let both = |get_route: MethodRouter<Arc<Instance>>, put_route| get_route.merge(put_route);
-    Router::new()
-        .route(
-            ROUTES[0].0,
-            both(
-                get(get_object::<ActionConfig>),
-                put(put_object::<ActionConfig>),
-            ),
-        )
-        .route(
-            ROUTES[1].0,
-            both(
-                get(get_object::<TimerConfig>),
-                put(put_object::<TimerConfig>),
-            ),
-        )
-        .route(
-            ROUTES[2].0,
-            both(get(get_count::<false>), put(put_count::<false>)),
-        )
-        .route(
-            ROUTES[3].0,
-            both(get(get_count::<true>), put(put_count::<true>)),
-        )
-        .route(ROUTES[4].0, both(get(get_pet), put(put_pet)))
-        .route(ROUTES[5].0, both(get(get_sampling), put(put_sampling)))
-        .route(ROUTES[6].0, put(put_reset))
-        .route(ROUTES[7].0, get(get_limits))
-        .route(ROUTES[8].0, get(get_counters))
-}
-
 /// `PUT`/`GET /kperf/action-count` and `/kperf/timer-count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Count {
     /// The number of actions (1..=count are ids) or timers (0..count).
@@ -95,7 +51,7 @@ pub struct Count {
 }
 
 /// `PUT`/`GET /kperf/sampling`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Sampling {
     /// Sampling is on (reads true only in state ON, CFG-S-2).
@@ -103,7 +59,7 @@ pub struct Sampling {
 }
 
 /// `GET /kperf/counters`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Counters {
     /// `off`, `on` or `shutdown` (CFG-S-1).
     pub sampling: &'static str,
@@ -116,7 +72,7 @@ pub struct Counters {
 }
 
 /// `GET /kperf/limits`: the ranges the kperf requests accept.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Limits {
     /// The minimum periods (KT-MIN-2); shorter periods are raised to them.
     #[serde(flatten)]
@@ -260,11 +216,11 @@ fn with_id<T: DeserializeOwned>(kind: &str, id: u32, body: Value) -> Result<T, A
         .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-type Api = State<Arc<Instance>>;
+pub(super) type Api = State<Arc<Instance>>;
 
 /// An object `/kperf/{kind}s/{id}` reads and sets: the `--kperf` file's
 /// action or timer.
-trait PathObject: DeserializeOwned + Serialize + Send + 'static {
+pub(super) trait PathObject: DeserializeOwned + Serialize + Send + 'static {
     /// `action` or `timer`.
     const KIND: &'static str;
     /// What `PUT` refuses before it looks at the engine.
@@ -320,7 +276,7 @@ impl PathObject for TimerConfig {
 }
 
 /// `GET /kperf/actions/{id}` and `/kperf/timers/{id}`.
-async fn get_object<T: PathObject>(
+pub(super) async fn get_object<T: PathObject>(
     State(instance): Api,
     Path(id): Path<String>,
 ) -> Result<Json<T>, ApiError> {
@@ -335,7 +291,7 @@ async fn get_object<T: PathObject>(
 }
 
 /// `PUT /kperf/actions/{id}` and `/kperf/timers/{id}`.
-async fn put_object<T: PathObject>(
+pub(super) async fn put_object<T: PathObject>(
     State(instance): Api,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Value>,
@@ -352,7 +308,9 @@ async fn put_object<T: PathObject>(
 }
 
 /// `GET /kperf/timer-count` (`TIMERS`) or `/kperf/action-count`.
-async fn get_count<const TIMERS: bool>(State(instance): Api) -> Result<Json<Count>, ApiError> {
+pub(super) async fn get_count<const TIMERS: bool>(
+    State(instance): Api,
+) -> Result<Json<Count>, ApiError> {
     let count = engine(&instance, "GET /kperf/...-count", false, |kperf| {
         Ok(if TIMERS {
             kperf.timer_count()
@@ -366,7 +324,7 @@ async fn get_count<const TIMERS: bool>(State(instance): Api) -> Result<Json<Coun
 
 /// `PUT /kperf/timer-count` (`TIMERS`: EBUSY while started, CFG-T-1) or
 /// `/kperf/action-count` (only growing, also while sampling, CFG-A-1).
-async fn put_count<const TIMERS: bool>(
+pub(super) async fn put_count<const TIMERS: bool>(
     State(instance): Api,
     ApiJson(Count { count }): ApiJson<Count>,
 ) -> Result<StatusCode, ApiError> {
@@ -401,7 +359,17 @@ async fn put_count<const TIMERS: bool>(
 
 /// `GET /kperf/pet`: the PET timer id as stored (999 when none was set,
 /// CFG-T-3), lightweight PET and the idle rate.
-async fn get_pet(State(instance): Api) -> Result<Json<PetConfig>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/kperf/pet",
+    tag = "kperf",
+    responses(
+        (status = 200, description = "The PET timer (999 when none was set, CFG-T-3) and its knobs", body = PetConfig),
+        StateRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_pet(State(instance): Api) -> Result<Json<PetConfig>, ApiError> {
     let pet = engine(&instance, "GET /kperf/pet", false, |kperf| {
         Ok(PetConfig {
             timer_id: kperf.pet_timer(),
@@ -413,7 +381,21 @@ async fn get_pet(State(instance): Api) -> Result<Json<PetConfig>, ApiError> {
     Ok(Json(pet))
 }
 
-async fn put_pet(
+/// `PUT /kperf/pet`.
+#[utoipa::path(
+    put,
+    path = "/kperf/pet",
+    tag = "kperf",
+    request_body = PetConfig,
+    responses(
+        (status = 204, description = "Set"),
+        BodyRefusals,
+        (status = 404, description = "The PET timer is beyond the timer count", body = Fault),
+        KperfRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_pet(
     State(instance): Api,
     ApiJson(pet): ApiJson<PetConfig>,
 ) -> Result<StatusCode, ApiError> {
@@ -425,7 +407,18 @@ async fn put_pet(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn get_sampling(State(instance): Api) -> Result<Json<Sampling>, ApiError> {
+/// `GET /kperf/sampling`.
+#[utoipa::path(
+    get,
+    path = "/kperf/sampling",
+    tag = "kperf",
+    responses(
+        (status = 200, description = "Whether sampling is on (before start: whether it starts with the VM)", body = Sampling),
+        StateRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_sampling(State(instance): Api) -> Result<Json<Sampling>, ApiError> {
     let what = "GET /kperf/sampling";
     let on = match instance.kperf_home(what)? {
         // Before start: whether sampling starts with the VM.
@@ -435,7 +428,20 @@ async fn get_sampling(State(instance): Api) -> Result<Json<Sampling>, ApiError> 
     Ok(Json(Sampling { on }))
 }
 
-async fn put_sampling(
+/// `PUT /kperf/sampling`.
+#[utoipa::path(
+    put,
+    path = "/kperf/sampling",
+    tag = "kperf",
+    request_body = Sampling,
+    responses(
+        (status = 204, description = "On, or off synchronously (no sample after the answer, KT-SP-1)"),
+        BodyRefusals,
+        KperfRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_sampling(
     State(instance): Api,
     ApiJson(Sampling { on }): ApiJson<Sampling>,
 ) -> Result<StatusCode, ApiError> {
@@ -458,7 +464,18 @@ async fn put_sampling(
 
 /// `PUT /kperf/reset` (any body is ignored): sampling off, every timer,
 /// PET and action back to the defaults, the counts kept (CFG-R-1).
-async fn put_reset(State(instance): Api) -> Result<StatusCode, ApiError> {
+#[utoipa::path(
+    put,
+    path = "/kperf/reset",
+    tag = "kperf",
+    responses(
+        (status = 204, description = "Reset: sampling off, every timer, PET and action back to the defaults, the counts kept (CFG-R-1)"),
+        (status = 400, description = "The instance is starting or has exited", body = Fault),
+        KperfRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_reset(State(instance): Api) -> Result<StatusCode, ApiError> {
     let what = "PUT /kperf/reset";
     match instance.kperf_home(what)? {
         None => instance.pre_boot_kperf(what, true, |kperf, at_boot| {
@@ -471,7 +488,17 @@ async fn put_reset(State(instance): Api) -> Result<StatusCode, ApiError> {
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn get_limits() -> Json<Limits> {
+/// `GET /kperf/limits`.
+#[utoipa::path(
+    get,
+    path = "/kperf/limits",
+    tag = "kperf",
+    responses(
+        (status = 200, description = "The ranges the kperf requests accept", body = Limits),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_limits() -> Json<Limits> {
     Json(Limits {
         min_periods: Kperf::new().limits().into(),
         timer_max_period_ns: MAX_PERIOD_NS,
@@ -483,7 +510,18 @@ async fn get_limits() -> Json<Limits> {
     })
 }
 
-async fn get_counters(State(instance): Api) -> Result<Json<Counters>, ApiError> {
+/// `GET /kperf/counters`.
+#[utoipa::path(
+    get,
+    path = "/kperf/counters",
+    tag = "kperf",
+    responses(
+        (status = 200, description = "Sampling's state and counters (0 before start)", body = Counters),
+        StateRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_counters(State(instance): Api) -> Result<Json<Counters>, ApiError> {
     let what = "GET /kperf/counters";
     let (samples, timer_fires) = match instance.kperf_home(what)? {
         None => (0, 0),

@@ -24,6 +24,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::errors::{ApiError, Fault};
 use super::instance::Instance;
+use super::openapi::{AnyRequest, BodyRefusals};
 use super::routes::ApiJson;
 use crate::metrics::{prometheus, VmMetrics};
 
@@ -86,6 +87,7 @@ pub enum MetricsFormat {
 #[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
     /// `json` (the default) or `prometheus`.
+    #[param(inline)]
     pub format: Option<MetricsFormat>,
 }
 
@@ -132,6 +134,7 @@ async fn read(instance: &Arc<Instance>) -> Result<MetricsBody, ApiError> {
 #[utoipa::path(
     get,
     path = "/metrics",
+    tag = "metrics",
     params(MetricsQuery),
     responses(
         (status = 200, description = "The metrics: JSON by default, the Prometheus text format \
@@ -142,6 +145,7 @@ async fn read(instance: &Arc<Instance>) -> Result<MetricsBody, ApiError> {
             )),
         (status = 400, description = "An unknown query parameter or format",
             body = Fault, content_type = "application/json"),
+        AnyRequest,
     )
 )]
 pub async fn get_metrics(
@@ -170,11 +174,13 @@ pub async fn get_metrics(
 #[utoipa::path(
     put,
     path = "/metrics",
+    tag = "metrics",
     request_body(content = MetricsSink, content_type = "application/json"),
     responses(
-        (status = 204, description = "The sink is set (it replaces an earlier one)"),
-        (status = 400, description = "Malformed body, a path that cannot be opened, or the \
-            instance has started", body = Fault, content_type = "application/json"),
+        (status = 204, description = "The sink is set (it replaces an earlier one); 400 also \
+            for a path that cannot be opened, or after InstanceStart"),
+        BodyRefusals,
+        AnyRequest,
     )
 )]
 pub async fn put_metrics(

@@ -7,13 +7,16 @@
 //! - [`routes`]: the endpoints and the JSON body extractor.
 //! - [`types`]: the request and answer bodies, and how a pre-boot request
 //!   changes the [`crate::VmConfig`].
-//! - [`kperf`]: the kperf endpoints, before and after InstanceStart.
+//! - [`kperf`]: the kperf endpoints, before and after InstanceStart;
+//!   [`kperf_routes`]: their routes and the operations on an id or a count.
 //! - [`metrics`]: `GET /metrics` (JSON or Prometheus text), the metrics
 //!   sink and FlushMetrics, and the middleware counting every answer.
 //! - [`config_file`]: `--config-file`, the pre-boot bodies in one file.
 //! - [`readout`]: what a run shows while it runs and after: `GET /profile`,
 //!   `GET /trace`, `GET /summary`.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers and
+//!   types, served at `GET /openapi.json`; its list of paths is the API's.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
 //!   VMM thread, the summary after it exited.
 //!
@@ -29,7 +32,9 @@ pub mod config_file;
 pub mod errors;
 pub mod instance;
 pub mod kperf;
+pub mod kperf_routes;
 pub mod metrics;
+pub mod openapi;
 pub mod readout;
 pub mod routes;
 pub mod server;
@@ -54,3 +59,32 @@ pub const MAX_HEADERS: usize = 32;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
+
+/// The hidden, test-only variable that replaces [`HEADER_TIMEOUT`] and
+/// [`BODY_TIMEOUT`] with its value in milliseconds (1 to 60000), so that
+/// the integration tests of hostile clients need not wait 10 s each; it is
+/// read once, and ignored when out of range.
+pub const TEST_TIMEOUT_ENV: &str = "METRONOME_API_TEST_TIMEOUT_MS";
+
+/// The test-only override of the timeouts ([`TEST_TIMEOUT_ENV`]).
+fn test_timeout() -> Option<Duration> {
+    static OVERRIDE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| {
+        let ms: u64 = std::env::var(TEST_TIMEOUT_ENV).ok()?.parse().ok()?;
+        (1..=60_000)
+            .contains(&ms)
+            .then(|| Duration::from_millis(ms))
+    })
+}
+
+/// The time a request head has to arrive: [`HEADER_TIMEOUT`], unless a
+/// test set [`TEST_TIMEOUT_ENV`].
+pub fn header_timeout() -> Duration {
+    test_timeout().unwrap_or(HEADER_TIMEOUT)
+}
+
+/// The time a request body has to arrive: [`BODY_TIMEOUT`], unless a test
+/// set [`TEST_TIMEOUT_ENV`].
+pub fn body_timeout() -> Duration {
+    test_timeout().unwrap_or(BODY_TIMEOUT)
+}

@@ -27,6 +27,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
 use super::errors::ApiError;
@@ -145,15 +147,77 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 }
 
 /// `GET /summary`: the instance state and the summary's fields.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SummaryAnswer {
     /// `Not started`, `Running`, `Paused` or `Exited`.
     pub state: &'static str,
     /// Every field of the summary JSON (none before InstanceStart); while
     /// the VM runs the [`END_ONLY_FIELDS`] are null.
     #[serde(flatten)]
-    #[schema(value_type = Object)]
     pub summary: Map<String, Value>,
+}
+
+/// The OpenAPI schema: one of `{"state": "Not started"}`, the summary's
+/// fields with `state` Running or Paused and the [`END_ONLY_FIELDS`] null,
+/// or the summary's fields with `state` Exited.
+impl utoipa::PartialSchema for SummaryAnswer {
+    fn schema() -> RefOr<Schema> {
+        let state = |states: &[&str], description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(states.iter().copied()))
+                .description(Some(description))
+        };
+        let summary = || {
+            let RefOr::T(Schema::Object(object)) = <Summary as utoipa::PartialSchema>::schema()
+            else {
+                unreachable!("Summary derives an object schema")
+            };
+            object
+        };
+        let not_started = ObjectBuilder::new()
+            .property("state", state(&["Not started"], "Before InstanceStart"))
+            .required("state")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .build();
+        let mut running = summary();
+        running.description = Some(
+            "While the VM runs: the summary so far, the fields only the end knows null".into(),
+        );
+        for field in END_ONLY_FIELDS {
+            running.properties.insert(
+                field.into(),
+                ObjectBuilder::new().schema_type(Type::Null).into(),
+            );
+        }
+        running.properties.insert(
+            "state".into(),
+            state(&["Running", "Paused"], "The VM runs or is paused").into(),
+        );
+        running.required.push("state".into());
+        let mut exited = summary();
+        exited.description = Some("After exit: the run's summary".into());
+        exited.properties.insert(
+            "state".into(),
+            state(&["Exited"], "The VM has exited").into(),
+        );
+        exited.required.push("state".into());
+        OneOfBuilder::new()
+            .item(not_started)
+            .item(running)
+            .item(exited)
+            .description(Some(
+                "The instance state and the summary JSON's fields (only `state` before \
+                 InstanceStart; the end-only fields null while running)",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for SummaryAnswer {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <Summary as ToSchema>::schemas(schemas);
+    }
 }
 
 fn sampling_not_configured(what: &str) -> ApiError {
@@ -233,6 +297,7 @@ fn encode(
 #[utoipa::path(
     get,
     path = "/profile",
+    tag = "profiling",
     params(ProfileQuery),
     responses(
         (status = 200, description = "The profile: folded stacks, an SVG flame graph, or a gzipped perftools profile (go tool pprof), by `format`", content(
@@ -240,8 +305,10 @@ fn encode(
             (String = "image/svg+xml"),
             (Vec<u8> = "application/octet-stream"),
         )),
-        (status = 400, description = "A bad query, kind=pet without PET, or the instance not started", body = super::errors::FaultBody, content_type = "application/json"),
-        (status = 409, description = "format=svg of a profile with no samples", body = super::errors::FaultBody, content_type = "application/json"),
+        (status = 400, description = "A bad query, kind=pet without PET, or the instance not started", body = super::errors::Fault, content_type = "application/json"),
+        (status = 409, description = "format=svg of a profile with no samples", body = super::errors::Fault, content_type = "application/json"),
+        (status = 500, description = "The host failed to render the profile", body = super::errors::Fault, content_type = "application/json"),
+        super::openapi::AnyRequest,
     )
 )]
 pub async fn get_profile(
@@ -361,10 +428,13 @@ impl http_body::Body for ChannelBody {
 #[utoipa::path(
     get,
     path = "/trace",
+    tag = "profiling",
     responses(
         (status = 200, description = "The trace so far (while running) or the run's (after exit), Chrome trace-event JSON", body = Object, content_type = "application/json"),
-        (status = 400, description = "The instance is not started", body = super::errors::FaultBody, content_type = "application/json"),
-        (status = 404, description = "The run keeps no trace", body = super::errors::FaultBody, content_type = "application/json"),
+        (status = 400, description = "The instance is not started", body = super::errors::Fault, content_type = "application/json"),
+        (status = 404, description = "The run keeps no trace", body = super::errors::Fault, content_type = "application/json"),
+        (status = 500, description = "The host failed to copy the trace", body = super::errors::Fault, content_type = "application/json"),
+        super::openapi::AnyRequest,
     )
 )]
 pub async fn get_trace(State(instance): Api) -> Result<Response, ApiError> {
@@ -410,8 +480,11 @@ pub fn running_fields(summary: &Summary) -> Map<String, Value> {
 #[utoipa::path(
     get,
     path = "/summary",
+    tag = "instance",
     responses(
         (status = 200, description = "The instance state and the summary JSON's fields (only `state` before InstanceStart; the end-only fields null while running)", body = SummaryAnswer, content_type = "application/json"),
+        (status = 500, description = "The host failed to read the running VM", body = super::errors::Fault, content_type = "application/json"),
+        super::openapi::AnyRequest,
     )
 )]
 pub async fn get_summary(State(instance): Api) -> Result<Json<SummaryAnswer>, ApiError> {

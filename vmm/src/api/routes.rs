@@ -7,44 +7,37 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{Method, StatusCode, Uri};
-use axum::routing::{get, MethodRouter};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::errors::ApiError;
+use super::errors::{ApiError, Fault};
 use super::instance::{on_link, Instance};
+use super::openapi::{self, AnyRequest, BodyRefusals, StateRefusals};
 use super::types::{
-    ActionType, BootSource, ClockConfig, ClockintrInfo, InstanceAction, InstanceInfo,
-    MachineConfig, PreBootSection,
+    ActionType, BootSource, BootSourceInfo, ClockConfig, ClockintrInfo, InstanceAction,
+    InstanceInfo, MachineConfig, PreBootSection,
 };
-use super::{BODY_TIMEOUT, MAX_BODY_BYTES};
+use super::{body_timeout, MAX_BODY_BYTES};
 use crate::vm::{ControlError, ResumeMode, VmController};
 
-/// Every path and the methods it answers (for the 404 and 405 messages).
-const ROUTES: [(&str, &str); 9] = [
-    ("/", "GET"),
-    ("/machine-config", "GET, PUT"),
-    ("/boot-source", "GET, PUT"),
-    ("/clock", "GET, PUT"),
-    ("/actions", "PUT"),
-    ("/summary", "GET"),
-    ("/clockintr", "GET"),
-    ("/profile", "GET"),
-    ("/trace", "GET"),
-];
-
-/// The API's router over `instance`.
+/// The API's router over `instance`: each route's handler is an operation
+/// of the OpenAPI document ([`super::openapi::ApiDoc`]).
 pub fn router(instance: Arc<Instance>) -> Router {
     Router::new()
         .route("/", get(get_instance))
-        .route(MachineConfig::PATH, section::<MachineConfig>())
-        .route(BootSource::PATH, section::<BootSource>())
-        .route(ClockConfig::PATH, section::<ClockConfig>())
+        .route(
+            MachineConfig::PATH,
+            get(get_machine_config).put(put_machine_config),
+        )
+        .route(BootSource::PATH, get(get_boot_source).put(put_boot_source))
+        .route(ClockConfig::PATH, get(get_clock).put(put_clock))
         .route("/actions", axum::routing::put(put_actions))
         .route("/summary", get(super::readout::get_summary))
         .route("/clockintr", get(get_clockintr))
         .route("/profile", get(super::readout::get_profile))
         .route("/trace", get(super::readout::get_trace))
+        .route("/openapi.json", get(openapi::get_openapi))
         .merge(super::kperf::routes())
         .merge(super::metrics::routes())
         .fallback(unknown_path)
@@ -59,28 +52,8 @@ pub fn router(instance: Arc<Instance>) -> Router {
 
 type Api = State<Arc<Instance>>;
 
-/// Every route: the general ones and kperf's.
-fn all_routes() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-    ROUTES
-        .iter()
-        .chain(&super::kperf::ROUTES)
-        .chain(&super::metrics::ROUTES)
-}
-
-/// Whether `path` is `route`'s, a `{...}` segment matching any one segment.
-fn route_matches(route: &str, path: &str) -> bool {
-    let (mut route, mut path) = (route.split('/'), path.split('/'));
-    loop {
-        match (route.next(), path.next()) {
-            (None, None) => return true,
-            (Some(r), Some(p)) if r == p || (r.starts_with('{') && !p.is_empty()) => {}
-            _ => return false,
-        }
-    }
-}
-
 async fn unknown_path(uri: Uri) -> ApiError {
-    let paths: Vec<&str> = all_routes().map(|(path, _)| *path).collect();
+    let paths: Vec<&str> = openapi::paths().collect();
     ApiError {
         status: StatusCode::NOT_FOUND,
         fault_message: format!(
@@ -92,9 +65,7 @@ async fn unknown_path(uri: Uri) -> ApiError {
 }
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    let allowed = all_routes()
-        .find(|(route, _)| route_matches(route, uri.path()))
-        .map_or("none", |(_, methods)| methods);
+    let allowed = openapi::allowed_methods(uri.path()).unwrap_or_else(|| "none".into());
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         fault_message: format!(
@@ -105,7 +76,7 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
 }
 
 /// A JSON request body: at most [`MAX_BODY_BYTES`], read within
-/// [`BODY_TIMEOUT`], parsed into `T` (unknown fields refused by `T`).
+/// [`body_timeout`], parsed into `T` (unknown fields refused by `T`).
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -113,14 +84,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = match tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, state)).await
-        {
+        let timeout = body_timeout();
+        let bytes = match tokio::time::timeout(timeout, Bytes::from_request(req, state)).await {
             Err(_) => {
                 return Err(ApiError {
                     status: StatusCode::REQUEST_TIMEOUT,
                     fault_message: format!(
                         "the request body did not arrive within {} s",
-                        BODY_TIMEOUT.as_secs()
+                        timeout.as_secs_f64()
                     ),
                 })
             }
@@ -149,7 +120,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-async fn get_instance(State(instance): Api) -> Json<InstanceInfo> {
+/// `GET /`.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "instance",
+    responses(
+        (status = 200, description = "What the instance is", body = InstanceInfo),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_instance(State(instance): Api) -> Json<InstanceInfo> {
     Json(InstanceInfo {
         id: format!("metronome-{}", std::process::id()),
         state: instance.state_name(),
@@ -172,9 +153,103 @@ async fn put_section<T: PreBootSection>(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The route of a pre-boot section.
-fn section<T: PreBootSection>() -> MethodRouter<Arc<Instance>> {
-    get(get_section::<T>).put(put_section::<T>)
+/// `GET /machine-config`.
+#[utoipa::path(
+    get,
+    path = "/machine-config",
+    tag = "pre-boot",
+    responses(
+        (status = 200, description = "The machine configuration", body = MachineConfig),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_machine_config(instance: Api) -> Json<MachineConfig> {
+    get_section::<MachineConfig>(instance).await
+}
+
+/// `PUT /machine-config`.
+#[utoipa::path(
+    put,
+    path = "/machine-config",
+    tag = "pre-boot",
+    request_body = MachineConfig,
+    responses(
+        (status = 204, description = "Changed; pre-boot only (400 after InstanceStart)"),
+        BodyRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_machine_config(
+    instance: Api,
+    body: ApiJson<MachineConfig>,
+) -> Result<StatusCode, ApiError> {
+    put_section(instance, body).await
+}
+
+/// `GET /boot-source`.
+#[utoipa::path(
+    get,
+    path = "/boot-source",
+    tag = "pre-boot",
+    responses(
+        (status = 200, description = "The boot source in force", body = BootSourceInfo),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_boot_source(instance: Api) -> Json<BootSourceInfo> {
+    get_section::<BootSource>(instance).await
+}
+
+/// `PUT /boot-source`.
+#[utoipa::path(
+    put,
+    path = "/boot-source",
+    tag = "pre-boot",
+    request_body = BootSource,
+    responses(
+        (status = 204, description = "Changed; pre-boot only (400 after InstanceStart)"),
+        BodyRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_boot_source(
+    instance: Api,
+    body: ApiJson<BootSource>,
+) -> Result<StatusCode, ApiError> {
+    put_section(instance, body).await
+}
+
+/// `GET /clock`.
+#[utoipa::path(
+    get,
+    path = "/clock",
+    tag = "pre-boot",
+    responses(
+        (status = 200, description = "The clock configuration, every field", body = ClockConfig),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_clock(instance: Api) -> Json<ClockConfig> {
+    get_section::<ClockConfig>(instance).await
+}
+
+/// `PUT /clock`.
+#[utoipa::path(
+    put,
+    path = "/clock",
+    tag = "pre-boot",
+    request_body = ClockConfig,
+    responses(
+        (status = 204, description = "Changed; pre-boot only (400 after InstanceStart)"),
+        BodyRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_clock(
+    instance: Api,
+    body: ApiJson<ClockConfig>,
+) -> Result<StatusCode, ApiError> {
+    put_section(instance, body).await
 }
 
 /// A control operation's refusal as a 400 naming `action`.
@@ -193,7 +268,22 @@ pub(super) async fn on_pool<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("{what} failed: {e}")))?
 }
 
-async fn put_actions(
+/// `PUT /actions`.
+#[utoipa::path(
+    put,
+    path = "/actions",
+    tag = "instance",
+    request_body = InstanceAction,
+    responses(
+        (status = 204, description = "Done: InstanceStart once the VM runs, Pause and Resume once \
+            every vCPU is parked or let run, SendExit once the VM has stopped and its summary is \
+            ready"),
+        BodyRefusals,
+        (status = 500, description = "The host failed: the VMM thread or the VM could not be made", body = Fault),
+        AnyRequest,
+    )
+)]
+pub(crate) async fn put_actions(
     State(instance): Api,
     ApiJson(action): ApiJson<InstanceAction>,
 ) -> Result<StatusCode, ApiError> {
@@ -232,7 +322,18 @@ async fn put_actions(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {
+/// `GET /clockintr`.
+#[utoipa::path(
+    get,
+    path = "/clockintr",
+    tag = "instance",
+    responses(
+        (status = 200, description = "Every vCPU's clockintr statistics and pending events", body = ClockintrInfo),
+        StateRefusals,
+        AnyRequest,
+    )
+)]
+pub(crate) async fn get_clockintr(State(instance): Api) -> Result<Json<ClockintrInfo>, ApiError> {
     let info = instance
         .on_vmm("GET /clockintr", |controller| {
             let (vcpus, total) = controller.clockintr_stats();

@@ -21,7 +21,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Semaphore;
 
 use super::{
-    instance::Instance, routes, HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_HEADERS, MAX_HEADER_BYTES,
+    header_timeout, instance::Instance, routes, MAX_CONNECTIONS, MAX_HEADERS, MAX_HEADER_BYTES,
 };
 use crate::vm::events::{block_stop_signals, read_stop_signal};
 
@@ -184,7 +184,7 @@ async fn accept_loop(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout())
         .max_header_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
     loop {

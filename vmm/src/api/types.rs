@@ -9,13 +9,14 @@ use std::time::Duration;
 use metronome_abi::{ClockintrStat, Workload};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::errors::ApiError;
 use crate::config::{KernelSource, VmConfig};
 use crate::summary::workload_name;
 
 /// `GET /`: what the instance is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct InstanceInfo {
     /// The instance id (`metronome-<pid>`).
     pub id: String,
@@ -28,7 +29,7 @@ pub struct InstanceInfo {
 }
 
 /// `PUT`/`GET /machine-config`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
     /// Number of vCPUs.
@@ -92,11 +93,12 @@ fn workload_by_name(name: &str) -> Result<Workload, ApiError> {
 }
 
 /// `PUT /boot-source`: a field left out takes the command line's value.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootSource {
     /// A guest kernel ELF on the host; the embedded kernel when left out.
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     pub kernel_image_path: Option<PathBuf>,
     /// The guest workload, by the command line's name (`demo`, `profile`, ...).
     #[serde(default)]
@@ -107,9 +109,10 @@ pub struct BootSource {
 }
 
 /// `GET /boot-source`: the boot source in force.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct BootSourceInfo {
     /// The kernel ELF, or `null` for the embedded kernel.
+    #[schema(value_type = Option<String>)]
     pub kernel_image_path: Option<PathBuf>,
     /// The workload's name.
     pub workload: &'static str,
@@ -166,7 +169,7 @@ impl PreBootSection for BootSource {
 
 /// `PUT /clock`: the guest's clockintr frequencies; a field left out takes
 /// the command line's default for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClockConfig {
     /// hardclock frequency.
@@ -226,7 +229,7 @@ impl PreBootSection for ClockConfig {
 }
 
 /// `PUT /actions`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceAction {
     /// What to do.
@@ -234,7 +237,7 @@ pub struct InstanceAction {
 }
 
 /// The actions `PUT /actions` takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
 pub enum ActionType {
     /// Build the VM from the configuration and start it.
     InstanceStart,
@@ -249,7 +252,7 @@ pub enum ActionType {
 }
 
 /// `GET /clockintr`: every vCPU's clockintr statistics and pending events.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ClockintrInfo {
     /// Guest uptime (the device clock) when read, in ns.
     pub uptime_ns: u64,

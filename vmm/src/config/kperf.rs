@@ -25,6 +25,7 @@ use kperf::{
     PID_FILTER_ALL, UCALLSTACK_DEPTH_MAX, UCALLSTACK_DEPTH_MIN,
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::ConfigError;
 use crate::pmu::NoGuestPmu;
@@ -39,7 +40,7 @@ pub const MAX_PERIOD_NS: u64 = 10_000_000_000;
 ///
 /// Actions not listed keep kperf's defaults (no samplers), timers not listed
 /// have period 0 (inactive); without `pet` there is no PET timer.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KperfConfig {
     /// Actions 1..=`action_count`, 1 to [`kperf::ACTION_MAX`] (CFG-A-1).
@@ -61,7 +62,7 @@ pub struct KperfConfig {
 }
 
 /// One action: what a sample takes (CFG-A-*).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
     /// The action id, 1 to the action count.
@@ -84,7 +85,7 @@ pub struct ActionConfig {
 }
 
 /// One timer (CFG-T-*).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimerConfig {
     /// The timer id, 0 to the timer count - 1.
@@ -97,7 +98,7 @@ pub struct TimerConfig {
 }
 
 /// The PET timer and its knobs (CFG-T-3, PET-L-3, CFG-P-1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PetConfig {
     /// The PET timer: one of the timers. Its period is raised to the PET

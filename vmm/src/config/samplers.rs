@@ -6,6 +6,8 @@ use std::fmt;
 use kperf::{sampler, SamplerListError};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 
 use crate::pmu::NoGuestPmu;
 
@@ -42,6 +44,42 @@ impl<'de> Deserialize<'de> for Samplers {
         deserializer.deserialize_any(SamplersVisitor)
     }
 }
+
+/// The OpenAPI schema: what [`Samplers`] reads (a list of names, a
+/// comma-separated string of them, or a number); it writes the list.
+impl utoipa::PartialSchema for Samplers {
+    fn schema() -> RefOr<Schema> {
+        let names = sampler::NAMES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>();
+        let list = ArrayBuilder::new()
+            .items(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some(format!(
+                        "A sampler name ({}), or a bit number",
+                        names.join(", ")
+                    ))),
+            )
+            .min_items(Some(1));
+        OneOfBuilder::new()
+            .description(Some(
+                "The samplers: a list of names (as written back), a comma-separated string of \
+                 them, or the bits as a number (CFG-A-5)",
+            ))
+            .item(list)
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(1)),
+            )
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Samplers {}
 
 /// Reads [`Samplers`] from a number, a string or a list of strings.
 struct SamplersVisitor;

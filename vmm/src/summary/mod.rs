@@ -12,13 +12,16 @@ use std::collections::BTreeMap;
 
 use metronome_devices::LatencyHistogram;
 use serde::Serialize;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
 
 pub use clockintr_dump::clockintr_dump;
 pub use collect::{clockintr_stats, collect, collect_from, workload_name, SummarySource};
 pub use vcpu_page::{read_vcpu_page, vcpu_clocks, VcpuClock, VcpuPage};
 
 /// Percentiles of a latency histogram, in ns.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Percentiles {
     /// Median.
     pub p50: u64,
@@ -43,7 +46,7 @@ impl Percentiles {
 }
 
 /// The timer device's view of one vCPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct TimerSummary {
     /// Rearm writes.
     pub rearms: u64,
@@ -71,7 +74,7 @@ pub struct TimerSummary {
 }
 
 /// The stress generator's record for one vCPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct StressSummary {
     /// Stress interrupts raised.
     pub sent: u64,
@@ -84,7 +87,7 @@ pub struct StressSummary {
 }
 
 /// What the guest kernel counted on one vCPU (from its shared page).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct GuestVcpuSummary {
     /// Timer interrupts handled.
     pub timer_interrupts: u64,
@@ -104,7 +107,7 @@ pub struct GuestVcpuSummary {
 pub type ClockintrSummary = metronome_abi::ClockintrStat;
 
 /// Statclock ticks by state (OpenBSD's cp_time; no nice or spin states).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct CpTime {
     /// User mode.
     pub user: u64,
@@ -117,7 +120,7 @@ pub struct CpTime {
 }
 
 /// One guest thread's statclock accounting.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ThreadSummary {
     /// Thread id.
     pub tid: u64,
@@ -138,7 +141,7 @@ pub struct ThreadSummary {
 }
 
 /// Randomized statclock intervals drawn on one vCPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct IntervalSummary {
     /// Intervals drawn.
     pub count: u64,
@@ -153,7 +156,7 @@ pub struct IntervalSummary {
 }
 
 /// The clock configuration in force.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct ClockConfigSummary {
     /// hardclock frequency.
     pub hz: u32,
@@ -178,7 +181,7 @@ pub struct ClockConfigSummary {
 }
 
 /// One vCPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct VcpuSummary {
     /// vCPU id.
     pub id: u32,
@@ -241,7 +244,7 @@ pub struct VcpuSummary {
 }
 
 /// The whole run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
 pub struct Summary {
     /// How the run ended: `guest_exit`, `fault`, `panic`, `triple_fault`,
     /// `emulation`, `timeout`, `signal` or `host_error`.
@@ -282,7 +285,7 @@ pub struct Summary {
 
 /// Guest misbehaviour the VMM contained (per-vCPU counts are in `vcpus[]`:
 /// `bus_misses` and `timer.bad_accesses`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct GuestErrors {
     /// Interrupt-controller accesses refused (bad offset or width, bad IPI target or vector).
     pub vic_bad_accesses: u64,
@@ -296,7 +299,7 @@ pub struct GuestErrors {
 }
 
 /// Host-side sampling of one vCPU.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
 pub struct VcpuSamplingSummary {
     /// vCPU id.
     pub id: u32,
@@ -326,7 +329,7 @@ pub struct VcpuSamplingSummary {
 }
 
 /// Host-side sampling.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
 pub struct SamplingSummary {
     /// The period in force of the on-CPU timer with the shortest period, ns
     /// (after the kptimer minimum; the pprof profile's period); 0 without an
@@ -389,7 +392,7 @@ pub struct SamplingSummary {
 
 /// A memory figure over a run's samples: the last (latest sample), the
 /// smallest and the largest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct MemoryFigures {
     /// The latest sample's.
     pub last: u64,
@@ -428,8 +431,50 @@ pub struct EffectiveSamplingConfig {
     pub trace_level: u32,
 }
 
+/// The OpenAPI schema: [`crate::config::KperfConfig`]'s properties (it
+/// refuses unknown fields as a request, so an `allOf` of it with more
+/// properties would accept no object) plus `limits` and `trace_level`.
+impl utoipa::PartialSchema for EffectiveSamplingConfig {
+    fn schema() -> RefOr<Schema> {
+        let RefOr::T(Schema::Object(mut object)) = crate::config::KperfConfig::schema() else {
+            unreachable!("KperfConfig derives an object schema")
+        };
+        object.additional_properties = None;
+        object.description = Some(
+            "The sampling configuration in force: the kperf configuration as the engine holds \
+             it (the `--kperf` schema), the engine's minimum periods and the trace level"
+                .into(),
+        );
+        object.properties.insert(
+            "limits".into(),
+            Ref::from_schema_name(KperfLimits::name()).into(),
+        );
+        object.properties.insert(
+            "trace_level".into(),
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(0))
+                .description(Some(
+                    "The trace's debug level: 0 data, 1 info, 2 verbose (TR-E-3)",
+                ))
+                .into(),
+        );
+        object
+            .required
+            .extend(["limits".into(), "trace_level".into()]);
+        Schema::Object(object).into()
+    }
+}
+
+impl ToSchema for EffectiveSamplingConfig {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <crate::config::KperfConfig as ToSchema>::schemas(schemas);
+        schemas.push((KperfLimits::name().into(), KperfLimits::schema()));
+    }
+}
+
 /// The engine's minimum periods in ns (KT-MIN-2, `kperf.limits.*`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct KperfLimits {
     /// On-CPU timers, foreground.
     pub timer_min_period_ns: u64,
@@ -453,7 +498,7 @@ impl From<kperf::Limits> for KperfLimits {
 }
 
 /// One function's share of the sampled instruction pointers.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
 pub struct FunctionShare {
     /// Demangled function name (or the address).
     pub function: String,
