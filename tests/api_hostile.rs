@@ -22,7 +22,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-/// The header and body timeouts the server runs with, ms.
+/// The header, body and write timeouts the server runs with, ms.
 const TEST_TIMEOUT_MS: &str = "2000";
 /// How long a test waits for anything before it fails: far beyond the
 /// timeouts, only a bound against hanging.
@@ -423,6 +423,27 @@ fn slow_reader(server: &Server) {
     drop(stream);
 }
 
+/// Clients that stop reading hold their slots only until the write
+/// timeout: with every slot held by one, another client is answered once
+/// the server has closed a stalled connection (without the timeout it would
+/// wait for ever, and [`read_answer`] fails after [`PATIENCE`]).
+fn stalled_readers(server: &Server) {
+    let request = "GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(30);
+    let stalled: Vec<UnixStream> = (0..16)
+        .map(|_| {
+            let mut stream = connect(server);
+            stream.write_all(request.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    let mut next = connect(server);
+    next.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let answer = read_answer(&mut next);
+    assert_eq!(answer.status, Some(200), "{answer:?}");
+    drop(stalled);
+}
+
 /// Connections beyond the limit wait until a slot frees: with every slot
 /// held by an idle connection, one more is answered only once the server
 /// has closed one of them (after the header timeout).
@@ -503,6 +524,7 @@ fn test_api_bad_inputs_and_hostile_http_on_a_running_guest() {
 
     malformed_http(&server);
     slow_reader(&server);
+    stalled_readers(&server);
     connection_limit(&server);
     hundred_at_once(&server);
 

@@ -15,6 +15,8 @@
 //! - [`readout`]: what a run shows while it runs and after: `GET /profile`,
 //!   `GET /trace`, `GET /summary`.
 //! - [`errors`]: `{"fault_message": "..."}` answers.
+//! - [`stall`]: the write deadline that closes a connection whose client
+//!   stopped reading.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers and
 //!   types, served at `GET /openapi.json`; its list of paths is the API's.
 //! - [`instance`]: the instance's life: its configuration, the VM on its
@@ -24,7 +26,8 @@
 //! [`MAX_BODY_BYTES`] read within [`BODY_TIMEOUT`]; request headers of at
 //! most [`MAX_HEADER_BYTES`] and [`MAX_HEADERS`] fields, arriving within
 //! [`HEADER_TIMEOUT`] (idle keep-alive connections are closed after it too);
-//! at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
+//! an answer's writes waiting at most [`WRITE_TIMEOUT`] without progress
+//! for a client that stopped reading (closed beyond it); at most [`MAX_CONNECTIONS`] connections served at once, later ones wait
 //! in the listen backlog; at most [`readout::MAX_RENDERS`] profiles or
 //! traces rendered at once, later ones wait their turn.
 
@@ -38,6 +41,7 @@ pub mod openapi;
 pub mod readout;
 pub mod routes;
 pub mod server;
+pub mod stall;
 pub mod types;
 
 use std::time::Duration;
@@ -57,11 +61,14 @@ pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 32;
 /// Time a request head has to arrive; the connection is closed beyond it.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a write of an answer may wait for the client to read, without any
+/// byte going out; the connection is closed beyond it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 16;
 
-/// The hidden, test-only variable that replaces [`HEADER_TIMEOUT`] and
-/// [`BODY_TIMEOUT`] with its value in milliseconds (1 to 60000), so that
+/// The hidden, test-only variable that replaces [`HEADER_TIMEOUT`],
+/// [`BODY_TIMEOUT`] and [`WRITE_TIMEOUT`] with its value in milliseconds (1 to 60000), so that
 /// the integration tests of hostile clients need not wait 10 s each; it is
 /// read once, and ignored when out of range.
 pub const TEST_TIMEOUT_ENV: &str = "METRONOME_API_TEST_TIMEOUT_MS";
@@ -87,4 +94,10 @@ pub fn header_timeout() -> Duration {
 /// set [`TEST_TIMEOUT_ENV`].
 pub fn body_timeout() -> Duration {
     test_timeout().unwrap_or(BODY_TIMEOUT)
+}
+
+/// The time a write may wait for the client without progress:
+/// [`WRITE_TIMEOUT`], unless a test set [`TEST_TIMEOUT_ENV`].
+pub fn write_timeout() -> Duration {
+    test_timeout().unwrap_or(WRITE_TIMEOUT)
 }

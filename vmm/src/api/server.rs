@@ -21,7 +21,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::Semaphore;
 
 use super::{
-    header_timeout, instance::Instance, routes, MAX_CONNECTIONS, MAX_HEADERS, MAX_HEADER_BYTES,
+    header_timeout, instance::Instance, routes, stall::WriteDeadline, write_timeout,
+    MAX_CONNECTIONS, MAX_HEADERS, MAX_HEADER_BYTES,
 };
 use crate::vm::events::{block_stop_signals, read_stop_signal};
 
@@ -208,7 +209,7 @@ async fn accept_loop(
             },
         };
         let connection = http.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(WriteDeadline::new(stream, write_timeout())),
             TowerToHyperService::new(router.clone()),
         );
         tokio::spawn(async move {
