@@ -107,15 +107,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::routes::tests::run;
     use tokio::io::AsyncWriteExt;
-
-    fn run<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f)
-    }
 
     #[test]
     fn test_a_reader_that_stops_fails_the_write_after_the_timeout() {
