@@ -48,7 +48,7 @@ fn test_api_session_on_a_real_guest() {
     assert_eq!(server.call("PUT", "/machine-config", Some(machine)).0, 204);
     let (status, got) = server.call("GET", "/machine-config", None);
     assert_eq!((status, got), (200, serde_json::from_str(machine).unwrap()));
-    let boot = r#"{"workload": "demo", "duration_s": 600}"#;
+    let boot = r#"{"workload": "profile", "duration_s": 600}"#;
     assert_eq!(server.call("PUT", "/boot-source", Some(boot)).0, 204);
     let (_, got) = server.call("GET", "/boot-source", None);
     assert_eq!(got["duration_s"], 600.0);
@@ -116,7 +116,16 @@ fn test_api_session_on_a_real_guest() {
     let (_, got) = server.call("GET", "/machine-config", None);
     assert_eq!(got["vcpu_count"], 2);
 
-    // Start, pause, resume.
+    // kperf before start: one action, one 10 ms timer, sampling off.
+    let put = |path: &str, body: &str| server.call("PUT", path, Some(body));
+    assert_eq!(put("/kperf/action-count", r#"{"count": 1}"#).0, 204);
+    assert_eq!(put("/kperf/timer-count", r#"{"count": 1}"#).0, 204);
+    let action = r#"{"samplers": ["th_info", "ustack"], "user_stack_depth": 32}"#;
+    assert_eq!(put("/kperf/actions/1", action).0, 204);
+    let timer = r#"{"period_ns": 10000000, "action_id": 1}"#;
+    assert_eq!(put("/kperf/timers/0", timer).0, 204);
+
+    // Start; the pre-boot sections are closed; pause and resume.
     assert_eq!(server.action("InstanceStart").0, 204);
     assert_eq!(server.state(), "Running");
     let answer = server.action("InstanceStart");
@@ -136,7 +145,7 @@ fn test_api_session_on_a_real_guest() {
     assert_eq!(server.action("Resume").0, 204);
     assert_eq!(server.state(), "Running");
 
-    // The clock runs: clockintr figures grow.
+    // The clock runs: clockintr figures grow with the guest clock.
     let (status, first) = server.call("GET", "/clockintr", None);
     assert_eq!(status, 200);
     assert_eq!(first["vcpus"].as_array().unwrap().len(), 2);
@@ -144,9 +153,69 @@ fn test_api_session_on_a_real_guest() {
         .as_str()
         .unwrap()
         .contains("clockintr_hardclock"));
-    std::thread::sleep(Duration::from_millis(200));
+    until_uptime(&server, first["uptime_ns"].as_u64().unwrap() + 200_000_000);
     let (_, later) = server.call("GET", "/clockintr", None);
     assert!(later["total"]["run"].as_u64() > first["total"]["run"].as_u64());
+
+    // Sampling on; a profile fetched while the guest runs names the
+    // workload's leaf functions.
+    assert_eq!(put("/kperf/sampling", r#"{"on": true}"#).0, 204);
+    counter_above(&server, "samples", 0);
+    let start = Instant::now();
+    let folded = loop {
+        let (status, content_type, text) = call_text(&server.socket, "GET", "/profile", None);
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(content_type, "text/plain; charset=utf-8");
+        if ["leaf_sixty", "leaf_thirty", "leaf_ten"]
+            .iter()
+            .all(|leaf| text.contains(leaf))
+        {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the running profile never named every leaf:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Each stack starts with its guest thread: the splitter runs the leaves.
+    assert!(
+        folded
+            .lines()
+            .any(|line| line.starts_with("split") && line.contains("leaf_sixty")),
+        "{folded}"
+    );
+
+    // Pause and resume while sampling: no clockintr burst, kptimer cadence kept.
+    resume_resynchronises(&server, 128, 10_000_000);
+
+    // Sampling off (synchronous): while the guest clock runs on by 20
+    // periods, no sample is taken and no timer fires.
+    assert_eq!(put("/kperf/sampling", r#"{"on": false}"#).0, 204);
+    let stopped = counters(&server);
+    assert_eq!(stopped["sampling"], "off");
+    let (now, _) = clocks(&server);
+    until_uptime(&server, now + 200_000_000);
+    let after = counters(&server);
+    assert_eq!(after["samples"], stopped["samples"]);
+    assert_eq!(after["timer_fires"], stopped["timer_fires"]);
+
+    // Metrics in both formats, the Prometheus text read by a real parser.
+    let json = metrics(&server);
+    assert_eq!(json["state"], "Running");
+    assert!(vcpu_sum(&json, "timer_deliveries") > 0, "{json}");
+    assert!(json["kperf"]["samples"].as_u64() > Some(0), "{json}");
+    let (status, _, text) = call_text(&server.socket, "GET", "/metrics?format=prometheus", None);
+    assert_eq!(status, 200);
+    if let Some(families) = prometheus_parse(&text) {
+        let samples = sample(
+            &families,
+            "metronome_kperf_samples",
+            "metronome_kperf_samples_total",
+            &[],
+        );
+        assert!(samples >= stopped["samples"].as_f64().unwrap(), "{text}");
+    }
     let (status, running) = server.call("GET", "/summary", None);
     assert_eq!(status, 200);
     assert_eq!(running["state"], "Running");
@@ -161,6 +230,7 @@ fn test_api_session_on_a_real_guest() {
     assert_eq!(summary["vcpu_count"], 2);
     assert_eq!(summary["mem_mib"], 96);
     assert_eq!(summary["config"]["hz"], 128);
+    assert!(summary["sampling"]["samples"].as_u64() > Some(0));
     assert_eq!(written_summary(&summary_path)["outcome"], "stopped");
     let answer = server.action("Resume");
     assert_eq!(answer.0, 400);
@@ -249,7 +319,8 @@ fn test_api_kperf_on_a_real_guest() {
     assert_eq!(put("/kperf/sampling", r#"{"on": false}"#).0, 204);
     let stopped = counters(&server);
     assert_eq!(stopped["sampling"], "off");
-    std::thread::sleep(Duration::from_millis(200));
+    let (now, _) = clocks(&server);
+    until_uptime(&server, now + 200_000_000);
     assert_eq!(counters(&server)["samples"], stopped["samples"]);
     assert_eq!(counters(&server)["timer_fires"], stopped["timer_fires"]);
 
@@ -652,6 +723,65 @@ fn field(clock: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} in {clock}"))
 }
 
+/// Pause for 1.5 s of guest time, resume, run 0.5 s: Resume re-synchronises
+/// clockintr (CI-CPU-6: each vCPU re-runs `clockintr_cpu_init`, no burst of
+/// hardclocks) and kptimer (one fire for the deadline passed during the
+/// pause, then the cadence from now) on a guest with clock `hz` and one
+/// kptimer of `period_ns` sampling two busy vCPUs. A catch-up would add
+/// 1.5 s worth of periods to each count.
+fn resume_resynchronises(server: &Server, hz: u64, period_ns: u64) {
+    const PAUSE_NS: u64 = 1_500_000_000;
+    const RUN_NS: u64 = 500_000_000;
+    assert_eq!(server.action("Pause").0, 204);
+    let (paused_at, before) = clocks(server);
+    let fires_before = counters(server)["timer_fires"].as_u64().unwrap();
+    // Poll the guest clock (it runs on while paused) well past the periods.
+    let last_paused = until_uptime(server, paused_at + PAUSE_NS);
+    let (_, still) = clocks(server);
+    assert_eq!(still, before, "nothing dispatches while paused");
+    assert_eq!(server.action("Resume").0, 204);
+    let (resumed, _) = clocks(server);
+    let end = until_uptime(server, resumed + RUN_NS);
+    let (_, after) = clocks(server);
+    let fires_after = counters(server)["timer_fires"].as_u64().unwrap();
+
+    // The guest ran for at most `end - last_paused` since the resume, and
+    // at least `end - resumed`.
+    let ran_max = end - last_paused;
+    let ran_min = end - resumed;
+    for (b, a) in before.iter().zip(&after) {
+        let hardclocks = field(a, "hardclock") - field(b, "hardclock");
+        // Every period run gives one hardclock; 25 more is host noise, far
+        // from the 150 a catch-up would add.
+        assert!(
+            hardclocks <= ran_max * hz / 1_000_000_000 + 25,
+            "a burst after resume: {hardclocks} hardclocks in at most {ran_max} ns: {b} -> {a}"
+        );
+        assert!(
+            hardclocks >= ran_min * hz / 1_000_000_000 / 4,
+            "hardclock stalled after resume: {hardclocks} in {ran_min} ns"
+        );
+        assert_eq!(
+            field(a, "cpu_inits"),
+            field(b, "cpu_inits") + 1,
+            "the guest re-ran clockintr_cpu_init: {a}"
+        );
+        assert!(field(a, "resume_first_batch") <= 2, "{a}");
+    }
+    // kptimer: a deadline passed during the pause fires once per vCPU, then
+    // one fire per period per busy vCPU (2 vCPUs) from now.
+    let fires = fires_after - fires_before;
+    let periods_max = ran_max / period_ns;
+    assert!(
+        fires <= 2 * (periods_max + 2) + 20,
+        "a burst of kptimer fires after resume: {fires} in at most {periods_max} periods"
+    );
+    assert!(
+        fires >= ran_min / period_ns / 4,
+        "the kptimer cadence stopped after resume: {fires} fires in {ran_min} ns"
+    );
+}
+
 /// `--config-file` with `--api-sock`: the instance runs at once and the API
 /// serves it (pre-boot PUTs refused, kperf sampling on from the file).
 /// Then Resume re-synchronises (CI-CPU-6 and kptimer): after a pause of
@@ -697,58 +827,7 @@ fn test_api_config_file_instance_and_resume_resynchronises() {
     let (_, got) = server.call("GET", "/machine-config", None);
     assert_eq!(got["vcpu_count"], 2);
 
-    const HZ: u64 = 100;
-    const PERIOD_NS: u64 = 10_000_000;
-    const PAUSE_NS: u64 = 1_500_000_000;
-    const RUN_NS: u64 = 500_000_000;
-    assert_eq!(server.action("Pause").0, 204);
-    let (paused_at, before) = clocks(&server);
-    let fires_before = counters(&server)["timer_fires"].as_u64().unwrap();
-    // Poll the guest clock (it runs on while paused) well past the periods.
-    let last_paused = until_uptime(&server, paused_at + PAUSE_NS);
-    let (_, still) = clocks(&server);
-    assert_eq!(still, before, "nothing dispatches while paused");
-    assert_eq!(server.action("Resume").0, 204);
-    let (resumed, _) = clocks(&server);
-    let end = until_uptime(&server, resumed + RUN_NS);
-    let (_, after) = clocks(&server);
-    let fires_after = counters(&server)["timer_fires"].as_u64().unwrap();
-
-    // The guest ran for at most `end - last_paused` since the resume, and
-    // at least `end - resumed`.
-    let ran_max = end - last_paused;
-    let ran_min = end - resumed;
-    for (b, a) in before.iter().zip(&after) {
-        let hardclocks = field(a, "hardclock") - field(b, "hardclock");
-        // Every period run gives one hardclock; 25 more is host noise, far
-        // from the 150 a catch-up would add.
-        assert!(
-            hardclocks <= ran_max * HZ / 1_000_000_000 + 25,
-            "a burst after resume: {hardclocks} hardclocks in at most {ran_max} ns: {b} -> {a}"
-        );
-        assert!(
-            hardclocks >= ran_min * HZ / 1_000_000_000 / 4,
-            "hardclock stalled after resume: {hardclocks} in {ran_min} ns"
-        );
-        assert_eq!(
-            field(a, "cpu_inits"),
-            field(b, "cpu_inits") + 1,
-            "the guest re-ran clockintr_cpu_init: {a}"
-        );
-        assert!(field(a, "resume_first_batch") <= 2, "{a}");
-    }
-    // kptimer: a deadline passed during the pause fires once per vCPU, then
-    // one fire per period per busy vCPU (2 vCPUs) from now.
-    let fires = fires_after - fires_before;
-    let periods_max = ran_max / PERIOD_NS;
-    assert!(
-        fires <= 2 * (periods_max + 2) + 20,
-        "a burst of kptimer fires after resume: {fires} in at most {periods_max} periods"
-    );
-    assert!(
-        fires >= ran_min / PERIOD_NS / 4,
-        "the kptimer cadence stopped after resume: {fires} fires in {ran_min} ns"
-    );
+    resume_resynchronises(&server, 100, 10_000_000);
 
     assert_eq!(server.action("SendExit").0, 204);
     let summary = written_summary(&summary_path);

@@ -360,7 +360,7 @@ fn main() -> ExitCode {
         Ok(running) => {
             let controller = running.controller();
             let summary = running.wait();
-            report(&args, &summary, &controller)
+            report(&args, &summary, &controller, false)
         }
         Err((vm, reason)) => {
             eprintln!("metronome: error: {reason}");
@@ -422,7 +422,8 @@ fn with_config_file(
 
 /// What the end of a VM prints and writes (`--dump-clockintr`,
 /// `--summary-json`, the errors, the human summary), and its exit code.
-fn report(args: &RunArgs, summary: &Summary, controller: &VmController) -> ExitCode {
+/// With `api`, a stop the API asked for (SendExit) is not an error.
+fn report(args: &RunArgs, summary: &Summary, controller: &VmController, api: bool) -> ExitCode {
     if args.dump_clockintr {
         print!("{}", controller.dump_clockintr());
     }
@@ -436,7 +437,8 @@ fn report(args: &RunArgs, summary: &Summary, controller: &VmController) -> ExitC
             return ExitCode::from(exit::VMM_HOST_ERROR as u8);
         }
     }
-    if summary.exit_code != exit::VMM_OK {
+    let asked = api && summary.outcome == "stopped";
+    if summary.exit_code != exit::VMM_OK && !asked {
         eprintln!("metronome: error: {}", summary.message);
     }
     for problem in &summary.errors {
@@ -455,7 +457,7 @@ fn serve_api(args: RunArgs, config: VmConfig, path: &std::path::Path) -> ExitCod
     // With --config-file the instance boots at once.
     let boot = args.config_file.is_some();
     let on_end: OnVmEnd = Box::new(move |summary, controller| {
-        let _ = report(&args, summary, controller);
+        let _ = report(&args, summary, controller, true);
     });
     match api::serve_with(path, force, Instance::new(config, on_end), boot) {
         Ok(_signal) => ExitCode::SUCCESS,
