@@ -118,12 +118,11 @@ fn test_api_session_on_a_real_guest() {
 
     // kperf before start: one action, one 10 ms timer, sampling off.
     let put = |path: &str, body: &str| server.call("PUT", path, Some(body));
-    assert_eq!(put("/kperf/action-count", r#"{"count": 1}"#).0, 204);
-    assert_eq!(put("/kperf/timer-count", r#"{"count": 1}"#).0, 204);
-    let action = r#"{"samplers": ["th_info", "ustack"], "user_stack_depth": 32}"#;
-    assert_eq!(put("/kperf/actions/1", action).0, 204);
-    let timer = r#"{"period_ns": 10000000, "action_id": 1}"#;
-    assert_eq!(put("/kperf/timers/0", timer).0, 204);
+    one_action_one_timer(
+        &server,
+        r#"{"samplers": ["th_info", "ustack"], "user_stack_depth": 32}"#,
+        r#"{"period_ns": 10000000, "action_id": 1}"#,
+    );
 
     // Start; the pre-boot sections are closed; pause and resume.
     assert_eq!(server.action("InstanceStart").0, 204);
@@ -243,6 +242,15 @@ fn test_api_session_on_a_real_guest() {
     assert_eq!(server.terminate(), 0);
 }
 
+/// kperf with one action (`action`) and one timer (`timer`, id 0).
+fn one_action_one_timer(server: &Server, action: &str, timer: &str) {
+    let put = |path: &str, body: &str| server.call("PUT", path, Some(body));
+    assert_eq!(put("/kperf/action-count", r#"{"count": 1}"#).0, 204);
+    assert_eq!(put("/kperf/timer-count", r#"{"count": 1}"#).0, 204);
+    assert_eq!(put("/kperf/actions/1", action).0, 204);
+    assert_eq!(put("/kperf/timers/0", timer).0, 204);
+}
+
 /// `GET /kperf/counters`.
 fn counters(server: &Server) -> Value {
     let (status, counters) = server.call("GET", "/kperf/counters", None);
@@ -282,12 +290,9 @@ fn test_api_kperf_on_a_real_guest() {
     assert_eq!(put("/machine-config", machine).0, 204);
     let boot = r#"{"workload": "profile", "duration_s": 600}"#;
     assert_eq!(put("/boot-source", boot).0, 204);
-    assert_eq!(put("/kperf/action-count", r#"{"count": 1}"#).0, 204);
-    assert_eq!(put("/kperf/timer-count", r#"{"count": 1}"#).0, 204);
     let action = r#"{"samplers": ["th_info", "kstack"], "kernel_stack_depth": 16}"#;
-    assert_eq!(put("/kperf/actions/1", action).0, 204);
     let timer = r#"{"period_ns": 1000000, "action_id": 1}"#;
-    assert_eq!(put("/kperf/timers/0", timer).0, 204);
+    one_action_one_timer(&server, action, timer);
     assert_eq!(server.action("InstanceStart").0, 204);
     let (_, sampling) = server.call("GET", "/kperf/sampling", None);
     assert_eq!(sampling["on"], false);
