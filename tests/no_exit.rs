@@ -9,7 +9,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, metronome, profile_run, scratch, u};
+use common::{kvm_or_skip, profile_run, scratch, u};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -209,12 +209,6 @@ fn test_tier_options_are_validated_with_one_clear_error() {
             "it is the PET timer",
         ),
     ] {
-        let out = metronome().arg("run").args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: expected '{needle}' in {stderr}"
-        );
+        common::assert_refused(args, needle);
     }
 }

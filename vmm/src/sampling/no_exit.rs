@@ -290,7 +290,7 @@ pub fn run_reader(sampling: &SamplingShared, mem: &GuestMemoryMmap, epoch_ns: u6
         if now_generation != generation || closing {
             // Stopped, restarted or closing: what the old events recorded is
             // resolved with the logs as they stand, and they are closed.
-            reader.read_all(sampling, mem);
+            reader.read_all(sampling);
             if closing {
                 for id in 0..tier.tids.len() as u32 {
                     sampling.drain_guest_events(id, mem, u64::MAX);
@@ -307,7 +307,7 @@ pub fn run_reader(sampling: &SamplingShared, mem: &GuestMemoryMmap, epoch_ns: u6
         if let Some(plan) = plan {
             open_missing(tier, plan, &mut failed);
         }
-        reader.read_all(sampling, mem);
+        reader.read_all(sampling);
         reader.resolve(sampling, mem, false);
     }
 }
@@ -337,42 +337,34 @@ fn open_missing(tier: &NoExitShared, plan: PerfTimer, failed: &mut [bool]) {
 }
 
 impl Reader {
-    /// Moves every ring's records into the resolvers.
-    fn read_all(&mut self, sampling: &SamplingShared, _mem: &GuestMemoryMmap) {
+    /// Moves every ring's records into the resolvers (lock order: the
+    /// events, then the figures, as everywhere).
+    fn read_all(&mut self, sampling: &SamplingShared) {
         let tier = &sampling.no_exit;
-        let mut counts = NoExitSummary::default();
-        {
-            let mut events = lock(&tier.events);
-            for (id, event) in events.iter_mut().enumerate() {
-                let Some(event) = event else { continue };
-                let resolver = &mut self.resolvers[id];
-                let epoch = self.epoch_ns;
-                let stats = event.read(|record| match record {
-                    Record::Sample {
-                        ip, mode, time_ns, ..
-                    } => {
-                        counts.samples += 1;
-                        match mode {
-                            Mode::GuestUser => counts.guest_user += 1,
-                            Mode::GuestKernel => counts.guest_kernel += 1,
-                            Mode::Host => counts.host += 1,
-                        }
-                        if mode != Mode::Host {
-                            resolver.push(time_ns.saturating_sub(epoch), (ip, mode));
-                        }
-                    }
-                    Record::Lost(n) => counts.lost += n,
-                });
-                counts.ring_errors += stats.bad_heads + stats.parse.corrupt_bytes.min(1);
-            }
-        }
+        let mut events = lock(&tier.events);
         let mut figures = lock(&tier.figures);
-        figures.samples += counts.samples;
-        figures.guest_user += counts.guest_user;
-        figures.guest_kernel += counts.guest_kernel;
-        figures.host += counts.host;
-        figures.lost += counts.lost;
-        figures.ring_errors += counts.ring_errors;
+        for (id, event) in events.iter_mut().enumerate() {
+            let Some(event) = event else { continue };
+            let resolver = &mut self.resolvers[id];
+            let epoch = self.epoch_ns;
+            let stats = event.read(|record| match record {
+                Record::Sample {
+                    ip, mode, time_ns, ..
+                } => {
+                    figures.samples += 1;
+                    *match mode {
+                        Mode::GuestUser => &mut figures.guest_user,
+                        Mode::GuestKernel => &mut figures.guest_kernel,
+                        Mode::Host => &mut figures.host,
+                    } += 1;
+                    if mode != Mode::Host {
+                        resolver.push(time_ns.saturating_sub(epoch), (ip, mode));
+                    }
+                }
+                Record::Lost(n) => figures.lost += n,
+            });
+            figures.ring_errors += stats.bad_heads + stats.parse.corrupt_bytes.min(1);
+        }
         figures.pending_overflow = self.resolvers.iter().map(|r| r.overflowed).sum();
     }
 
