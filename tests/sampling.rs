@@ -7,7 +7,7 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_or_skip, metronome, profile_run, scratch, u};
+use common::{kvm_or_skip, profile_run, scratch, u};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -417,14 +417,7 @@ fn test_sampling_options_are_validated() {
         ),
         (&["--profile-dir", "/tmp/x"][..], "--sample-period-us"),
     ] {
-        let out = metronome().arg("run").args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: expected '{needle}' in {stderr}"
-        );
+        common::assert_refused(args, needle);
     }
 }
 

@@ -18,6 +18,11 @@ pub struct Action {
     pub ucallstack_depth: u32,
     /// Kernel call-stack depth in frames, 1..=128.
     pub kcallstack_depth: u32,
+    /// How many of its timer's periods separate two kicks of a vCPU (not in
+    /// XNU: a VMM's sampling tier): 1, every period (the default); N > 1,
+    /// every Nth; 0, never. The periods without a kick are sampled by the
+    /// VMM without stopping the vCPU; the engine only schedules the kicks.
+    pub kick_every: u32,
 }
 
 impl Default for Action {
@@ -29,6 +34,7 @@ impl Default for Action {
             pid_filter: PID_FILTER_ALL,
             ucallstack_depth: UCALLSTACK_DEPTH_MAX,
             kcallstack_depth: KCALLSTACK_DEPTH_MAX,
+            kick_every: 1,
         }
     }
 }
@@ -150,6 +156,30 @@ impl Kperf {
     /// [`KperfError::Inval`] for id 0 or an id above the count.
     pub fn set_action_filter(&mut self, id: u32, pid: i32) -> Result<(), KperfError> {
         self.action_mut(id)?.pid_filter = pid;
+        Ok(())
+    }
+
+    /// The action's [`Action::kick_every`]; 1 for action 0.
+    ///
+    /// # Errors
+    ///
+    /// [`KperfError::Inval`] for an id above the count.
+    pub fn action_kick_every(&self, id: u32) -> Result<u32, KperfError> {
+        Ok(self.action_get(id)?.map_or(1, |a| a.kick_every))
+    }
+
+    /// Sets the action's [`Action::kick_every`]. Refused while the timers
+    /// are started: the deadlines already scheduled follow the old value.
+    ///
+    /// # Errors
+    ///
+    /// [`KperfError::Busy`] while started, then [`KperfError::Inval`] for
+    /// id 0 or an id above the count.
+    pub fn set_action_kick_every(&mut self, id: u32, every: u32) -> Result<(), KperfError> {
+        if self.started {
+            return Err(KperfError::Busy);
+        }
+        self.action_mut(id)?.kick_every = every;
         Ok(())
     }
 

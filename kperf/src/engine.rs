@@ -351,7 +351,12 @@ impl Kperf {
                 self.pet_active = true;
                 self.pet_deadline = Some(now.saturating_add(timer.period_ns));
             } else {
-                timer.deadline = now.saturating_add(timer.period_ns);
+                let kick_period = kick_period(timer, &self.actions, self.action_count);
+                if kick_period == 0 {
+                    // Never kicks (`Action::kick_every` 0): no deadline.
+                    continue;
+                }
+                timer.deadline = now.saturating_add(kick_period);
                 on_cpu_timers += 1;
             }
         }
@@ -441,14 +446,16 @@ impl Kperf {
             if now <= cpu_deadline {
                 continue;
             }
-            let (leader, next_deadline) = match self.timers[index].elect(cpu_deadline, now) {
-                Election::Stopped => {
-                    self.cpu_deadlines[cpu][index] = NO_DEADLINE;
-                    continue;
-                }
-                Election::Leader { next_deadline } => (true, next_deadline),
-                Election::Follower { next_deadline } => (false, next_deadline),
-            };
+            let period = kick_period(&self.timers[index], &self.actions, self.action_count);
+            let (leader, next_deadline) =
+                match self.timers[index].elect_every(cpu_deadline, now, period) {
+                    Election::Stopped => {
+                        self.cpu_deadlines[cpu][index] = NO_DEADLINE;
+                        continue;
+                    }
+                    Election::Leader { next_deadline } => (true, next_deadline),
+                    Election::Follower { next_deadline } => (false, next_deadline),
+                };
             self.cpu_deadlines[cpu][index] = next_deadline;
             fired_min = fired_min.min(next_deadline);
 
@@ -504,7 +511,8 @@ impl Kperf {
             if timer.deadline == 0 {
                 continue;
             }
-            let deadline = dead_reckon(timer.deadline, timer.period_ns, now);
+            let period = kick_period(timer, &self.actions, self.action_count);
+            let deadline = dead_reckon(timer.deadline, period, now);
             self.cpu_deadlines[cpu][index] = deadline;
             earliest = earliest.min(deadline);
         }
@@ -577,4 +585,15 @@ impl Kperf {
     pub fn is_cpu_idle(&self, cpu: usize) -> bool {
         self.cpu_idle.get(cpu).copied().unwrap_or(false)
     }
+}
+
+/// The period between two kicks of `timer`: its period times its action's
+/// [`Action::kick_every`] (saturating), 0 when the action never kicks. An
+/// action beyond `action_count` (the null action) kicks every period.
+fn kick_period(timer: &KpTimer, actions: &[Action], action_count: u32) -> u64 {
+    let every = match timer.action {
+        id @ 1.. if id <= action_count => actions[id as usize - 1].kick_every,
+        _ => 1,
+    };
+    timer.period_ns.saturating_mul(u64::from(every))
 }

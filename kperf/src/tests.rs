@@ -1480,3 +1480,37 @@ fn test_kt_sm_4_sampler_bits_are_reduced_by_the_sample_flags() {
     };
     assert_eq!(request.sampled().samplers, TH_INFO);
 }
+
+#[test]
+fn test_kick_every_0_schedules_no_kick_and_n_kicks_every_nth_period() {
+    // Never: no deadline on any vCPU, and an expiry fires nothing.
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_action_kick_every(1, 0).unwrap();
+    assert_eq!(k.set_sampling(true, 0, 2).unwrap(), vec![None, None]);
+    let (fires, next) = handled(k.expire(0, 10 * MS));
+    assert!(fires.is_empty());
+    assert_eq!(next, None);
+    // Every 4th period: deadlines 4 ms apart, the fire still names the
+    // timer's own period.
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    k.set_action_kick_every(1, 4).unwrap();
+    assert_eq!(k.set_sampling(true, 0, 1).unwrap(), vec![Some(4 * MS)]);
+    let (fires, next) = handled(k.expire(0, 4 * MS + 1));
+    assert_eq!(fires.len(), 1);
+    assert_eq!(fires[0].period_ns, MS);
+    assert_eq!(next, Some(8 * MS));
+}
+
+#[test]
+fn test_kick_every_is_refused_while_started_and_reset_to_1() {
+    let mut k = one_timer(sampler::TH_INFO, MS);
+    assert_eq!(k.action_kick_every(1), Ok(1));
+    k.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(k.set_action_kick_every(1, 0), Err(KperfError::Busy));
+    k.set_sampling(false, 0, 1).unwrap();
+    k.set_action_kick_every(1, 0).unwrap();
+    assert_eq!(k.set_action_kick_every(2, 0), Err(KperfError::Inval));
+    k.reset();
+    k.set_action_count(1).unwrap();
+    assert_eq!(k.action_kick_every(1), Ok(1));
+}

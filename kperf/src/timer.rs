@@ -105,12 +105,19 @@ impl KpTimer {
     /// lock that protects this timer's `deadline` across the call *and* across
     /// recording `PERF_TM_FIRE` when it returns [`Election::Leader`] (TR-P-5).
     pub fn elect(&mut self, cpu_deadline: u64, now: u64) -> Election {
-        if self.deadline == 0 || self.period_ns == 0 {
+        self.elect_every(cpu_deadline, now, self.period_ns)
+    }
+
+    /// [`KpTimer::elect`] for a timer whose fires are `period` apart rather
+    /// than its own period (its action kicks every Nth period,
+    /// [`crate::Action::kick_every`]; 0: never, [`Election::Stopped`]).
+    pub fn elect_every(&mut self, cpu_deadline: u64, now: u64, period: u64) -> Election {
+        if self.deadline == 0 || self.period_ns == 0 || period == 0 {
             return Election::Stopped;
         }
-        let next = cpu_deadline.saturating_add(self.period_ns);
+        let next = cpu_deadline.saturating_add(period);
         if self.deadline < next {
-            let next_deadline = dead_reckon(next, self.period_ns, now);
+            let next_deadline = dead_reckon(next, period, now);
             self.deadline = next_deadline;
             Election::Leader { next_deadline }
         } else {

@@ -163,3 +163,15 @@ pub fn run_tool(program: &str, args: &[&str]) -> Option<Output> {
         Err(e) => panic!("cannot run {program}: {e}"),
     }
 }
+
+/// `metronome run ARGS` exits 2 with one line of stderr containing `needle`.
+pub fn assert_refused(args: &[&str], needle: &str) {
+    let out = metronome().arg("run").args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: expected '{needle}' in {stderr}"
+    );
+}

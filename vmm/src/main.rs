@@ -124,8 +124,17 @@ struct RunArgs {
     /// file of actions, timers and PET (the schema is in README).
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "sample_period_us", "samplers", "sample_tid", "pet_period_ms", "lightweight_pet", "pet_idle_rate",
+        "sample_tier",
     ])]
     kperf: Option<PathBuf>,
+    /// How --sample-period-us samples: kick (stop the vCPU, take stacks),
+    /// no-exit (perf_event in the host kernel: IP and thread, no exit) or
+    /// hybrid (no-exit every period, a kick with stacks every --kick-every).
+    #[arg(long, value_name = "TIER", requires = "sample_period_us")]
+    sample_tier: Option<vmm::config::SampleTier>,
+    /// With --sample-tier hybrid: a kick with stacks every N periods (2 to 1000; default 10).
+    #[arg(long, value_name = "N", requires = "sample_tier")]
+    kick_every: Option<u32>,
     /// Sample every vCPU from the host with a kptimer of this period (µs;
     /// below 20 µs is raised to 20 µs, as kperf does).
     #[arg(long, value_name = "N")]
@@ -240,6 +249,10 @@ impl RunArgs {
             pet_idle_rate: self.pet_idle_rate,
         }
         .to_config()
+        .map(|config| match self.sample_tier {
+            Some(tier) => config.map(|c| c.with_tier(tier, self.kick_every)),
+            None => config,
+        })
     }
 
     fn to_config(&self) -> Result<VmConfig, ConfigError> {

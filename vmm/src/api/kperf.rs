@@ -131,7 +131,9 @@ fn config_error(what: &str, error: KperfConfigError) -> ApiError {
 fn sampling_error(what: &str, error: SamplingError) -> ApiError {
     match error {
         SamplingError::Kperf(e) => kperf_error(what, e, || format!("{what} refused: {e}")),
-        SamplingError::NotRunning => ApiError::bad_request(format!("{what} refused: {error}")),
+        SamplingError::NotRunning | SamplingError::Tier(_) => {
+            ApiError::bad_request(format!("{what} refused: {error}"))
+        }
         SamplingError::NotConfigured | SamplingError::PetThread(_) => {
             ApiError::internal(format!("{what} failed: {error}"))
         }

@@ -35,6 +35,89 @@ pub use super::samplers::{sampler_refusal, Samplers};
 
 /// The longest timer period accepted, in ns (10 s; a VMM rule, not kperf's).
 pub const MAX_PERIOD_NS: u64 = 10_000_000_000;
+/// The hybrid tier's kick interval when none is given: a kick with stacks
+/// every 10th period.
+pub const KICK_EVERY_DEFAULT: u32 = 10;
+/// The smallest hybrid kick interval (1 would be the kick tier).
+pub const KICK_EVERY_MIN: u32 = 2;
+/// The largest hybrid kick interval.
+pub const KICK_EVERY_MAX: u32 = 1000;
+
+/// How an action's timer samples a vCPU (not in XNU: the VMM's choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SampleTier {
+    /// Each period kicks the vCPU out of `KVM_RUN`, which samples itself:
+    /// registers, thread, user and kernel stacks, every sampler.
+    #[default]
+    Kick,
+    /// No vCPU exit: a `perf_event_open` cpu-clock event on each vCPU thread
+    /// samples the guest instruction pointer in the host kernel; the guest
+    /// thread comes from the guest's context-switch log. Instruction pointer
+    /// and thread only.
+    NoExit,
+    /// No-exit samples every period, plus a kick with stacks every
+    /// `kick_every`th period.
+    Hybrid,
+}
+
+impl SampleTier {
+    /// Its name in the configuration.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Kick => "kick",
+            Self::NoExit => "no-exit",
+            Self::Hybrid => "hybrid",
+        }
+    }
+
+    fn is_kick(&self) -> bool {
+        *self == Self::Kick
+    }
+
+    /// The engine's [`kperf::Action::kick_every`] for this tier.
+    fn kick_every(self, hybrid_every: Option<u32>) -> u32 {
+        match self {
+            Self::Kick => 1,
+            Self::NoExit => 0,
+            Self::Hybrid => hybrid_every.unwrap_or(KICK_EVERY_DEFAULT),
+        }
+    }
+
+    /// The tier and the hybrid interval an engine's `kick_every` stands for.
+    fn from_kick_every(every: u32) -> (Self, Option<u32>) {
+        match every {
+            0 => (Self::NoExit, None),
+            1 => (Self::Kick, None),
+            n => (Self::Hybrid, Some(n)),
+        }
+    }
+}
+
+impl std::str::FromStr for SampleTier {
+    type Err = String;
+
+    /// `kick`, `no-exit` or `hybrid`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Kick, Self::NoExit, Self::Hybrid]
+            .into_iter()
+            .find(|tier| tier.name() == s)
+            .ok_or_else(|| format!("unknown sampling tier '{s}': kick, no-exit or hybrid"))
+    }
+}
+
+/// The timer the no-exit sampling runs for ([`perf_timer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerfTimer {
+    /// The timer id.
+    pub timer: u32,
+    /// Its period: the perf event's sample period, ns.
+    pub period_ns: u64,
+    /// Its action.
+    pub action: u32,
+    /// The action's tier (no-exit or hybrid).
+    pub tier: SampleTier,
+}
 
 /// The kperf configuration: the `--kperf` JSON document.
 ///
@@ -82,6 +165,13 @@ pub struct ActionConfig {
     /// Opaque value kperf records with each sample.
     #[serde(default)]
     pub userdata: u32,
+    /// How its timer samples: `kick` (the default), `no-exit` or `hybrid`.
+    #[serde(default, skip_serializing_if = "SampleTier::is_kick")]
+    pub tier: SampleTier,
+    /// Hybrid only: a kick with stacks every this many periods, 2 to 1000
+    /// (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kick_every: Option<u32>,
 }
 
 /// One timer (CFG-T-*).
@@ -158,6 +248,16 @@ impl KperfConfig {
         }
     }
 
+    /// This configuration with every action's tier set to `tier` (and the
+    /// hybrid interval `kick_every`): the command line's `--sample-tier`.
+    pub fn with_tier(mut self, tier: SampleTier, kick_every: Option<u32>) -> Self {
+        for action in &mut self.actions {
+            action.tier = tier;
+            action.kick_every = kick_every;
+        }
+        self
+    }
+
     /// The engine this configuration sets up (pure: no threads, no
     /// timers), not yet sampling. In kperf's order: the counts, the
     /// background mode, the actions, the timers (periods clamped,
@@ -209,6 +309,7 @@ impl KperfConfig {
         if let Some(pet) = &self.pet {
             pet.apply(&mut kperf)?;
         }
+        perf_timer(&kperf)?;
         Ok(kperf)
     }
 
@@ -286,6 +387,48 @@ impl KperfConfig {
     }
 }
 
+/// The one active on-CPU timer whose action uses the no-exit or hybrid
+/// tier, if any: the perf events sample at its period.
+///
+/// # Errors
+///
+/// [`KperfConfigError::TierTimer`] when a second timer uses such an action,
+/// or the traditional or lightweight PET timer does.
+pub fn perf_timer(kperf: &Kperf) -> Result<Option<PerfTimer>, KperfConfigError> {
+    let mut found: Option<PerfTimer> = None;
+    for id in 0..kperf.timer_count() {
+        let Some(timer) = kperf.timer(id) else {
+            continue;
+        };
+        if timer.period_ns == 0 || timer.action == 0 || timer.action > kperf.action_count() {
+            continue;
+        }
+        let (tier, _) = SampleTier::from_kick_every(kperf.action(timer.action).kick_every);
+        if tier == SampleTier::Kick {
+            continue;
+        }
+        let refuse = |why| KperfConfigError::TierTimer {
+            timer: id,
+            action: timer.action,
+            tier: tier.name(),
+            why,
+        };
+        if id == kperf.pet_timer() {
+            return Err(refuse("it is the PET timer"));
+        }
+        if found.is_some() {
+            return Err(refuse("another timer uses one already"));
+        }
+        found = Some(PerfTimer {
+            timer: id,
+            period_ns: timer.period_ns,
+            action: timer.action,
+            tier,
+        });
+    }
+    Ok(found)
+}
+
 /// Marks `id` (below 64) in `seen`; `false` if it was marked already.
 fn first_listing(seen: &mut u64, id: u32) -> bool {
     let bit = 1u64 << id;
@@ -299,6 +442,7 @@ impl ActionConfig {
     /// or an id above the count (CFG-A-2).
     pub fn from_engine(kperf: &Kperf, id: u32) -> Self {
         let action = kperf.action(id);
+        let (tier, kick_every) = SampleTier::from_kick_every(action.kick_every);
         Self {
             id,
             samplers: Samplers(action.samplers),
@@ -306,6 +450,8 @@ impl ActionConfig {
             kernel_stack_depth: action.kcallstack_depth,
             filter_tid: (action.pid_filter != PID_FILTER_ALL).then_some(action.pid_filter),
             userdata: action.userdata,
+            tier,
+            kick_every,
         }
     }
 
@@ -358,7 +504,28 @@ impl ActionConfig {
             .map_err(E::Engine)?;
         kperf
             .set_action_userdata(id, self.userdata)
-            .map_err(E::Engine)
+            .map_err(E::Engine)?;
+        self.check_tier()?;
+        let every = self.tier.kick_every(self.kick_every);
+        if kperf.action_kick_every(id).map_err(E::Engine)? != every {
+            // Refused while sampling (Busy): the tier picks how the timers run.
+            kperf.set_action_kick_every(id, every).map_err(E::Engine)?;
+        }
+        Ok(())
+    }
+
+    /// `kick_every` only with the hybrid tier, and in range.
+    fn check_tier(&self) -> Result<(), KperfConfigError> {
+        match (self.tier, self.kick_every) {
+            (_, None) => Ok(()),
+            (SampleTier::Hybrid, Some(n)) if (KICK_EVERY_MIN..=KICK_EVERY_MAX).contains(&n) => {
+                Ok(())
+            }
+            (_, Some(kick_every)) => Err(KperfConfigError::KickEvery {
+                action: self.id,
+                kick_every,
+            }),
+        }
     }
 
     /// Action `id` with `samplers` and the thread filter, kperf's default
@@ -371,6 +538,8 @@ impl ActionConfig {
             kernel_stack_depth: KCALLSTACK_DEPTH_MAX,
             filter_tid,
             userdata: 0,
+            tier: SampleTier::Kick,
+            kick_every: None,
         }
     }
 }
@@ -1081,5 +1250,96 @@ mod tests {
         KperfConfig::on_cpu(1_000_000, real, None)
             .check_samplers(none)
             .unwrap();
+    }
+
+    #[test]
+    fn test_the_tier_parses_maps_to_kick_every_and_reads_back() {
+        let config = parse(
+            r#"{"action_count": 2, "timer_count": 1,
+                "actions": [{"id": 1, "samplers": "th_info", "tier": "hybrid", "kick_every": 5},
+                            {"id": 2, "samplers": "th_info", "tier": "no-exit"}],
+                "timers": [{"id": 0, "period_ns": 100000, "action_id": 1}]}"#,
+        );
+        let engine = config.engine().unwrap();
+        assert_eq!(
+            (engine.action(1).kick_every, engine.action(2).kick_every),
+            (5, 0)
+        );
+        let back = KperfConfig::from_engine(&engine);
+        assert_eq!(back.actions, config.actions);
+        assert_eq!(
+            perf_timer(&engine).unwrap(),
+            Some(PerfTimer {
+                timer: 0,
+                period_ns: 100_000,
+                action: 1,
+                tier: SampleTier::Hybrid
+            })
+        );
+        // The kick tier is the default and is not written out.
+        let kick = serde_json::to_value(ActionConfig::new(1, 1, None)).unwrap();
+        assert!(kick.get("tier").is_none() && kick.get("kick_every").is_none());
+        let hybrid = parse(
+            r#"{"action_count": 1, "timer_count": 0,
+                "actions": [{"id": 1, "samplers": "th_info", "tier": "hybrid"}]}"#,
+        );
+        let engine = hybrid.engine().unwrap();
+        assert_eq!(engine.action(1).kick_every, KICK_EVERY_DEFAULT);
+        assert_eq!("no-exit".parse::<SampleTier>(), Ok(SampleTier::NoExit));
+    }
+
+    #[test]
+    fn test_a_bad_tier_or_kick_every_is_refused_with_what_is_allowed() {
+        let e = parse_error(
+            r#"{"action_count": 1, "timer_count": 0,
+            "actions": [{"id": 1, "samplers": "th_info", "tier": "fast"}]}"#,
+        );
+        assert!(
+            e.contains("unknown variant `fast`, expected one of `kick`, `no-exit`, `hybrid`"),
+            "{e}"
+        );
+        for (tier, every) in [
+            ("hybrid", 1),
+            ("hybrid", 1001),
+            ("kick", 10),
+            ("no-exit", 2),
+        ] {
+            let e = refused(
+                &format!(
+                    r#"{{"action_count": 1, "timer_count": 0,
+                "actions": [{{"id": 1, "samplers": "th_info", "tier": "{tier}", "kick_every": {every}}}]}}"#
+                ),
+                "kick_every",
+            );
+            assert!(
+                matches!(e, KperfConfigError::KickEvery { action: 1, .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("2 to 1000"), "{e}");
+        }
+        assert!("fast"
+            .parse::<SampleTier>()
+            .unwrap_err()
+            .contains("kick, no-exit or hybrid"));
+    }
+
+    #[test]
+    fn test_one_timer_at_most_uses_the_no_exit_tier_and_not_the_pet_timer() {
+        let two = r#"{"action_count": 1, "timer_count": 2,
+            "actions": [{"id": 1, "samplers": "th_info", "tier": "no-exit"}],
+            "timers": [{"id": 0, "period_ns": 100000, "action_id": 1},
+                       {"id": 1, "period_ns": 200000, "action_id": 1}]}"#;
+        let e = refused(two, "another timer uses one");
+        assert!(
+            matches!(e, KperfConfigError::TierTimer { timer: 1, .. }),
+            "{e}"
+        );
+        let pet = r#"{"action_count": 1, "timer_count": 1,
+            "actions": [{"id": 1, "samplers": "th_info", "tier": "no-exit"}],
+            "timers": [{"id": 0, "period_ns": 10000000, "action_id": 1}],
+            "pet": {"timer_id": 0}}"#;
+        assert!(refused(pet, "it is the PET timer")
+            .to_string()
+            .contains("(no-exit tier)"));
     }
 }

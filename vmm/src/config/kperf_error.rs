@@ -125,6 +125,36 @@ pub enum KperfConfigError {
     /// A PET idle rate of 0.
     #[error("the PET idle rate 0 is refused: it is at least 1 (AMB-13: XNU would divide by 0)")]
     PetIdleRate,
+    /// `kick_every` on an action whose tier is not `hybrid`, or out of range.
+    #[error(
+        "action {action}: kick_every {kick_every} is refused: it is given with \"tier\": \"hybrid\" \
+         only, {min} to {max} (a kick with stacks every Nth period; default {default})",
+        min = super::kperf::KICK_EVERY_MIN,
+        max = super::kperf::KICK_EVERY_MAX,
+        default = super::kperf::KICK_EVERY_DEFAULT
+    )]
+    KickEvery {
+        /// The action.
+        action: u32,
+        /// The value given.
+        kick_every: u32,
+    },
+    /// More than one active timer uses a no-exit or hybrid action, or the
+    /// PET timer does.
+    #[error(
+        "timer {timer} cannot use action {action} ({tier} tier): {why}; one on-CPU timer at most \
+         may use a no-exit or hybrid action (one perf event per vCPU), and not the PET timer"
+    )]
+    TierTimer {
+        /// The timer refused.
+        timer: u32,
+        /// Its action.
+        action: u32,
+        /// The action's tier.
+        tier: &'static str,
+        /// What conflicts.
+        why: &'static str,
+    },
     /// The engine refused a value the rules above let through (a bug).
     #[error("kperf refused the configuration: {0}")]
     Engine(kperf::KperfError),

@@ -19,7 +19,8 @@ use ::kperf::trace::Level;
 use metronome_abi::{layout, Workload, MAX_VCPUS};
 
 pub use self::kperf::{
-    ActionConfig, KperfConfig, KperfConfigError, KperfShorthand, PetConfig, Samplers, TimerConfig,
+    ActionConfig, KperfConfig, KperfConfigError, KperfShorthand, PetConfig, SampleTier, Samplers,
+    TimerConfig,
 };
 
 /// Where the kernel comes from.

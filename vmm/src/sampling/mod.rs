@@ -17,10 +17,15 @@
 //! - [`guest_events`]: draining the guest's per-vCPU event rings (clock
 //!   dispatches, context switches) into the trace.
 //! - [`chrome`]: the trace as Chrome trace-event JSON (`trace.json`).
+//! - [`no_exit`]: the no-exit tier: perf_event cpu-clock samples of the
+//!   guest IP read by a host thread, attributed through the guest's
+//!   context-switch log ([`attribution`]) and read from the ring
+//!   ([`perf_ring`]).
 //! - [`report`]: the end of a sampled run: figures, profile files, trace file.
 //! - [`export`]: the profiles and the trace for readers outside the VM:
 //!   copies taken while it runs, or what the end of the run kept.
 
+pub mod attribution;
 pub mod buffer;
 pub mod capture;
 pub mod chrome;
@@ -28,6 +33,8 @@ pub mod expiry;
 pub mod export;
 pub mod guest_events;
 pub mod lightweight;
+pub mod no_exit;
+pub mod perf_ring;
 pub mod pet;
 pub mod report;
 pub mod samplers;

@@ -82,7 +82,7 @@ pub fn finish(
     errors: &mut Vec<String>,
 ) -> (SamplingSummary, RunRecords) {
     for id in 0..sampling.guest_events().vcpus() {
-        sampling.drain_guest_events(id, mem);
+        sampling.drain_guest_events(id, mem, u64::MAX);
     }
     let (mut summary, samples, pet_samples) = figures(
         sampling,
@@ -170,6 +170,10 @@ fn figures(
             .map_or(0, |a| a.samplers.0),
         config: config.clone(),
         trace_dropped: sampling.trace().map_or(0, |t| t.dropped()),
+        no_exit: sampling
+            .no_exit
+            .logging()
+            .then(|| sampling.no_exit.summary()),
         ..Default::default()
     };
     let secs = (uptime_ns as f64 / 1e9).max(1e-9);

@@ -21,7 +21,8 @@ use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 use super::buffer::{SampleBuffer, STACK_LIMIT};
 use super::guest_events::GuestEventRings;
 use super::lightweight::LightweightPet;
-use super::trace::{TraceBuffer, TraceRecord};
+use super::no_exit::NoExitShared;
+use super::trace::{TraceBuffer, TraceRecord, GUEST_SWITCH};
 use crate::config::{KperfConfigError, SamplingConfig};
 
 /// "No deadline".
@@ -62,6 +63,8 @@ pub struct SamplingShared {
     pub pet: PetShared,
     /// Lightweight PET: the PET page and the self-sample requests.
     pub lightweight: LightweightPet,
+    /// The no-exit tier: perf events, switch logs, the reader's figures.
+    pub no_exit: NoExitShared,
     /// The configuration.
     pub config: SamplingConfig,
 }
@@ -212,6 +215,7 @@ impl SamplingShared {
             timer_fires: AtomicU64::new(0),
             pet: PetShared::new(n),
             lightweight: LightweightPet::new(n),
+            no_exit: NoExitShared::new(n),
             config: config.clone(),
         })
     }
@@ -262,15 +266,46 @@ impl SamplingShared {
         }
     }
 
-    /// With a trace, moves what vCPU `id`'s guest published into it. Called by
-    /// that vCPU's thread at its loop top, and by the end of the run once the
-    /// vCPUs stopped: one consumer at a time per ring. Without new events it
-    /// costs one load of guest memory.
-    pub fn drain_guest_events(&self, id: u32, mem: &GuestMemoryMmap) {
-        let Some(trace) = &self.trace else { return };
+    /// Turns the guest's event rings on (idempotent, at any time: the guest
+    /// checks the flag at each event).
+    pub fn enable_guest_events_now(&self, mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
+        self.guest_events.enable(mem)
+    }
+
+    /// With a trace, moves what vCPU `id`'s guest published into it; with
+    /// the no-exit tier, its context switches into the vCPU's switch log,
+    /// which is then complete up to device time `now` (read before the
+    /// call; `u64::MAX` once the vCPUs stopped). Called by that vCPU's
+    /// thread at its loop top, and once the vCPUs stopped: one consumer at a
+    /// time per ring. Without new events it costs one load of guest memory.
+    pub fn drain_guest_events(&self, id: u32, mem: &GuestMemoryMmap, now: u64) {
+        let logging = self.no_exit.logging();
+        if self.trace.is_none() && !logging {
+            return;
+        }
         let mut records = Vec::new();
-        if self.guest_events.drain(mem, id, |r| records.push(r)) > 0 {
-            trace.record_all(records);
+        self.guest_events.drain(mem, id, |r| records.push(r));
+        if logging {
+            if let Some(mut log) = self.no_exit.log(id) {
+                for r in records.iter().filter(|r| r.id == GUEST_SWITCH) {
+                    log.switch(r.time_ns, r.args[1]);
+                }
+                let dropped = self.guest_events.dropped(mem, id);
+                if dropped > log.dropped_seen {
+                    // The guest dropped the newest events: from the last one
+                    // kept on, the thread is unknown until the next switch.
+                    let last = records.iter().map(|r| r.time_ns).max();
+                    let from = last.map_or(log.covered_ns(), |t| t + 1);
+                    log.gap(from);
+                    log.dropped_seen = dropped;
+                }
+                log.cover(now);
+            }
+        }
+        if let Some(trace) = &self.trace {
+            if !records.is_empty() {
+                trace.record_all(records);
+            }
         }
     }
 
@@ -357,6 +392,8 @@ impl SamplingShared {
         match engine.begin_shutdown() {
             Ok(false) => Ok(None),
             Ok(true) => {
+                // No perf sample after the stop either.
+                self.no_exit.stop();
                 for id in 0..self.deadlines.len() as u32 {
                     self.set_deadline(id, None);
                 }

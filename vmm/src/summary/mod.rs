@@ -388,6 +388,10 @@ pub struct SamplingSummary {
     pub sys_mem_vmm_resident_bytes: Option<MemoryFigures>,
     /// `meminfo`: guest memory in use over the samples, bytes.
     pub meminfo_guest_in_use_bytes: Option<MemoryFigures>,
+    /// The no-exit tier's figures, when a no-exit or hybrid timer sampled
+    /// (its samples are in the profile with the kick tier's, and not in
+    /// `samples`, which counts kicks).
+    pub no_exit: Option<crate::sampling::no_exit::NoExitSummary>,
 }
 
 /// A memory figure over a run's samples: the last (latest sample), the

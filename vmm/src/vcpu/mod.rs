@@ -122,6 +122,10 @@ impl VcpuRunner {
         let _ = self.shared.vcpus[self.id as usize]
             .thread
             .set(unsafe { libc::pthread_self() });
+        if let Some(sampling) = &self.shared.sampling {
+            // SAFETY: gettid has no preconditions.
+            sampling.no_exit.set_tid(self.id, unsafe { libc::gettid() });
+        }
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         let started = self.start_timers().and_then(|timer| self.run_loop(timer));
@@ -221,7 +225,8 @@ impl VcpuRunner {
             }
             if let Some(sampling) = &shared.sampling {
                 // With a trace: what the guest published since the last exit.
-                sampling.drain_guest_events(id, &shared.mem);
+                // With the no-exit tier: the switch log, complete up to now.
+                sampling.drain_guest_events(id, &shared.mem, shared.now());
             }
             if !shared.pausing() {
                 self.prepare_entry(&mut timer)?;

@@ -45,6 +45,9 @@ pub enum SamplingError {
     /// The PET sampler thread could not be created.
     #[error("cannot create the PET sampler thread: {0}")]
     PetThread(String),
+    /// The no-exit or hybrid tier cannot run as configured.
+    #[error("{0}")]
+    Tier(String),
 }
 
 /// How a paused VM resumes.
@@ -183,9 +186,23 @@ impl VmController {
             return Err(SamplingError::NotRunning);
         }
         PetThread::ensure(&self.shared).map_err(|e| SamplingError::PetThread(e.to_string()))?;
+        // The API may have set actions and timers one by one: the tier's
+        // rules are checked again here.
+        let perf_timer = crate::config::kperf::perf_timer(&sampling.engine())
+            .map_err(|e| SamplingError::Tier(e.to_string()))?;
+        if perf_timer.is_some() {
+            sampling
+                .enable_guest_events_now(&self.shared.mem)
+                .map_err(|e| SamplingError::Tier(format!("the guest's event rings: {e}")))?;
+            super::no_exit_thread::ensure(&self.shared)
+                .map_err(|e| SamplingError::Tier(format!("the perf reader thread: {e}")))?;
+        }
         sampling
             .start(self.shared.now())
             .map_err(SamplingError::Kperf)?;
+        if let Some(plan) = perf_timer {
+            sampling.no_exit.start(plan);
+        }
         self.shared.wake_all();
         Ok(())
     }

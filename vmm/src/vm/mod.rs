@@ -14,6 +14,7 @@
 //!   from any thread ([`VmController`]).
 //! - [`shared`]: the state every thread of a running VM shares ([`VmShared`]).
 //! - [`stress`]: the kick-stress interrupt generator.
+//! - [`no_exit_thread`]: the no-exit tier's perf reader thread.
 //! - [`pet_thread`]: traditional PET's sampler thread (holds the guest still
 //!   for each pass over its threads).
 //! - [`exit`]: why a VM ended ([`VmExit`]).
@@ -25,6 +26,7 @@ pub mod controller;
 pub mod events;
 pub mod exit;
 pub mod live;
+pub mod no_exit_thread;
 pub mod pet_thread;
 pub mod requests;
 pub mod run;

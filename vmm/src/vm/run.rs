@@ -216,6 +216,10 @@ impl RunningVm {
             .map(|t| t.join().unwrap_or_default())
             .collect();
         PetThread::close(&shared);
+        if let Some(sampling) = &shared.sampling {
+            // The perf reader's last pass, before the profile is drained.
+            sampling.no_exit.close_and_join();
+        }
         let mut summary =
             crate::summary::collect(&self.vm, &stats, self.process_start.elapsed(), exit_wall);
         let mut records = None;
