@@ -30,6 +30,10 @@ api() {
     printf '%s\n' "${answer%$'\n'*}"
 }
 
+# has PATTERN: whether stdin matches, reading all of it (grep -q would stop
+# at the first match and the writer could die of SIGPIPE under pipefail).
+has() { grep -e "$1" >/dev/null; }
+
 state() { api GET / 200 | grep -o '"state":"[^"]*"'; }
 
 [ "$(state)" = '"state":"Not started"' ]
@@ -45,14 +49,14 @@ api PUT /actions 204 '{"action_type": "InstanceStart"}'
 api PUT /actions 204 '{"action_type": "Pause"}'
 [ "$(state)" = '"state":"Paused"' ]
 api PUT /actions 204 '{"action_type": "Resume"}'
-api GET /clockintr 200 | grep -q '"total"'
+api GET /clockintr 200 | has '"total"'
 api PUT /kperf/sampling 204 '{"on": true}'
 for _ in $(seq 100); do
-    api GET /kperf/counters 200 | grep -q '"samples":0,' || break
+    api GET /kperf/counters 200 | has '"samples":0,' || break
     sleep 0.05
 done
-api GET /kperf/counters 200 | grep -q '"sampling":"on"'
-! api GET /kperf/counters 200 | grep -q '"samples":0,'
+api GET /kperf/counters 200 | has '"sampling":"on"'
+! api GET /kperf/counters 200 | has '"samples":0,'
 # The profile and the summary so far, while the guest runs.
 api GET '/profile?format=folded' 200 >/dev/null
 pprof=$(mktemp)
@@ -60,15 +64,15 @@ pprof=$(mktemp)
     'http://localhost/profile?format=pprof')" = '200 application/octet-stream' ]
 [ "$(head -c 2 "$pprof" | od -An -tx1 | tr -d ' ')" = 1f8b ]
 rm -f "$pprof"
-api GET /summary 200 | grep -q '"state":"Running"'
+api GET /summary 200 | has '"state":"Running"'
 api PUT /kperf/sampling 204 '{"on": false}'
-api GET /kperf/sampling 200 | grep -q '"on":false'
-api GET /metrics 200 | grep -q '"state":"Running"'
-api GET '/metrics?format=prometheus' 200 | grep -q '^metronome_kperf_samples_total [1-9]'
-api GET '/metrics?format=yaml' 400 | grep -q 'format=prometheus'
+api GET /kperf/sampling 200 | has '"on":false'
+api GET /metrics 200 | has '"state":"Running"'
+api GET '/metrics?format=prometheus' 200 | has '^metronome_kperf_samples_total [1-9]'
+api GET '/metrics?format=yaml' 400 | has 'format=prometheus'
 api PUT /actions 204 '{"action_type": "SendExit"}'
 [ "$(state)" = '"state":"Exited"' ]
-api GET /summary 200 | grep -q '"outcome":"stopped"'
+api GET /summary 200 | has '"outcome":"stopped"'
 
 kill -TERM "$pid"
 wait "$pid"
