@@ -1,8 +1,9 @@
 //! A run's profiles, trace and summary over the API socket, on a real KVM
 //! guest running the `profile` workload, fetched with a real HTTP client
 //! (`curl --unix-socket`) and read by their real consumers: `go tool
-//! pprof` for pprof, `rsvg-convert` for the SVG flame graph, a JSON parser
-//! for the trace. While the guest runs the answers are snapshots that drain
+//! pprof` for pprof (a saved answer, and the live profile fetched by pprof
+//! itself over HTTP through a local TCP proxy), `rsvg-convert` for the SVG
+//! flame graph, a JSON parser for the trace. While the guest runs the answers are snapshots that drain
 //! nothing; after the exit they are the run's profile files byte for byte.
 //!
 //! `go` and `rsvg-convert` are required when `CI=true`; elsewhere a missing
@@ -66,22 +67,85 @@ fn folded_with_every_leaf(server: &Server) -> String {
     }
 }
 
-/// `go tool pprof -top` reads `pprof` and names the leaves.
+/// `go tool pprof -top ARGS` names the leaves (skipped with a note without
+/// `go`, except under CI=true); `what` names the source for messages.
+fn go_pprof_names_the_leaves(what: &str, args: &[&str]) {
+    let dir = scratch("pprof-tmp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = std::process::Command::new("go")
+        .args(["tool", "pprof", "-top"])
+        .args(args)
+        // Where pprof saves what it fetched, instead of ~/pprof.
+        .env("PPROF_TMPDIR", &dir)
+        .output();
+    match output {
+        Ok(out) => {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "go tool pprof {what} failed: {stderr}"
+            );
+            for l in LEAVES {
+                assert!(
+                    stdout.contains(&leaf(l)),
+                    "no {l} from {what} in:\n{stdout}"
+                );
+            }
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("cannot run go: {e}"),
+        Err(_) if in_ci() => panic!("CI=true but go is not on PATH (apt-get install golang-go)"),
+        Err(_) => eprintln!("skip: go is not on PATH, the pprof answer of {what} was not read"),
+    }
+}
+
+/// `go tool pprof -top` reads `pprof` (a saved answer) and names the leaves.
 fn check_with_go_pprof(pprof: &[u8]) {
     let file = scratch("live.pb.gz");
     std::fs::write(&file, pprof).unwrap();
-    match run_tool("go", &["tool", "pprof", "-top", file.to_str().unwrap()]) {
-        Some(out) => {
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "go tool pprof failed: {stderr}");
-            for l in LEAVES {
-                assert!(stdout.contains(&leaf(l)), "no {l} in:\n{stdout}");
-            }
+    go_pprof_names_the_leaves("a saved answer", &[file.to_str().unwrap()]);
+}
+
+/// Copies `from` to `to` on a thread of its own, then `close`s `to`.
+fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    close: impl FnOnce(&W) -> std::io::Result<()> + Send + 'static,
+) where
+    R: std::io::Read + Send + 'static,
+    W: std::io::Write + Send + 'static,
+{
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = close(&to);
+    });
+}
+
+/// A local TCP proxy to `socket` (each connection copied both ways on its
+/// own threads), as a user puts in front of the API socket for tools that
+/// speak HTTP over TCP only; its address.
+fn tcp_proxy(socket: &Path) -> std::net::SocketAddr {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::os::unix::net::UnixStream;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+    let address = listener.local_addr().unwrap();
+    let socket = socket.to_owned();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = UnixStream::connect(&socket) else {
+                return;
+            };
+            let (Ok(client_in), Ok(server_in)) = (client.try_clone(), server.try_clone()) else {
+                return;
+            };
+            pump(client_in, server_in, |s: &UnixStream| {
+                s.shutdown(Shutdown::Write)
+            });
+            pump(server, client, |c: &TcpStream| c.shutdown(Shutdown::Write));
         }
-        None if in_ci() => panic!("CI=true but go is not on PATH (apt-get install golang-go)"),
-        None => eprintln!("skip: go is not on PATH, the pprof answer was not read"),
-    }
+    });
+    address
 }
 
 /// `rsvg-convert` renders `svg` to a PNG.
@@ -213,6 +277,10 @@ fn test_api_profile_trace_and_summary_while_running_and_after() {
     let first = folded_with_every_leaf(&server);
     let pprof = get_ok(&server, "/profile?format=pprof", "application/octet-stream");
     check_with_go_pprof(&pprof.body);
+    // go tool pprof fetching the live profile itself, through a local proxy.
+    let proxy = tcp_proxy(&server.socket);
+    let url = format!("http://{proxy}/profile?format=pprof");
+    go_pprof_names_the_leaves(&url, &[&url]);
     let svg = get_ok(&server, "/profile?format=svg", "image/svg+xml");
     check_with_rsvg(&svg.body);
     // Not drained: a later fetch has at least as many samples.
