@@ -19,6 +19,8 @@
 //! - [`exit`]: why a VM ended ([`VmExit`]).
 //! - [`live`]: a running VM's summary, profiles and trace so far, without
 //!   stopping it or draining anything.
+//! - [`probe`]: what `metronome bench` reads from a running VM (fine
+//!   lateness histograms, the bench page, a tap on the host timer deadlines).
 
 pub mod builder;
 pub mod controller;
@@ -26,6 +28,7 @@ pub mod events;
 pub mod exit;
 pub mod live;
 pub mod pet_thread;
+pub mod probe;
 pub mod requests;
 pub mod run;
 pub mod shared;
