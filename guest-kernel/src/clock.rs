@@ -133,6 +133,9 @@ pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Op
             }
         }
     }
+    if shared.first_dispatch_ns == 0 {
+        shared.first_dispatch_ns = report.start.max(1);
+    }
     shared.last_dispatch_start_ns = report.start;
     shared.last_dispatch_ns = report.end;
     publish(&cpu.queue, shared);

@@ -22,12 +22,15 @@
 //!   and the Prometheus text format.
 //! - [`guestmem`]: the guest ABI's plain-data structures in guest memory.
 //! - [`pmu`]: the host PMU for the PMC samplers (probe, guest-only counters).
+//! - [`bench`](mod@bench): `metronome bench`: timer lateness, sampling overhead
+//!   against perf, boot time and memory, as JSON, Markdown and SVG.
 //! - [`api`]: the API socket: HTTP/1.1 with JSON bodies over a Unix domain
 //!   socket that configures, starts and drives one VM.
 
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod bench;
 pub mod boot;
 pub mod bus;
 pub mod config;

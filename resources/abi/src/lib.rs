@@ -62,6 +62,9 @@ pub mod layout {
     pub const PT0: u64 = 0xe000;
     /// Lightweight PET's page ([`crate::PetPage`]), written by the VMM, read by the guest.
     pub const PET_PAGE: u64 = 0xf000;
+    /// The bench page ([`crate::BenchPage`]): the bench workloads' CPL3
+    /// threads write their progress there, the VMM reads it while they run.
+    pub const BENCH_PAGE: u64 = 0x1_0000;
     /// Where the kernel image is linked and loaded (2 MiB).
     pub const KERNEL_BASE: u64 = 0x20_0000;
     /// The kernel image must end below this address.
@@ -292,6 +295,13 @@ pub enum Workload {
     /// 60/30/10 across three leaf functions, a thread that mostly sleeps, and a
     /// thread that blocks on another.
     Profile = 6,
+    /// `metronome bench`: no thread at all, so every vCPU waits in HLT between
+    /// its clock interrupts (the halted-vCPU timer figures).
+    BenchIdle = 7,
+    /// `metronome bench`: one CPL3 compute thread per vCPU that adds its
+    /// operations to [`BenchPage::ops`] as it goes (the busy-vCPU timer
+    /// figures and the sampling overhead).
+    BenchCompute = 8,
 }
 
 impl Workload {
@@ -305,6 +315,8 @@ impl Workload {
             4 => Self::ExitNow,
             5 => Self::KickStress,
             6 => Self::Profile,
+            7 => Self::BenchIdle,
+            8 => Self::BenchCompute,
             _ => return None,
         })
     }
@@ -534,6 +546,9 @@ pub struct VcpuShared {
     /// Sum of the guest-measured lateness values in `lateness_hist`, ns
     /// (saturating): the histogram's sum for `GET /metrics`.
     pub lateness_sum: u64,
+    /// Uptime at the start of this vCPU's first clock dispatch (0 before it):
+    /// `metronome bench`'s boot figure.
+    pub first_dispatch_ns: u64,
 }
 
 /// What the guest publishes about each thread, at [`layout::THREAD_TABLE`].
@@ -616,6 +631,29 @@ impl Default for PetPage {
     }
 }
 
+/// Operations one bench compute thread counts per [`BenchPage::ops`] update.
+pub const BENCH_OPS_PER_UPDATE: u64 = 100_000;
+
+/// The bench page at [`layout::BENCH_PAGE`]. Only the
+/// [`Workload::BenchCompute`] threads write it, each its own vCPU's slot with
+/// aligned 64-bit stores from CPL3 (no system call, no exit); the VMM reads
+/// it at any time without stopping the guest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchPage {
+    /// Per vCPU: compute-loop operations done so far (a multiple of
+    /// [`BENCH_OPS_PER_UPDATE`]).
+    pub ops: [u64; MAX_VCPUS as usize],
+}
+
+impl Default for BenchPage {
+    fn default() -> Self {
+        Self {
+            ops: [0; MAX_VCPUS as usize],
+        }
+    }
+}
+
 mod report;
 pub use report::{report_key, FaultReport, GuestReport, PanicReport, MAX_REPORTS};
 
@@ -627,7 +665,9 @@ const _: () = {
     assert!(layout::KERNEL_LIMIT <= layout::PERCPU_BASE);
     assert!(layout::PT0 + 0x1000 <= layout::PET_PAGE);
     assert!(layout::PET_PAGE + core::mem::size_of::<PetPage>() as u64 <= layout::PET_PAGE + 0x1000);
-    assert!(layout::PET_PAGE + 0x1000 <= layout::KERNEL_BASE);
+    assert!(layout::PET_PAGE + 0x1000 <= layout::BENCH_PAGE);
+    assert!(core::mem::size_of::<BenchPage>() <= 0x1000);
+    assert!(layout::BENCH_PAGE + 0x1000 <= layout::KERNEL_BASE);
     assert!(layout::percpu_region(MAX_VCPUS) <= layout::HEAP_BASE);
     assert!(layout::MAX_MEM_MIB << 20 <= layout::MMIO_BASE);
     assert!(
@@ -664,7 +704,12 @@ const _: () = {
             == core::mem::offset_of!(VcpuShared, last_cpu_init_ns) + 8
     );
     assert!(
-        core::mem::offset_of!(VcpuShared, lateness_sum) + 8 == core::mem::size_of::<VcpuShared>()
+        core::mem::offset_of!(VcpuShared, first_dispatch_ns)
+            == core::mem::offset_of!(VcpuShared, lateness_sum) + 8
+    );
+    assert!(
+        core::mem::offset_of!(VcpuShared, first_dispatch_ns) + 8
+            == core::mem::size_of::<VcpuShared>()
     );
 };
 
@@ -674,7 +719,7 @@ mod tests {
 
     #[test]
     fn test_workload_round_trip() {
-        for raw in 0..8 {
+        for raw in 0..10 {
             if let Some(w) = Workload::from_u32(raw) {
                 assert_eq!(w as u32, raw);
             }

@@ -72,11 +72,15 @@ impl PreBootSection for MachineConfig {
 
 /// The workloads `PUT /boot-source` offers, by the command line's names
 /// ([`workload_name`]): every one but `kick-stress`, which the command
-/// line's `--kick-stress-hz` chooses.
+/// line's `--kick-stress-hz` chooses, and the bench's own (`metronome
+/// bench` runs them).
 fn api_workloads() -> impl Iterator<Item = Workload> {
-    (0..)
-        .map_while(Workload::from_u32)
-        .filter(|w| *w != Workload::KickStress)
+    (0..).map_while(Workload::from_u32).filter(|w| {
+        !matches!(
+            w,
+            Workload::KickStress | Workload::BenchIdle | Workload::BenchCompute
+        )
+    })
 }
 
 /// The workload called `name`.

@@ -327,6 +327,8 @@ pub fn workload_name(workload: Workload) -> &'static str {
         Workload::ExitNow => "exit-now",
         Workload::KickStress => "kick-stress",
         Workload::Profile => "profile",
+        Workload::BenchIdle => "bench-idle",
+        Workload::BenchCompute => "bench-compute",
     }
 }
 

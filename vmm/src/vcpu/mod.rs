@@ -309,8 +309,12 @@ impl VcpuRunner {
         let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
         let now = shared.now();
         let entry = inject::prepare_entry(&mut shared.vcpus[id as usize].lock(), now, ready);
+        let deadline = entry.timer_deadline.map(|d| shared.clock.to_monotonic(d));
+        if let (Some(tap), Some(deadline)) = (shared.deadline_tap.get(), deadline) {
+            tap.offer(id, deadline);
+        }
         timer
-            .program(entry.timer_deadline.map(|d| shared.clock.to_monotonic(d)))
+            .program(deadline)
             .map_err(|e| host_error(id, "timer_settime", e))?;
         if let Some(vector) = entry.inject {
             inject::kvm_interrupt(&self.fd, vector)

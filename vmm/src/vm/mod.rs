@@ -20,6 +20,8 @@
 //! - [`exit`]: why a VM ended ([`VmExit`]).
 //! - [`live`]: a running VM's summary, profiles and trace so far, without
 //!   stopping it or draining anything.
+//! - [`probe`]: what `metronome bench` reads from a running VM (fine
+//!   lateness histograms, the bench page, a tap on the host timer deadlines).
 
 pub mod builder;
 pub mod controller;
@@ -28,6 +30,7 @@ pub mod exit;
 pub mod live;
 pub mod no_exit_thread;
 pub mod pet_thread;
+pub mod probe;
 pub mod requests;
 pub mod run;
 pub mod shared;

@@ -163,6 +163,9 @@ pub struct VmShared {
     pub sampling: Option<SamplingShared>,
     /// The PET sampler thread, once created.
     pub(crate) pet_thread: Mutex<PetSlot>,
+    /// `metronome bench`'s tap on the deadlines the vCPUs arm their host
+    /// timers for (set once, read by every vCPU thread at each entry).
+    pub deadline_tap: OnceLock<super::probe::DeadlineTap>,
 }
 
 impl VmShared {
@@ -184,6 +187,7 @@ impl VmShared {
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             sampling,
             pet_thread: Mutex::new(PetSlot::default()),
+            deadline_tap: OnceLock::new(),
         })
     }
 

@@ -1,4 +1,5 @@
-//! The built-in workloads, chosen by the VMM in the boot-information block.
+//! The built-in workloads, chosen by the VMM in the boot-information block
+//! (`metronome bench`'s are in [`bench`]).
 //!
 //! The thread bodies run at CPL3 (natively on kvm_pvm); the kernel hooks
 //! (`start`, `on_tick`, `on_ipi`) run at CPL0 and stay short.
@@ -12,6 +13,8 @@ use crate::drivers::{console, control, timer, vic};
 use crate::percpu::{self, PerCpu};
 use crate::text::Buf;
 use crate::{arch, boot, sched, syscall};
+
+mod bench;
 
 /// Total ping-pong round trips completed (vCPU 0's view).
 static PINGPONG_DONE: AtomicU64 = AtomicU64::new(0);
@@ -39,6 +42,8 @@ pub fn start(cpu: &mut PerCpu) {
             spawn(cpu, b"faulter", faulter, 0);
         }
         Some(Workload::Profile) => spawn_profile(cpu),
+        Some(Workload::BenchIdle) => {}
+        Some(Workload::BenchCompute) => bench::spawn_compute(cpu),
         Some(_) => spawn_demo(cpu),
         None => panic!("unknown workload in boot-information block"),
     }
