@@ -488,16 +488,27 @@ pub fn running_fields(summary: &Summary) -> Map<String, Value> {
     )
 )]
 pub async fn get_summary(State(instance): Api) -> Result<Json<SummaryAnswer>, ApiError> {
-    let state = instance.state_name();
+    let exited = |summary: &Summary| match serde_json::to_value(summary) {
+        Ok(Value::Object(fields)) => fields,
+        _ => Map::new(),
+    };
+    let mut state = instance.state_name();
     let summary = match instance.readout("GET /summary") {
         Err(_) => Map::new(),
-        Ok(Readout::Exited { summary, .. }) => match serde_json::to_value(&*summary) {
-            Ok(Value::Object(fields)) => fields,
-            _ => Map::new(),
-        },
+        Ok(Readout::Exited { summary, .. }) => exited(&summary),
         Ok(Readout::Running(link)) => {
-            let summary = on_link(&link, "GET /summary", |c| c.live_summary()).await?;
-            on_pool("GET /summary", move || Ok(running_fields(&summary))).await?
+            match on_link(&link, "GET /summary", |c| c.live_summary()).await {
+                Ok(summary) => {
+                    on_pool("GET /summary", move || Ok(running_fields(&summary))).await?
+                }
+                // The VM is ending: the run's summary, once the end of the
+                // run has written it.
+                Err(_) => {
+                    instance.exited().await;
+                    state = instance.state_name();
+                    instance.summary().as_ref().map(exited).unwrap_or_default()
+                }
+            }
         }
     };
     Ok(Json(SummaryAnswer { state, summary }))
