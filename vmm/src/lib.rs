@@ -39,6 +39,7 @@ pub mod guestmem;
 pub mod host_time;
 pub mod kick;
 pub mod metrics;
+pub mod outfile;
 pub mod pmu;
 pub mod profile;
 pub mod sampling;

@@ -496,11 +496,8 @@ fn report(args: &RunArgs, summary: &Summary, controller: &VmController, api: boo
     }
     if let Some(path) = &args.summary_json {
         let json = serde_json::to_string_pretty(summary).expect("the summary serialises");
-        if let Err(e) = std::fs::write(path, json + "\n") {
-            eprintln!(
-                "metronome: error: cannot write summary to '{}': {e}",
-                path.display()
-            );
+        if let Err(e) = vmm::outfile::write_bytes(path, (json + "\n").as_bytes()) {
+            eprintln!("metronome: error: the summary: {e}");
             return ExitCode::from(exit::VMM_HOST_ERROR as u8);
         }
     }

@@ -223,9 +223,9 @@ fn progress(line: &str) {
 }
 
 fn write_file(path: &Path, text: &str) -> Result<(), BenchError> {
-    std::fs::write(path, text).map_err(|source| BenchError::Write {
-        path: path.to_owned(),
-        source,
+    crate::outfile::write_bytes(path, text.as_bytes()).map_err(|e| BenchError::Write {
+        path: e.path,
+        source: e.source,
     })
 }
 

@@ -161,22 +161,28 @@ impl Profile {
     }
 }
 
-/// Creates `path` and writes it with `write`, naming `path` in any error.
+/// Writes `path` with `write`, whole or not at all
+/// ([`crate::outfile::write_atomically`]), naming `path` in any error.
 fn write_file(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> Result<(), ProfileError>,
 ) -> Result<(), ProfileError> {
-    let in_file = |source| ProfileError::File {
-        path: path.to_owned(),
-        source,
-    };
-    let mut w = BufWriter::new(File::create(path).map_err(in_file)?);
-    match write(&mut w) {
-        Ok(()) => {}
-        Err(ProfileError::Io(source)) => return Err(in_file(source)),
-        Err(e) => return Err(e),
+    crate::outfile::write_atomically(path, |w| match write(w) {
+        Err(ProfileError::Io(source)) => Err(ProfileError::File {
+            path: path.to_owned(),
+            source,
+        }),
+        other => other,
+    })
+}
+
+impl From<crate::outfile::OutFileError> for ProfileError {
+    fn from(e: crate::outfile::OutFileError) -> Self {
+        Self::File {
+            path: e.path,
+            source: e.source,
+        }
     }
-    w.flush().map_err(in_file)
 }
 
 #[cfg(test)]

@@ -271,11 +271,13 @@ fn pet_figures(sampling: &SamplingShared, summary: &mut SamplingSummary) {
 /// Writes the trace to `path`: Chrome trace-event JSON when the name ends in
 /// `.json` (`trace.json` in the profile directory), otherwise JSON lines in
 /// recording order.
+/// The file is written whole or not at all ([`crate::outfile`]).
 fn write_trace(trace: &TraceCopy, path: &Path) -> std::io::Result<()> {
-    let file = std::fs::File::create(path)?;
-    if path.extension().is_some_and(|e| e == "json") {
-        trace.write_chrome(file)
-    } else {
-        trace::write_json_lines(&trace.records, file)
-    }
+    crate::outfile::write_atomically(path, |file| {
+        if path.extension().is_some_and(|e| e == "json") {
+            trace.write_chrome(file)
+        } else {
+            trace::write_json_lines(&trace.records, file)
+        }
+    })
 }

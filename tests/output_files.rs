@@ -1,0 +1,191 @@
+//! Output files are whole or absent, never truncated (issue 11: faults
+//! survived, nothing lost): a run writing its profiles and trace is killed
+//! (SIGKILL or SIGTERM) the moment its first output file shows up
+//! and a few moments after, and every file left under its final name is
+//! complete: the folded stacks parse line by line, the SVG parses as XML to
+//! its end, the gzipped pprof inflates with a good CRC, the trace is JSON.
+//! A profile directory the VMM cannot write (a file-size limit standing in
+//! for a full disk) is a clear error, not a panic, and leaves no partial file.
+
+// An integration-test crate is test-only as a whole.
+#![allow(clippy::tests_outside_test_module)]
+
+mod common;
+use common::{kvm_lock, kvm_or_skip, metronome, scratch};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A run that samples at 10 kHz for 1 s and writes its profiles and trace
+/// into `dir` (a few MB: the writing takes a while).
+fn writer(dir: &Path) -> Child {
+    metronome()
+        .args([
+            "run",
+            "--workload",
+            "profile",
+            "--vcpus",
+            "2",
+            "--duration",
+            "1",
+        ])
+        .args([
+            "--sample-period-us",
+            "100",
+            "--console",
+            "/dev/null",
+            "--quiet",
+        ])
+        .arg("--profile-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn metronome")
+}
+
+/// The files of `dir` a reader sees (hidden temporary files aside).
+fn visible(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Panics unless `path` holds a complete file of its kind.
+fn assert_complete(path: &Path) {
+    let bytes = std::fs::read(path).expect("read an output file");
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    if name.ends_with(".folded") {
+        let text = String::from_utf8(bytes).expect("UTF-8 folded stacks");
+        assert!(text.ends_with('\n'), "{name} is cut short");
+        for line in text.lines() {
+            let (_, count) = line.rsplit_once(' ').expect("a stack and a count");
+            count
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name}: bad line {line:?}"));
+        }
+    } else if name.ends_with(".svg") {
+        let mut reader = quick_xml::Reader::from_reader(&bytes[..]);
+        let mut buf = Vec::new();
+        let mut depth = 0i64;
+        loop {
+            match reader.read_event_into(&mut buf) {
+                Ok(quick_xml::events::Event::Start(_)) => depth += 1,
+                Ok(quick_xml::events::Event::End(_)) => depth -= 1,
+                Ok(quick_xml::events::Event::Eof) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{name} is not whole XML: {e}"),
+            }
+            buf.clear();
+        }
+        assert_eq!(depth, 0, "{name} ends with open elements");
+    } else if name.ends_with(".pb.gz") {
+        let mut inflated = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_end(&mut inflated)
+            .unwrap_or_else(|e| panic!("{name} does not inflate whole: {e}"));
+        assert!(!inflated.is_empty(), "{name} is empty");
+    } else if name.ends_with(".json") {
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+            .unwrap_or_else(|e| panic!("{name} is not whole JSON: {e}"));
+    } else {
+        panic!("an unexpected output file {name}");
+    }
+}
+
+/// Waits (polling, 60 s at most) until `dir` shows its first output file.
+fn first_output(dir: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while visible(dir).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before writing"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no output file appeared"
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[test]
+fn test_a_kill_or_sigterm_while_writing_leaves_whole_files_or_none() {
+    if !kvm_or_skip("kill while writing") {
+        return;
+    }
+    let _serial = kvm_lock();
+    // Once the VM has ended SIGTERM takes its default action again (so that
+    // a stuck shutdown can be interrupted): both signals end the writing.
+    for signal_name in ["KILL", "TERM"] {
+        let mut cut_short = 0;
+        for after_ms in [0, 1, 5, 20, 60] {
+            let dir = scratch("killed");
+            let mut child = writer(&dir);
+            first_output(&dir, &mut child);
+            std::thread::sleep(Duration::from_millis(after_ms));
+            signal(&child, signal_name);
+            child.wait().unwrap();
+            let files = visible(&dir);
+            for name in &files {
+                assert_complete(&dir.join(name));
+            }
+            // A file still being written when the signal came is left under
+            // its temporary name only.
+            if files.len() < 4 {
+                cut_short += 1;
+            }
+        }
+        assert!(
+            cut_short > 0,
+            "no SIG{signal_name} landed before the last file was written"
+        );
+    }
+}
+
+#[test]
+fn test_an_unwritable_profile_is_a_clear_error_not_a_panic() {
+    if !kvm_or_skip("full profile dir") {
+        return;
+    }
+    let _serial = kvm_lock();
+    let dir = scratch("full");
+    // A 64 KiB file-size limit (SIGXFSZ ignored, so writes fail with
+    // EFBIG) stands in for a disk that fills up part-way through a file.
+    let script = format!(
+        "ulimit -f 64; trap '' XFSZ; exec {} run --workload profile --vcpus 2 --duration 1 \
+         --sample-period-us 100 --console /dev/null --quiet --profile-dir {}",
+        env!("CARGO_BIN_EXE_metronome"),
+        dir.display()
+    );
+    let output = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("warning: cannot write the trace to") && stderr.contains("File too large"),
+        "{stderr}"
+    );
+    for name in visible(&dir) {
+        assert_complete(&dir.join(name));
+    }
+    assert!(
+        !dir.join("trace.json").exists(),
+        "a trace larger than the limit cannot be whole"
+    );
+}
