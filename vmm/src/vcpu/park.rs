@@ -113,6 +113,10 @@ impl VcpuRunner {
         }
         self.publish_stats(false);
         self.park_until_pending(interrupts_off);
+        // The device timer's signal for the deadline that ended the park (or
+        // a kick sent before it) is still pending: consumed here, it does not
+        // cost an extra KVM_RUN that returns at once.
+        self.take_signals();
         if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
             sampler.after_halt(sampling);
         }
