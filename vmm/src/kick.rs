@@ -170,22 +170,38 @@ impl Consumed {
     }
 }
 
-/// How many pending signals one [`take_pending`] consumes at most: more
+/// How many pending signals one [`drain_pending`] consumes at most: more
 /// stay pending and make the next `KVM_RUN` return at once (a flood cannot
 /// keep the thread here).
-const TAKE_LIMIT: u32 = 64;
+const DRAIN_LIMIT: u32 = 64;
 
-/// Consumes the kick and timer signals pending for the calling thread
-/// (blocked there), without waiting: one `sigtimedwait` per signal, plus
-/// one that finds none.
+/// Consumes one of the kick and timer signals pending for the calling
+/// thread (blocked there), without waiting: one `sigtimedwait`. After
+/// `KVM_RUN` returned `EINTR` one is pending (the one that ended it), and
+/// rarely another: that one makes the next `KVM_RUN` return at once and is
+/// consumed then, which costs less than a second `sigtimedwait` after
+/// every kick would.
 pub fn take_pending() -> Consumed {
+    take(1)
+}
+
+/// Consumes every kick and timer signal pending for the calling thread
+/// (up to a bound), without waiting: one `sigtimedwait` per signal, plus
+/// one that finds none. For a thread coming back from a wait outside the
+/// guest, where several may have piled up.
+pub fn drain_pending() -> Consumed {
+    take(DRAIN_LIMIT)
+}
+
+/// Consumes up to `limit` pending kick and timer signals.
+fn take(limit: u32) -> Consumed {
     let set = kick_set();
     let zero = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     let mut consumed = Consumed::default();
-    for _ in 0..TAKE_LIMIT {
+    for _ in 0..limit {
         // SAFETY: an all-zero siginfo is valid; sigtimedwait fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: a valid set, siginfo and timeout, all ours.
@@ -226,7 +242,7 @@ mod tests {
     use super::*;
     use crate::host_time::{monotonic_ns, PosixTimer};
 
-    /// Polls `take_pending` on this thread until `done` holds for what it
+    /// Polls `drain_pending` on this thread until `done` holds for what it
     /// consumed in all, for up to 5 s.
     fn take_until(done: impl Fn(&Consumed) -> bool) -> Consumed {
         let start = monotonic_ns();
@@ -236,7 +252,7 @@ mod tests {
                 monotonic_ns() - start < 5_000_000_000,
                 "signal never arrived: {all:?}"
             );
-            all.add(take_pending());
+            all.add(drain_pending());
             std::thread::yield_now();
         }
         all
@@ -252,7 +268,7 @@ mod tests {
             timer.program(Some(monotonic_ns() + 1_000_000)).unwrap();
             let got = take_until(|c| c.sampling_timer == 1);
             assert_eq!((got.kicks, got.device_timer), (0, 0));
-            assert_eq!(take_pending(), Consumed::default(), "consumed once");
+            assert_eq!(drain_pending(), Consumed::default(), "consumed once");
         })
         .join()
         .unwrap();
@@ -271,7 +287,7 @@ mod tests {
                 .unwrap();
             // Not consumed for 20 ms: one signal pending, the rest overruns.
             std::thread::sleep(std::time::Duration::from_millis(20));
-            let got = take_pending();
+            let got = drain_pending();
             assert_eq!((got.sampling_timer, got.device_timer), (1, 0), "{got:?}");
             assert!(got.sampling_overruns >= 50, "{got:?}");
             // Still periodic: it fires again without being re-armed.
@@ -294,6 +310,25 @@ mod tests {
         kick_thread(rx.recv().unwrap());
         let got = handle.join().unwrap();
         assert_eq!((got.device_timer, got.sampling_timer), (0, 0));
+    }
+
+    #[test]
+    fn test_take_pending_consumes_one_signal_and_drain_the_rest() {
+        install_handlers().unwrap();
+        std::thread::spawn(|| {
+            block_in_current_thread().unwrap();
+            // SAFETY: pthread_self has no preconditions.
+            let me = unsafe { libc::pthread_self() };
+            for _ in 0..3 {
+                kick_thread(me);
+            }
+            // Real-time signals queue: three kicks pending.
+            assert_eq!(take_pending().kicks, 1);
+            assert_eq!(drain_pending().kicks, 2);
+            assert_eq!(take_pending(), Consumed::default());
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -296,7 +296,7 @@ impl VcpuRunner {
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     self.count(ExitReason::Intr);
-                    self.take_signals();
+                    self.note_signals(kick::take_pending());
                 }
                 Err(e) if e.errno() == libc::EAGAIN => self.count(ExitReason::Again),
                 Err(e) => return Err(host_error(id, "KVM_RUN", e)),
@@ -304,12 +304,11 @@ impl VcpuRunner {
         }
     }
 
-    /// Consumes the kick and timer signals pending for this thread (blocked
-    /// outside KVM_RUN), so that they do not end the next KVM_RUN at once;
+    /// Notes the kick and timer signals consumed for this thread (blocked
+    /// outside KVM_RUN; consumed, they do not end the next KVM_RUN at once):
     /// the sampler counts its timer's missed expirations. What they asked
     /// for is seen at the loop top, which follows.
-    fn take_signals(&mut self) {
-        let consumed = kick::take_pending();
+    fn note_signals(&mut self, consumed: kick::Consumed) {
         if let Some(sampler) = &mut self.sampler {
             sampler.note_signals(&consumed);
         }
