@@ -74,7 +74,7 @@ impl DeviceClock {
 }
 
 /// Which of a vCPU thread's POSIX timers a timer signal comes from (its
-/// `sigev_value`, read back by [`crate::kick::take_pending`]).
+/// `sigev_value`, read back by [`crate::kick::drain_pending`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TimerTag {
     /// The timer device's deadline (one-shot).

@@ -14,7 +14,7 @@
 //! `KVM_RUN` return `EINTR`, and KVM restores the blocking mask before it
 //! returns, so the signal stays pending: no handler, no signal frame, no
 //! `rt_sigreturn`. The thread then consumes it with a zero-timeout
-//! `sigtimedwait` ([`take_pending`]), which also tells it which timer fired and
+//! `sigtimedwait` ([`drain_pending`]), which also tells it which timer fired and
 //! how many expirations a periodic one missed.
 //!
 //! The race-free pattern (the pending signal is the flag that
@@ -77,28 +77,39 @@ pub fn install_handlers() -> io::Result<()> {
     Ok(())
 }
 
-/// The kick and timer signals as a set.
-fn kick_set() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set; sigaddset with valid numbers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, sig_kick());
-        libc::sigaddset(&mut set, sig_timer());
-        set
+/// A signal set holding `signals` (valid signal numbers).
+pub(crate) fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: an all-zero set is valid storage; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &signo in signals {
+        // SAFETY: an initialised set and a valid signal number.
+        unsafe { libc::sigaddset(&mut set, signo) };
     }
+    set
 }
 
-/// Blocks the kick and timer signals in the calling thread (a vCPU thread,
-/// before it publishes its thread id, so no kick can reach it unblocked).
-pub fn block_in_current_thread() -> io::Result<()> {
-    let set = kick_set();
+/// Blocks `signals` in the calling thread (and the threads it spawns).
+pub(crate) fn block_signals(signals: &[libc::c_int]) -> io::Result<()> {
+    let set = signal_set(signals);
     // SAFETY: a valid set; the old mask is not asked for.
     let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if ret != 0 {
         return Err(io::Error::from_raw_os_error(ret));
     }
     Ok(())
+}
+
+/// The kick and timer signals as a set.
+fn kick_set() -> libc::sigset_t {
+    signal_set(&[sig_kick(), sig_timer()])
+}
+
+/// Blocks the kick and timer signals in the calling thread (a vCPU thread,
+/// before it publishes its thread id, so no kick can reach it unblocked).
+pub fn block_in_current_thread() -> io::Result<()> {
+    block_signals(&[sig_kick(), sig_timer()])
 }
 
 /// The kernel's signal set (64 bits on x86_64) for `set`: bit `n - 1` for
@@ -146,7 +157,7 @@ pub fn set_kvm_signal_mask(fd: &VcpuFd) -> Result<(), errno::Error> {
     Ok(())
 }
 
-/// What [`take_pending`] consumed.
+/// What [`drain_pending`] consumed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Consumed {
     /// Kick signals.
@@ -175,33 +186,20 @@ impl Consumed {
 /// keep the thread here).
 const DRAIN_LIMIT: u32 = 64;
 
-/// Consumes one of the kick and timer signals pending for the calling
-/// thread (blocked there), without waiting: one `sigtimedwait`. After
-/// `KVM_RUN` returned `EINTR` one is pending (the one that ended it), and
-/// rarely another: that one makes the next `KVM_RUN` return at once and is
-/// consumed then, which costs less than a second `sigtimedwait` after
-/// every kick would.
-pub fn take_pending() -> Consumed {
-    take(1)
-}
-
 /// Consumes every kick and timer signal pending for the calling thread
 /// (up to a bound), without waiting: one `sigtimedwait` per signal, plus
-/// one that finds none. For a thread coming back from a wait outside the
-/// guest, where several may have piled up.
+/// one that finds none. All of them, not just the one that ended `KVM_RUN`:
+/// kicks are real-time signals, which queue, and a backlog left pending
+/// would end each later `KVM_RUN` at once, one exit per kick, starving the
+/// guest when the thread was kept off its core for a while.
 pub fn drain_pending() -> Consumed {
-    take(DRAIN_LIMIT)
-}
-
-/// Consumes up to `limit` pending kick and timer signals.
-fn take(limit: u32) -> Consumed {
     let set = kick_set();
     let zero = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     let mut consumed = Consumed::default();
-    for _ in 0..limit {
+    for _ in 0..DRAIN_LIMIT {
         // SAFETY: an all-zero siginfo is valid; sigtimedwait fills it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: a valid set, siginfo and timeout, all ours.
@@ -313,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn test_take_pending_consumes_one_signal_and_drain_the_rest() {
+    fn test_drain_pending_consumes_every_queued_kick() {
         install_handlers().unwrap();
         std::thread::spawn(|| {
             block_in_current_thread().unwrap();
@@ -322,10 +320,9 @@ mod tests {
             for _ in 0..3 {
                 kick_thread(me);
             }
-            // Real-time signals queue: three kicks pending.
-            assert_eq!(take_pending().kicks, 1);
-            assert_eq!(drain_pending().kicks, 2);
-            assert_eq!(take_pending(), Consumed::default());
+            // Real-time signals queue: three kicks pending, all consumed.
+            assert_eq!(drain_pending().kicks, 3);
+            assert_eq!(drain_pending(), Consumed::default());
         })
         .join()
         .unwrap();

@@ -29,28 +29,13 @@ static WATCHER: Mutex<Option<(u64, Sink)>> = Mutex::new(None);
 /// The signal thread, started once per process (or why it could not start).
 static THREAD: OnceLock<Result<(), i32>> = OnceLock::new();
 
-/// SIGINT and SIGTERM as a set.
-fn stop_set() -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set; sigaddset with valid numbers.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        set
-    }
-}
+/// SIGINT and SIGTERM.
+const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
 /// Blocks SIGINT and SIGTERM in the calling thread (and so in the threads it
 /// spawns afterwards).
 pub fn block() -> io::Result<()> {
-    let set = stop_set();
-    // SAFETY: a valid set; the old mask is not asked for.
-    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if ret != 0 {
-        return Err(io::Error::from_raw_os_error(ret));
-    }
-    Ok(())
+    crate::kick::block_signals(&STOP_SIGNALS)
 }
 
 /// A registration made by [`watch`]: dropping it stops handing signals to
@@ -105,7 +90,7 @@ pub fn watch(sink: impl Fn(i32) + Send + Sync + 'static) -> io::Result<StopSigna
 /// The signal thread's body: waits for SIGINT and SIGTERM (blocked here as
 /// everywhere) and hands each to the watcher, or dies of it.
 fn wait_forever() {
-    let set = stop_set();
+    let set = crate::kick::signal_set(&STOP_SIGNALS);
     // Blocked here too, whoever spawned the thread: sigwaitinfo takes them
     // from the pending set; unblocked they would be delivered instead.
     let _ = block();

@@ -296,7 +296,7 @@ impl VcpuRunner {
                 }
                 Err(e) if e.errno() == libc::EINTR => {
                     self.count(ExitReason::Intr);
-                    self.note_signals(kick::take_pending());
+                    self.note_signals(kick::drain_pending());
                 }
                 Err(e) if e.errno() == libc::EAGAIN => self.count(ExitReason::Again),
                 Err(e) => return Err(host_error(id, "KVM_RUN", e)),
