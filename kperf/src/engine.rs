@@ -540,6 +540,24 @@ impl Kperf {
             .min()
     }
 
+    /// The step of every vCPU's deadlines while the timers run, when it is
+    /// fixed: `Some(period)` when exactly one on-CPU timer is active, whose
+    /// deadlines on every vCPU lie on one grid (its first global deadline
+    /// plus multiples of the period: KT-ST-1, and dead reckoning, leader and
+    /// follower all keep to it, KT-F-2, KT-F-4); `None` when stopped, or
+    /// with no on-CPU timer or several (the earliest of several is not
+    /// periodic). The VMM arms a periodic host timer for it.
+    pub fn fixed_on_cpu_period(&self) -> Option<u64> {
+        if !self.started {
+            return None;
+        }
+        let mut active = self.timers[..self.timer_count as usize]
+            .iter()
+            .filter(|timer| timer.deadline != 0 && timer.period_ns != 0);
+        let first = active.next()?;
+        active.next().is_none().then_some(first.period_ns)
+    }
+
     /// `cpu`'s deadline for timer `id` (`None`: not armed on it).
     pub fn cpu_deadline(&self, cpu: usize, id: u32) -> Option<u64> {
         let index = self.timer_index(id).ok()?;

@@ -1514,3 +1514,35 @@ fn test_kick_every_is_refused_while_started_and_reset_to_1() {
     k.set_action_count(1).unwrap();
     assert_eq!(k.action_kick_every(1), Ok(1));
 }
+
+#[test]
+fn test_one_on_cpu_timer_steps_every_vcpu_on_one_grid() {
+    let k = one_timer(sampler::TH_INFO, MS);
+    assert_eq!(k.fixed_on_cpu_period(), None, "not started");
+    let mut sim = Sim::new(k, 3, 7, 300 * US);
+    assert_eq!(sim.kperf.fixed_on_cpu_period(), Some(MS));
+    sim.idle(2);
+    sim.run_until(20 * MS);
+    sim.wake(2);
+    sim.run_until(40 * MS);
+    // Every deadline any vCPU was given lies on the grid of the first one.
+    for seen in &sim.seen {
+        assert_eq!((seen.fire.next_deadline - 7) % MS, 0, "{seen:?}");
+    }
+    sim.kperf.set_sampling(false, 40 * MS, 3).unwrap();
+    assert_eq!(sim.kperf.fixed_on_cpu_period(), None, "stopped");
+
+    // Two on-CPU timers: not periodic. A traditional PET timer beside one
+    // on-CPU timer runs as its one-shot: the on-CPU timer is still periodic.
+    let mut two = one_timer(sampler::TH_INFO, MS);
+    two.set_timer_count(2).unwrap();
+    two.set_timer_period(1, 3 * MS).unwrap();
+    two.set_timer_action(1, 1).unwrap();
+    two.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(two.fixed_on_cpu_period(), None);
+    two.set_sampling(false, 0, 1).unwrap();
+    two.set_pet_timer(1).unwrap();
+    two.set_sampling(true, 0, 1).unwrap();
+    assert_eq!(two.pet_deadline().map(|d| d > 0), Some(true));
+    assert_eq!(two.fixed_on_cpu_period(), Some(MS));
+}

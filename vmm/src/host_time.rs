@@ -73,12 +73,39 @@ impl DeviceClock {
     }
 }
 
+/// Which of a vCPU thread's POSIX timers a timer signal comes from (its
+/// `sigev_value`, read back by [`crate::kick::drain_pending`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerTag {
+    /// The timer device's deadline (one-shot).
+    Device = 0,
+    /// kperf's sampling deadline (periodic while the period is fixed).
+    Sampling = 1,
+}
+
+/// What a [`PosixTimer`] is armed for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Armed {
+    /// The first expiry, absolute `CLOCK_MONOTONIC` ns.
+    first_ns: u64,
+    /// The period, ns; 0 for a one-shot.
+    period_ns: u64,
+}
+
 /// A POSIX timer on `CLOCK_MONOTONIC` that signals the thread that created it
 /// (`SIGEV_THREAD_ID`): its expiry reaches a vCPU thread with no helper-thread hop.
+///
+/// One-shot ([`PosixTimer::program`]) or periodic
+/// ([`PosixTimer::program_periodic`]); either is re-armed (`timer_settime`)
+/// only when the deadline it is asked for is not the one it already has. A
+/// periodic timer re-arms itself in the kernel each time its signal is
+/// consumed, and counts the expirations it missed meanwhile as the signal's
+/// overrun.
 #[derive(Debug)]
 pub struct PosixTimer {
     id: libc::timer_t,
-    armed_for: Option<u64>,
+    armed: Option<Armed>,
+    settime_calls: u64,
 }
 
 // SAFETY: the timer handle is an opaque kernel id; the timer is only used by the
@@ -86,12 +113,14 @@ pub struct PosixTimer {
 unsafe impl Send for PosixTimer {}
 
 impl PosixTimer {
-    /// Creates a timer whose expiry sends `signal` to the calling thread.
-    pub fn for_current_thread(signal: libc::c_int) -> io::Result<Self> {
+    /// Creates a timer whose expiry sends `signal` to the calling thread,
+    /// with `tag` as the signal's value.
+    pub fn for_current_thread(signal: libc::c_int, tag: TimerTag) -> io::Result<Self> {
         // SAFETY: an all-zero sigevent is valid; we fill in the fields we use.
         let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
         event.sigev_notify = libc::SIGEV_THREAD_ID;
         event.sigev_signo = signal;
+        event.sigev_value.sival_ptr = tag as usize as *mut libc::c_void;
         // SAFETY: gettid has no preconditions.
         event.sigev_notify_thread_id = unsafe { libc::gettid() };
         let mut id: libc::timer_t = std::ptr::null_mut();
@@ -102,20 +131,55 @@ impl PosixTimer {
         }
         Ok(Self {
             id,
-            armed_for: None,
+            armed: None,
+            settime_calls: 0,
         })
     }
 
-    /// Arms the timer for the absolute `CLOCK_MONOTONIC` time `deadline_ns`, or
-    /// disarms it for `None`. Does nothing when already armed for that time.
+    /// Arms the timer once for the absolute `CLOCK_MONOTONIC` time
+    /// `deadline_ns`, or disarms it for `None`. Does nothing when already
+    /// armed for that time.
     pub fn program(&mut self, deadline_ns: Option<u64>) -> io::Result<()> {
-        if self.armed_for == deadline_ns {
+        let want = deadline_ns.map(|first_ns| Armed {
+            first_ns,
+            period_ns: 0,
+        });
+        if self.armed == want {
             return Ok(());
         }
+        self.settime(want)
+    }
+
+    /// Arms the timer to expire at the absolute `CLOCK_MONOTONIC` time
+    /// `deadline_ns` and every `period_ns` after it. Does nothing when it is
+    /// already periodic with that period and `deadline_ns` lies on its grid,
+    /// at or after its first expiry: the kernel's next expiry is then the
+    /// first grid point after the signal was last consumed, never later than
+    /// `deadline_ns` as long as `deadline_ns` lies after that moment (a
+    /// deadline computed after the consumption does).
+    pub fn program_periodic(&mut self, deadline_ns: u64, period_ns: u64) -> io::Result<()> {
+        if period_ns == 0 {
+            return self.program(Some(deadline_ns));
+        }
+        if let Some(armed) = self.armed {
+            if armed.period_ns == period_ns
+                && deadline_ns >= armed.first_ns
+                && (deadline_ns - armed.first_ns).is_multiple_of(period_ns)
+            {
+                return Ok(());
+            }
+        }
+        self.settime(Some(Armed {
+            first_ns: deadline_ns,
+            period_ns,
+        }))
+    }
+
+    fn settime(&mut self, want: Option<Armed>) -> io::Result<()> {
         // A zero it_value disarms; an absolute time in the past fires at once.
         let spec = libc::itimerspec {
-            it_interval: timespec(0),
-            it_value: timespec(deadline_ns.map_or(0, |d| d.max(1))),
+            it_interval: timespec(want.map_or(0, |a| a.period_ns)),
+            it_value: timespec(want.map_or(0, |a| a.first_ns.max(1))),
         };
         // SAFETY: the timer id is ours; the spec is valid.
         let ret = unsafe {
@@ -124,8 +188,14 @@ impl PosixTimer {
         if ret != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.armed_for = deadline_ns;
+        self.armed = want;
+        self.settime_calls += 1;
         Ok(())
+    }
+
+    /// The `timer_settime` calls made so far (arming, re-arming, disarming).
+    pub fn settime_calls(&self) -> u64 {
+        self.settime_calls
     }
 }
 
@@ -153,5 +223,30 @@ mod tests {
         assert!(zero <= monotonic_ns() - b);
         assert_eq!(clock.to_monotonic(b), zero + b);
         assert_eq!(clock.to_monotonic(u64::MAX), u64::MAX, "saturates");
+    }
+
+    #[test]
+    fn test_timers_are_rearmed_only_when_the_deadline_changes() {
+        let mut timer = PosixTimer::for_current_thread(libc::SIGRTMAX(), TimerTag::Device).unwrap();
+        // Far in the future: nothing fires during the test.
+        let base = monotonic_ns() + 3_600_000_000_000;
+        timer.program(Some(base)).unwrap();
+        timer.program(Some(base)).unwrap();
+        assert_eq!(timer.settime_calls(), 1, "same one-shot deadline");
+        timer.program_periodic(base, 100).unwrap();
+        assert_eq!(timer.settime_calls(), 2, "one-shot to periodic");
+        for k in 1..10 {
+            timer.program_periodic(base + k * 100, 100).unwrap();
+        }
+        assert_eq!(timer.settime_calls(), 2, "on the grid: no re-arm");
+        timer.program_periodic(base + 150, 100).unwrap();
+        assert_eq!(timer.settime_calls(), 3, "off the grid");
+        timer.program_periodic(base + 50, 100).unwrap();
+        assert_eq!(timer.settime_calls(), 4, "before the first expiry");
+        timer.program_periodic(base + 250, 50).unwrap();
+        assert_eq!(timer.settime_calls(), 5, "another period");
+        timer.program(None).unwrap();
+        timer.program(None).unwrap();
+        assert_eq!(timer.settime_calls(), 6, "disarmed once");
     }
 }

@@ -4,8 +4,8 @@
 //! kernel directly in 64-bit long mode on N vCPUs, without an in-kernel
 //! irqchip: interrupt delivery is the VMM's own (a per-vCPU virtual interrupt
 //! controller and timer from `metronome-devices`, injected with
-//! `KVM_INTERRUPT`), and vCPU threads are kicked out of `KVM_RUN` with
-//! `immediate_exit` plus a signal. Host-side sampling runs kperf's kptimer
+//! `KVM_INTERRUPT`), and vCPU threads are kicked out of `KVM_RUN` with a
+//! signal they block everywhere but inside `KVM_RUN`. Host-side sampling runs kperf's kptimer
 //! (the `kperf` crate) on the vCPU threads themselves.
 //!
 //! - [`config`]: typed configuration, validated at the edge.
@@ -14,7 +14,8 @@
 //! - [`vcpu`]: the vCPU thread: exits, interrupt injection, parking.
 //! - [`bus`] and [`devices`]: one bus per address space and the device adapters.
 //! - [`host_time`] and [`kick`]: the device clock, per-thread POSIX timers,
-//!   and the signals that make a vCPU leave `KVM_RUN`.
+//!   and the signals that make a vCPU leave `KVM_RUN`; [`stop_signals`]:
+//!   SIGINT and SIGTERM on their own thread.
 //! - [`sampling`]: kptimer expiries, samples, the trace; [`profile`]: what
 //!   samples become (symbolized folded stacks, flame graph, pprof).
 //! - [`summary`]: the run summary and the clockintr dump.
@@ -43,6 +44,7 @@ pub mod outfile;
 pub mod pmu;
 pub mod profile;
 pub mod sampling;
+pub mod stop_signals;
 pub mod summary;
 pub mod vcpu;
 pub mod vm;

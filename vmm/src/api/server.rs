@@ -2,13 +2,12 @@
 //!
 //! [`serve`] blocks SIGINT and SIGTERM in the calling thread before it
 //! spawns anything, so that every thread of the process (the API thread,
-//! the VMM thread, the vCPUs) has them blocked, and the API thread reads
-//! them from a signalfd: a signal ends the server, stops a running VM with
-//! that signal as its outcome, joins the VMM thread, and the socket file is
-//! removed. The VM is started with [`crate::SignalWatch::Caller`] so that it
-//! neither reads nor unblocks them.
+//! the VMM thread, the vCPUs) has them blocked, and the signal thread
+//! ([`crate::stop_signals`], no signalfd) hands them to the API thread: a
+//! signal ends the server, stops a running VM with that signal as its
+//! outcome, joins the VMM thread, and the socket file is removed. The VM is
+//! started with [`crate::SignalWatch::Caller`] so that it does not watch them.
 
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener as StdUnixListener;
 use std::path::{Path, PathBuf};
@@ -17,14 +16,13 @@ use std::sync::Arc;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::unix::AsyncFd;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::{
     header_timeout, instance::Instance, routes, stall::WriteDeadline, write_timeout,
     MAX_CONNECTIONS, MAX_HEADERS, MAX_HEADER_BYTES,
 };
-use crate::vm::events::{block_stop_signals, read_stop_signal};
+use crate::stop_signals;
 
 /// Why the API server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +106,8 @@ fn bind(path: &Path, force: bool) -> Result<StdUnixListener, ApiServeError> {
 ///
 /// # Errors
 ///
-/// The socket path exists without `force`, or the socket, the signalfd, the
-/// API thread or its runtime cannot be made.
+/// The socket path exists without `force`, or the socket, the signal
+/// thread, the API thread or its runtime cannot be made.
 pub fn serve(path: &Path, force: bool, instance: Arc<Instance>) -> Result<i32, ApiServeError> {
     serve_with(path, force, instance, false)
 }
@@ -127,7 +125,12 @@ pub fn serve_with(
     instance: Arc<Instance>,
     boot: bool,
 ) -> Result<i32, ApiServeError> {
-    let signals = block_stop_signals().map_err(ApiServeError::Signals)?;
+    let (signal_tx, signals) = mpsc::unbounded_channel();
+    let _watch = stop_signals::watch(move |signo| {
+        // The API thread has gone only when the server ends.
+        let _ = signal_tx.send(signo);
+    })
+    .map_err(ApiServeError::Signals)?;
     let listener = bind(path, force)?;
     let _socket = SocketFile(path.to_owned());
     let thread = std::thread::Builder::new()
@@ -159,28 +162,21 @@ pub fn serve_with(
 }
 
 /// The next SIGINT or SIGTERM.
-async fn next_signal(fd: &AsyncFd<OwnedFd>) -> std::io::Result<i32> {
-    loop {
-        let mut ready = fd.readable().await?;
-        if let Some(signo) = read_stop_signal(fd.get_ref()) {
-            return Ok(signo);
-        }
-        ready.clear_ready();
-    }
+async fn next_signal(signals: &mut mpsc::UnboundedReceiver<i32>) -> std::io::Result<i32> {
+    signals
+        .recv()
+        .await
+        .ok_or_else(|| std::io::Error::other("the signal watch ended"))
 }
 
 /// Accepts connections (at most [`MAX_CONNECTIONS`] at once) and serves
 /// each on its own task until a signal arrives.
 async fn accept_loop(
     listener: StdUnixListener,
-    signals: OwnedFd,
+    mut signals: mpsc::UnboundedReceiver<i32>,
     instance: Arc<Instance>,
 ) -> std::io::Result<i32> {
     let listener = tokio::net::UnixListener::from_std(listener)?;
-    // SAFETY: the AsyncFd owns the OwnedFd, so the signalfd stays open and
-    // is the same descriptor (OwnedFd::as_raw_fd never changes) until the
-    // AsyncFd is dropped.
-    let signals = unsafe { AsyncFd::register(signals) }.map_err(|e| e.into_parts().1)?;
     let router = routes::router(instance);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut http = http1::Builder::new();
@@ -190,13 +186,13 @@ async fn accept_loop(
         .max_headers(MAX_HEADERS);
     loop {
         let slot = tokio::select! {
-            signo = next_signal(&signals) => return signo,
+            signo = next_signal(&mut signals) => return signo,
             slot = slots.clone().acquire_owned() => slot,
         };
         // Cannot panic: the semaphore is never closed.
         let slot = slot.expect("the connection semaphore is open");
         let stream = tokio::select! {
-            signo = next_signal(&signals) => return signo,
+            signo = next_signal(&mut signals) => return signo,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {

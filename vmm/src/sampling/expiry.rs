@@ -13,7 +13,14 @@
 //! 3. outside the lock, each request is captured ([`super::capture`]) with the
 //!    action settings it carries, and the sample leaves the thread through
 //!    [`super::SampleBuffer`]; `PERF_TM_HNDLR` end closes it;
-//! 4. the POSIX timer is re-armed for the next deadline, and the guest resumes.
+//! 4. the guest resumes. With one on-CPU timer the POSIX timer is periodic
+//!    (its period is the timer's, its grid the deadlines'): the next deadline
+//!    lies on its grid and nothing is re-armed; the kernel re-armed it when
+//!    its signal was consumed, and expirations missed meanwhile come back as
+//!    the signal's overrun ([`VcpuSampling::timer_overruns`]). Otherwise (several
+//!    timers, or PET's one-shot first) it is a one-shot re-armed for the
+//!    next deadline. Either way it is re-armed only when the deadline changes
+//!    off its grid: start, stop, halt and wake, pause and resume.
 //!
 //! Halted vCPUs are idle for kperf (KT-I-1): [`VcpuSampler::before_halt`]
 //! cancels the deadline while the thread is parked, [`VcpuSampler::after_halt`]
@@ -36,8 +43,8 @@ use super::capture::{capture, Capture};
 use super::lightweight::Admission;
 use super::state::SamplingShared;
 use super::trace::{current_tid, TraceRecord};
-use crate::host_time::{monotonic_ns, DeviceClock, PosixTimer};
-use crate::kick;
+use crate::host_time::{monotonic_ns, DeviceClock, PosixTimer, TimerTag};
+use crate::kick::{self, Consumed};
 
 /// Per-vCPU sampling counters (owned by the vCPU thread, read at the end).
 #[derive(Clone, Debug, Default)]
@@ -58,6 +65,12 @@ pub struct VcpuSampling {
     pub pet_fires: u64,
     /// Host cost of each sample: from noticing the deadline to the sample kept, ns.
     pub cost: LatencyHistogram,
+    /// Expirations of the periodic sampling timer that came while its signal
+    /// was still pending (the kernel's overrun count: sampling fell behind).
+    pub timer_overruns: u64,
+    /// `timer_settime` calls on the sampling timer (arming, re-arming,
+    /// disarming): with a fixed period, far fewer than the samples.
+    pub timer_rearms: u64,
 }
 
 /// Which profile a sample goes to: the on-CPU timers' (whose samples are
@@ -87,7 +100,7 @@ impl VcpuSampler {
     pub fn for_current_thread(id: u32, clock: DeviceClock) -> io::Result<Self> {
         Ok(Self {
             id,
-            timer: PosixTimer::for_current_thread(kick::sig_timer())?,
+            timer: PosixTimer::for_current_thread(kick::sig_timer(), TimerTag::Sampling)?,
             clock,
             stats: VcpuSampling::default(),
             tid: 0,
@@ -165,6 +178,12 @@ impl VcpuSampler {
         sampling.set_deadline(self.id, deadline);
     }
 
+    /// Counts what the vCPU thread consumed of the sampling timer's
+    /// signals: the expirations they could not carry.
+    pub fn note_signals(&mut self, consumed: &Consumed) {
+        self.stats.timer_overruns += consumed.sampling_overruns;
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> &VcpuSampling {
         &self.stats
@@ -175,17 +194,30 @@ impl VcpuSampler {
         self.stats
     }
 
+    /// Arms the POSIX timer for the earliest of this vCPU's kperf deadline
+    /// and (on the PET handler vCPU) PET's one-shot: periodic when the
+    /// kperf deadline comes first and steps by a fixed period, one-shot
+    /// otherwise. No system call when it is armed for that already.
     fn arm(&mut self, sampling: &SamplingShared) -> io::Result<()> {
         let own = sampling.deadline(self.id);
         let pet = self
             .handles_pet()
             .then(|| sampling.pet.deadline())
             .flatten();
-        let next = match (own, pet) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let armed = match (own, pet, sampling.fixed_period()) {
+            (Some(own), pet, Some(period)) if pet.is_none_or(|pet| own <= pet) => self
+                .timer
+                .program_periodic(self.clock.to_monotonic(own), period),
+            (own, pet, _) => {
+                let next = match (own, pet) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                self.timer.program(next.map(|d| self.clock.to_monotonic(d)))
+            }
         };
-        self.timer.program(next.map(|d| self.clock.to_monotonic(d)))
+        self.stats.timer_rearms = self.timer.settime_calls();
+        armed
     }
 
     /// The traditional PET one-shot fired (PET-H-2): `PERF_TM_FIRE` (the

@@ -193,6 +193,8 @@ fn figures(
             dropped,
             walk_errors: v.walk_errors,
             not_running: v.not_running,
+            timer_overruns: v.timer_overruns,
+            timer_rearms: v.timer_rearms,
             achieved_hz: v.samples as f64 / secs,
             trace_guest_events: sampling.guest_events().drained(s.id),
             trace_ring_dropped: if sampling.trace().is_some() {

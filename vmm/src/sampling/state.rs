@@ -45,6 +45,11 @@ pub struct SamplingShared {
     kperf: Mutex<Kperf>,
     /// Per vCPU: the kperf host deadline in device time ([`NO_DEADLINE`] = none).
     deadlines: Vec<AtomicU64>,
+    /// The step of every vCPU's deadlines while sampling runs, when fixed
+    /// ([`Kperf::fixed_on_cpu_period`]; 0 = not fixed). Written by
+    /// [`SamplingShared::start`] under the engine lock; the period cannot
+    /// change until sampling stops, which cancels every deadline.
+    fixed_period_ns: AtomicU64,
     /// Bumped by every stop; each vCPU acknowledges it at its loop top.
     epoch: AtomicU64,
     acked: Vec<AtomicU64>,
@@ -203,6 +208,7 @@ impl SamplingShared {
         Ok(Self {
             kperf: Mutex::new(config.engine()?),
             deadlines: (0..n).map(|_| AtomicU64::new(NO_DEADLINE)).collect(),
+            fixed_period_ns: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ack_lock: Mutex::new(()),
@@ -230,6 +236,13 @@ impl SamplingShared {
     pub fn deadline(&self, id: u32) -> Option<u64> {
         let deadline = self.deadlines[id as usize].load(Ordering::Acquire);
         (deadline != NO_DEADLINE).then_some(deadline)
+    }
+
+    /// The fixed step of the vCPUs' deadlines, ns, when there is one
+    /// ([`Kperf::fixed_on_cpu_period`], as of the last start).
+    pub fn fixed_period(&self) -> Option<u64> {
+        let period = self.fixed_period_ns.load(Ordering::Acquire);
+        (period != 0).then_some(period)
     }
 
     /// Sets vCPU `id`'s kperf deadline. Callers hold the engine lock, so that
@@ -358,6 +371,8 @@ impl SamplingShared {
     pub fn start(&self, now: u64) -> Result<(), KperfError> {
         let mut engine = self.engine();
         let programs = engine.set_sampling(true, now, self.deadlines.len())?;
+        self.fixed_period_ns
+            .store(engine.fixed_on_cpu_period().unwrap_or(0), Ordering::Release);
         for (id, deadline) in programs.into_iter().enumerate() {
             self.set_deadline(id as u32, deadline);
         }

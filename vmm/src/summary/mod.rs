@@ -318,6 +318,14 @@ pub struct VcpuSamplingSummary {
     pub walk_errors: u64,
     /// Expiries that found sampling off (a stop racing them).
     pub not_running: u64,
+    /// Expirations of the periodic sampling timer that came while its
+    /// previous signal was still pending (the host timer's overrun count:
+    /// the vCPU fell behind the period; kperf dead-reckons past them).
+    pub timer_overruns: u64,
+    /// `timer_settime` calls on the sampling timer: with one on-CPU timer it
+    /// is periodic and re-armed only when its deadline leaves the grid
+    /// (start, stop, halt and wake), not per sample.
+    pub timer_rearms: u64,
     /// Samples per second of guest uptime.
     pub achieved_hz: f64,
     /// With a trace: events (dispatches, switches) drained from this vCPU's

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!            +--------------------------------------------------------------+
-//!            |  loop top: clear immediate_exit; stop? publish the counters  |
+//!            |  loop top: stop? publish the counters                        |
 //!            |  (every 20 ms); pause? hold?                                 |
 //!            |  sampling: kperf deadline passed? expiry + own sample        |
 //!            |  trace: drain the guest's event ring                         |
@@ -12,7 +12,8 @@
 //!            +----------------------------+---------------------------------+
 //!                                         | KVM_RUN
 //!     exits: PIO/MMIO -> bus | HLT -> park until deliverable | EINTR (kick,
-//!     timer signal) -> loop | IRQ window -> loop | shutdown/internal -> VM ends
+//!     timer signal: consumed with sigtimedwait) -> loop | IRQ window -> loop |
+//!     shutdown/internal -> VM ends
 //! ```
 //!
 //! Running --- HLT (IF=1) ---> Parked --- interrupt pending / stop ---> Running
@@ -31,7 +32,7 @@ use std::sync::Arc;
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
-use crate::host_time::{self, PosixTimer};
+use crate::host_time::{self, PosixTimer, TimerTag};
 use crate::kick;
 use crate::metrics::ExitReason;
 use crate::sampling::{VcpuSampler, VcpuSampling};
@@ -114,10 +115,15 @@ impl VcpuRunner {
     /// `request_exit`; the statistics are returned either way.
     pub fn run(mut self) -> VcpuRunStats {
         host_time::set_min_timer_slack();
-        let run = self.fd.get_kvm_run() as *mut kvm_bindings::kvm_run;
-        // SAFETY: kvm_run is mmap'd for the life of `self.fd`, which outlives the
-        // binding: we unbind before returning (and so before the fd is dropped).
-        unsafe { kick::bind_current_thread(std::ptr::addr_of_mut!((*run).immediate_exit)) };
+        // The kick and timer signals are blocked here before anyone can kick
+        // this thread (its id is published below), and unblocked only inside
+        // KVM_RUN (crate::kick).
+        let blocked = kick::block_in_current_thread()
+            .map_err(|e| host_error(self.id, "blocking the kick signals", e))
+            .and_then(|()| {
+                kick::set_kvm_signal_mask(&self.fd)
+                    .map_err(|e| host_error(self.id, "KVM_SET_SIGNAL_MASK", e))
+            });
         // SAFETY: pthread_self has no preconditions.
         let _ = self.shared.vcpus[self.id as usize]
             .thread
@@ -128,7 +134,9 @@ impl VcpuRunner {
         }
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        let started = self.start_timers().and_then(|timer| self.run_loop(timer));
+        let started = blocked
+            .and_then(|()| self.start_timers())
+            .and_then(|timer| self.run_loop(timer));
         if let Err(reason) = started {
             self.shared.request_exit(reason);
         }
@@ -138,7 +146,6 @@ impl VcpuRunner {
         if let Some(sampling) = &self.shared.sampling {
             sampling.retire(self.id);
         }
-        kick::unbind_current_thread();
         let regs = self.fd.sync_regs();
         self.stats.last_rip = regs.regs.rip;
         self.stats.last_rflags = regs.regs.rflags;
@@ -158,7 +165,7 @@ impl VcpuRunner {
                 .map_err(|e| host_error(id, "timer_create", e))?;
             self.sampler = Some(sampler);
         }
-        PosixTimer::for_current_thread(kick::sig_timer())
+        PosixTimer::for_current_thread(kick::sig_timer(), TimerTag::Device)
             .map_err(|e| host_error(id, "timer_create", e))
     }
 
@@ -206,7 +213,6 @@ impl VcpuRunner {
         let id = self.id;
         let shared = self.shared.clone();
         loop {
-            self.fd.set_kvm_immediate_exit(0);
             if shared.stopping() {
                 return Ok(());
             }
@@ -293,10 +299,23 @@ impl VcpuRunner {
                     self.count(ExitReason::Other);
                     return Err(VmExit::Emulation { vcpu: id, detail });
                 }
-                Err(e) if e.errno() == libc::EINTR => self.count(ExitReason::Intr),
+                Err(e) if e.errno() == libc::EINTR => {
+                    self.count(ExitReason::Intr);
+                    self.note_signals(kick::drain_pending());
+                }
                 Err(e) if e.errno() == libc::EAGAIN => self.count(ExitReason::Again),
                 Err(e) => return Err(host_error(id, "KVM_RUN", e)),
             }
+        }
+    }
+
+    /// Notes the kick and timer signals consumed for this thread (blocked
+    /// outside KVM_RUN; consumed, they do not end the next KVM_RUN at once):
+    /// the sampler counts its timer's missed expirations. What they asked
+    /// for is seen at the loop top, which follows.
+    fn note_signals(&mut self, consumed: kick::Consumed) {
+        if let Some(sampler) = &mut self.sampler {
+            sampler.note_signals(&consumed);
         }
     }
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::VcpuRunner;
+use crate::kick;
 use crate::vm::VmExit;
 
 /// How long a parked vCPU with no timer deadline sleeps before re-checking
@@ -113,6 +114,10 @@ impl VcpuRunner {
         }
         self.publish_stats(false);
         self.park_until_pending(interrupts_off);
+        // The device timer's signal for the deadline that ended the park (or
+        // a kick sent before it) is still pending: consumed here, it does not
+        // cost an extra KVM_RUN that returns at once.
+        self.note_signals(kick::drain_pending());
         if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
             sampler.after_halt(sampling);
         }

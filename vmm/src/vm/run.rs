@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
-use super::events::{unblock_stop_signals, ExitSubscriber, SignalSubscriber, TimeoutSubscriber};
+use super::events::{ExitSubscriber, TimeoutSubscriber};
 use super::live::RunView;
 use super::pet_thread::PetThread;
 use super::requests::{self, RequestSubscriber, VmmLink};
@@ -17,6 +17,7 @@ use super::stress::{drain_stress, StressGenerator};
 use super::{Vm, VmController, VmExit};
 use crate::kick;
 use crate::sampling::export::RunRecords;
+use crate::stop_signals::{self, StopSignalWatch};
 use crate::summary::Summary;
 use crate::vcpu::{VcpuRunStats, VcpuRunner};
 
@@ -57,10 +58,13 @@ impl Vm {
             return Err((self, VmExit::Host(format!("signal handlers: {e}"))));
         }
         let signals = match watch {
-            SignalWatch::Vm => match SignalSubscriber::new(shared.clone()) {
-                Ok(s) => Some(s),
-                Err(e) => return Err((self, VmExit::Host(format!("signalfd: {e}")))),
-            },
+            SignalWatch::Vm => {
+                let target = shared.clone();
+                match stop_signals::watch(move |signo| target.request_exit(VmExit::Signal(signo))) {
+                    Ok(s) => Some(s),
+                    Err(e) => return Err((self, VmExit::Host(format!("signal thread: {e}")))),
+                }
+            }
             SignalWatch::Caller => None,
         };
         let pio = Arc::new(std::mem::take(&mut self.devices.pio));
@@ -111,7 +115,6 @@ impl Vm {
             view,
             threads,
             stress,
-            watch_signals: signals.is_some(),
             signals,
             requests: None,
             process_start,
@@ -125,21 +128,22 @@ pub struct RunningVm {
     view: Arc<RunView>,
     threads: Vec<JoinHandle<VcpuRunStats>>,
     stress: Option<StressGenerator>,
-    signals: Option<SignalSubscriber>,
+    /// With [`SignalWatch::Vm`]: SIGINT and SIGTERM end the VM while this
+    /// lives (dropped when the event loop ends).
+    signals: Option<StopSignalWatch>,
     /// The request channel's end, once [`RunningVm::link`] made one: the
     /// event loop watches it.
     requests: Option<RequestSubscriber>,
-    /// The VM blocked SIGINT/SIGTERM in this thread and unblocks them at its end.
-    watch_signals: bool,
     process_start: Instant,
 }
 
 /// Who handles SIGINT and SIGTERM while a VM runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SignalWatch {
-    /// The VM: [`Vm::start`] blocks them in the calling thread and reads them
-    /// from a signalfd in [`RunningVm::wait`]'s event loop; they end the VM
-    /// (the command line).
+    /// The VM: [`Vm::start`] blocks them in the calling thread (before it
+    /// spawns the vCPU threads) and has the signal thread
+    /// ([`crate::stop_signals`]) end the VM with them until
+    /// [`RunningVm::wait`]'s event loop ends (the command line).
     Vm,
     /// The caller, which has blocked them in every thread before starting the
     /// VM and ends it with [`VmController::stop_on_signal`] (the API server,
@@ -193,12 +197,10 @@ impl RunningVm {
                 self.process_start.elapsed()
             }
         };
-        // The signalfd is gone with the event loop: from here on SIGINT and
-        // SIGTERM take their default action, so a stuck shutdown can still be
-        // interrupted. A caller that watches them keeps them blocked.
-        if self.watch_signals {
-            unblock_stop_signals();
-        }
+        // The watch ends with the event loop: from here on SIGINT and SIGTERM
+        // take their default action, so a stuck shutdown can still be
+        // interrupted. A caller that watches them keeps its own watch.
+        drop(self.signals.take());
         if let Some(stress) = self.stress.take() {
             stress.stop();
             drain_stress(&shared);
@@ -243,9 +245,6 @@ impl RunningVm {
             EventManager::new().map_err(|e| VmExit::Host(format!("event manager: {e}")))?;
         let exit_watch = Arc::new(Mutex::new(ExitSubscriber::new(shared.clone())));
         manager.add_subscriber(exit_watch.clone());
-        if let Some(signals) = self.signals.take() {
-            manager.add_subscriber(Arc::new(Mutex::new(signals)));
-        }
         // Dropped with the manager when the loop ends: later requests fail.
         if let Some(requests) = self.requests.take() {
             manager.add_subscriber(Arc::new(Mutex::new(requests)));

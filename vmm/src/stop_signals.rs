@@ -1,0 +1,191 @@
+//! SIGINT and SIGTERM without a signalfd: one thread, `metronome-sig`,
+//! waits for them with `sigwaitinfo` and hands each to whoever watches them.
+//!
+//! Why not a signalfd: the kernel wakes every signalfd waiter of a process
+//! for any signal sent to any of its threads, so a thread waiting on one for
+//! SIGINT/SIGTERM would be woken by every kick and sampling-timer signal sent
+//! to a vCPU thread. A thread in `sigwaitinfo` is woken only by a signal it
+//! waits for (thread-directed signals to other threads never reach it).
+//!
+//! The rules:
+//! - every thread blocks SIGINT and SIGTERM: [`block`] in the thread that
+//!   spawns the others, before it spawns them (so that the kernel can only
+//!   hand them to the waiting thread);
+//! - [`watch`] registers the one sink a signal is handed to, on the signal
+//!   thread, for as long as its [`StopSignalWatch`] lives;
+//! - a signal that comes while nobody watches takes its default action (the
+//!   process ends, killed by it), as an unblocked signal would: a stuck
+//!   shutdown can still be interrupted.
+
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// What a signal is handed to: its number.
+type Sink = Arc<dyn Fn(i32) + Send + Sync>;
+
+/// The current watcher: its registration number and sink.
+static WATCHER: Mutex<Option<(u64, Sink)>> = Mutex::new(None);
+
+/// The signal thread, started once per process (or why it could not start).
+static THREAD: OnceLock<Result<(), i32>> = OnceLock::new();
+
+/// SIGINT and SIGTERM.
+const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and so in the threads it
+/// spawns afterwards).
+pub fn block() -> io::Result<()> {
+    crate::kick::block_signals(&STOP_SIGNALS)
+}
+
+/// A registration made by [`watch`]: dropping it stops handing signals to
+/// its sink.
+#[must_use = "signals are handed to the sink only while the watch lives"]
+pub struct StopSignalWatch {
+    number: u64,
+}
+
+impl std::fmt::Debug for StopSignalWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StopSignalWatch")
+            .field("number", &self.number)
+            .finish()
+    }
+}
+
+impl Drop for StopSignalWatch {
+    fn drop(&mut self) {
+        let mut watcher = WATCHER.lock().unwrap_or_else(|p| p.into_inner());
+        if watcher.as_ref().is_some_and(|(n, _)| *n == self.number) {
+            *watcher = None;
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread, starts the signal thread
+/// if it is not running, and hands every SIGINT or SIGTERM to `sink` (on
+/// the signal thread) until the returned watch is dropped. A later watch
+/// replaces an earlier one.
+///
+/// # Errors
+///
+/// The signals cannot be blocked, or the signal thread cannot be spawned.
+pub fn watch(sink: impl Fn(i32) + Send + Sync + 'static) -> io::Result<StopSignalWatch> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    block()?;
+    let number = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    *WATCHER.lock().unwrap_or_else(|p| p.into_inner()) = Some((number, Arc::new(sink)));
+    let watch = StopSignalWatch { number };
+    let started = *THREAD.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("metronome-sig".into())
+            .spawn(wait_forever)
+            .map(drop)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
+    });
+    started.map_err(io::Error::from_raw_os_error)?;
+    Ok(watch)
+}
+
+/// The signal thread's body: waits for SIGINT and SIGTERM (blocked here as
+/// everywhere) and hands each to the watcher, or dies of it.
+fn wait_forever() {
+    let set = crate::kick::signal_set(&STOP_SIGNALS);
+    // Blocked here too, whoever spawned the thread: sigwaitinfo takes them
+    // from the pending set; unblocked they would be delivered instead.
+    let _ = block();
+    loop {
+        // SAFETY: a valid set; the siginfo is not asked for.
+        let signo = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if signo < 0 {
+            // EINTR (a stopped-and-continued process, say): wait again.
+            continue;
+        }
+        let sink = WATCHER
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, sink)| sink.clone());
+        match sink {
+            Some(sink) => sink(signo),
+            None => die_of(signo),
+        }
+    }
+}
+
+/// Takes `signo`'s default action (for SIGINT and SIGTERM: the process ends,
+/// killed by the signal), as if it had never been blocked.
+fn die_of(signo: i32) -> ! {
+    // SAFETY: restoring the default disposition, unblocking the signal in
+    // this thread and sending it to this thread: plain calls with valid
+    // arguments. The default action ends the process before raise returns.
+    unsafe {
+        libc::signal(signo, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signo);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(signo);
+        libc::_exit(128 + signo)
+    }
+}
+
+/// The signal thread's kernel thread id (for tests that aim a signal at it
+/// alone), once it runs.
+#[cfg(test)]
+fn signal_thread_tid() -> Option<libc::pid_t> {
+    let task = std::fs::read_dir("/proc/self/task").ok()?;
+    task.filter_map(Result::ok).find_map(|entry| {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim() == "metronome-sig").then(|| entry.file_name().to_str()?.parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Sends `signo` to the signal thread alone (a process-directed signal
+    /// would kill the test harness, whose threads do not block it).
+    fn send_to_signal_thread(signo: i32) {
+        // The thread names itself once it runs.
+        let start = std::time::Instant::now();
+        let tid = loop {
+            if let Some(tid) = signal_thread_tid() {
+                break tid;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no signal thread"
+            );
+            std::thread::yield_now();
+        };
+        // SAFETY: tgkill with our own pid, a live thread of ours and a valid signal.
+        let ret = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, signo) };
+        assert_eq!(ret, 0);
+    }
+
+    #[test]
+    fn test_signals_reach_the_current_watcher_only() {
+        let (tx, rx) = mpsc::channel();
+        let first_tx = tx.clone();
+        let first = watch(move |signo| first_tx.send((1, signo)).unwrap()).unwrap();
+        send_to_signal_thread(libc::SIGTERM);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (1, libc::SIGTERM)
+        );
+        let second = watch(move |signo| tx.send((2, signo)).unwrap()).unwrap();
+        // The first watch's drop does not unregister its successor.
+        drop(first);
+        send_to_signal_thread(libc::SIGINT);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            (2, libc::SIGINT)
+        );
+        drop(second);
+        assert!(WATCHER.lock().unwrap().is_none());
+    }
+}
