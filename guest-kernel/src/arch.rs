@@ -142,6 +142,26 @@ pub unsafe fn outl(port: u16, value: u32) {
     };
 }
 
+/// Writes the low `width` bytes (1, 2 or 4; anything else means 4) of
+/// `value` to an I/O port with one `out`.
+///
+/// # Safety
+/// As [`outl`].
+pub unsafe fn out(port: u16, width: u64, value: u32) {
+    // SAFETY: the caller vouches for the port.
+    unsafe {
+        match width {
+            1 => {
+                asm!("out dx, al", in("dx") port, in("al") value as u8, options(nomem, nostack, preserves_flags))
+            }
+            2 => {
+                asm!("out dx, ax", in("dx") port, in("ax") value as u16, options(nomem, nostack, preserves_flags))
+            }
+            _ => outl(port, value),
+        }
+    }
+}
+
 /// Writes a byte string to an I/O port with one `rep outsb` (one VM exit).
 ///
 /// # Safety

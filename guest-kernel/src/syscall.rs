@@ -20,7 +20,7 @@ use metronome_abi::{layout, GuestReport, VcpuShared, MAX_REPORTS};
 use crate::arch::Frame;
 use crate::drivers::{console, timer};
 use crate::percpu::PerCpu;
-use crate::{boot, clock, sched};
+use crate::{arch, boot, clock, sched};
 
 /// Give up the CPU.
 pub const SYS_YIELD: u64 = 0;
@@ -40,6 +40,17 @@ pub const SYS_PROFIL: u64 = 6;
 pub const SYS_WAIT: u64 = 7;
 /// Wake the threads of this vCPU waiting on the u64 at `rdi`.
 pub const SYS_WAKE: u64 = 8;
+
+/// The chaos workload's port write: port `rdi & 0xffff`, width `rdi >> 16`
+/// (1, 2 or 4 bytes), value `rsi`. Port I/O faults at CPL3 (IOPL 0), so the
+/// kernel does it for the workload; it passes any port, the debug-exit port
+/// included, for this kernel trusts its built-in workloads.
+pub const SYS_CHAOS_OUT: u64 = 9;
+/// The chaos workload's interrupt mask: spin at CPL0 with interrupts
+/// disabled for `rdi` ns (at most `workloads::chaos::MAX_MASK_NS`, 20 ms).
+pub const SYS_CHAOS_MASK: u64 = 10;
+/// The longest [`SYS_CHAOS_MASK`], ns.
+const MAX_MASK_NS: u64 = 20_000_000;
 
 /// Result of an invalid system call.
 pub const EINVAL: u64 = u64::MAX;
@@ -99,6 +110,27 @@ pub fn dispatch(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &mut Frame) {
             }
         }
         SYS_WAKE => frame.rax = sched::wake_all(cpu, a),
+        SYS_CHAOS_OUT => {
+            let (port, width) = (a as u16, a >> 16);
+            frame.rax = if matches!(width, 1 | 2 | 4) {
+                // SAFETY: the chaos workload asks for this write on purpose;
+                // a port write has no effect on guest memory.
+                unsafe { arch::out(port, width, b as u32) };
+                0
+            } else {
+                EINVAL
+            };
+        }
+        SYS_CHAOS_MASK => {
+            // The door is an interrupt gate: interrupts are already off, and
+            // `iretq` turns them back on (cli ... sti).
+            arch::cli();
+            let start = timer::uptime_ns();
+            while timer::uptime_ns().wrapping_sub(start) < a.min(MAX_MASK_NS) {
+                arch::pause();
+            }
+            frame.rax = 0;
+        }
         _ => frame.rax = EINVAL,
     }
 }
@@ -171,6 +203,20 @@ pub fn wait(word: &core::sync::atomic::AtomicU64, expected: u64) {
 /// User side: wake this vCPU's threads waiting on `word`.
 pub fn wake(word: &core::sync::atomic::AtomicU64) {
     call(SYS_WAKE, word.as_ptr() as u64, 0);
+}
+
+/// User side: the chaos workload's port write ([`SYS_CHAOS_OUT`]).
+pub fn chaos_out(port: u16, width: u64, value: u32) {
+    call(
+        SYS_CHAOS_OUT,
+        u64::from(port) | width << 16,
+        u64::from(value),
+    );
+}
+
+/// User side: interrupts masked for `ns` at CPL0 ([`SYS_CHAOS_MASK`]).
+pub fn chaos_mask(ns: u64) {
+    call(SYS_CHAOS_MASK, ns, 0);
 }
 
 /// User side: uptime in ns.

@@ -8,6 +8,7 @@
 //! timer bank never waits on another vCPU's.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A device on the bus.
@@ -44,6 +45,8 @@ struct Range {
 #[derive(Default)]
 pub struct Bus {
     ranges: BTreeMap<u64, Range>,
+    /// Accesses that hit no device (shared with whoever reports them).
+    misses: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -89,10 +92,26 @@ impl Bus {
         Ok(())
     }
 
+    /// The count of accesses that hit no device, shared: it stays readable
+    /// after the bus moves to the vCPU threads.
+    pub fn miss_counter(&self) -> Arc<AtomicU64> {
+        self.misses.clone()
+    }
+
     fn find(&self, addr: u64, size: usize) -> Option<(u64, &Range)> {
-        let (base, range) = self.ranges.range(..=addr).next_back()?;
-        let offset = addr - base;
-        (offset + size as u64 <= range.len).then_some((offset, range))
+        let found = self
+            .ranges
+            .range(..=addr)
+            .next_back()
+            .and_then(|(base, range)| {
+                let offset = addr - base;
+                let end = offset.checked_add(size as u64)?;
+                (end <= range.len).then_some((offset, range))
+            });
+        if found.is_none() {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        found
     }
 
     /// Forwards a read; returns false (and leaves `data` as all ones) on a miss.
@@ -160,6 +179,14 @@ mod tests {
         assert_eq!(data, [0xff; 4]);
         assert!(!bus.read(0, 0x106, &mut data), "straddles the end");
         assert!(!bus.write(0, 0x108, &[1]));
+        assert_eq!(bus.miss_counter().load(Ordering::Relaxed), 3);
+        assert!(bus.write(0, 0x100, &[1]));
+        assert_eq!(
+            bus.miss_counter().load(Ordering::Relaxed),
+            3,
+            "a hit is no miss"
+        );
+        assert!(!bus.write(0, u64::MAX, &[1; 8]), "no overflow at the top");
     }
 
     #[test]

@@ -233,6 +233,10 @@ enum WorkloadArg {
     /// Threads with a designed profile: a 60/30/10 split across three leaf
     /// functions, a sleeper, a producer and a consumer blocked on it.
     Profile,
+    /// The hostile guest: vCPU 0 runs the demo threads, every other vCPU
+    /// misuses every device, the timer, interrupt masking, its frame
+    /// pointers and the thread table (seeded by --stat-seed); needs 2 vCPUs.
+    Chaos,
 }
 
 impl From<WorkloadArg> for Workload {
@@ -244,6 +248,7 @@ impl From<WorkloadArg> for Workload {
             WorkloadArg::SpinCpl0 => Workload::SpinCpl0,
             WorkloadArg::ExitNow => Workload::ExitNow,
             WorkloadArg::Profile => Workload::Profile,
+            WorkloadArg::Chaos => Workload::Chaos,
         }
     }
 }

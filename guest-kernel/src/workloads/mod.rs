@@ -1,5 +1,5 @@
 //! The built-in workloads, chosen by the VMM in the boot-information block
-//! (`metronome bench`'s are in [`bench`]).
+//! (`metronome bench`'s are in [`bench`], the hostile guest in [`chaos`]).
 //!
 //! The thread bodies run at CPL3 (natively on kvm_pvm); the kernel hooks
 //! (`start`, `on_tick`, `on_ipi`) run at CPL0 and stay short.
@@ -15,6 +15,7 @@ use crate::text::Buf;
 use crate::{arch, boot, sched, syscall};
 
 mod bench;
+mod chaos;
 
 /// Total ping-pong round trips completed (vCPU 0's view).
 static PINGPONG_DONE: AtomicU64 = AtomicU64::new(0);
@@ -44,6 +45,7 @@ pub fn start(cpu: &mut PerCpu) {
         Some(Workload::Profile) => spawn_profile(cpu),
         Some(Workload::BenchIdle) => {}
         Some(Workload::BenchCompute) => bench::spawn_compute(cpu),
+        Some(Workload::Chaos) => chaos::spawn_chaos(cpu),
         Some(_) => spawn_demo(cpu),
         None => panic!("unknown workload in boot-information block"),
     }
@@ -102,6 +104,10 @@ pub fn on_tick(cpu: &mut PerCpu, now: u64) {
     }
     if boot.duration_ns != 0 && now >= boot.duration_ns && workload() != Some(Workload::PingPong) {
         syscall::report(report_key::DEMO_WORK, DEMO_WORK.load(Ordering::Relaxed));
+        if workload() == Some(Workload::Chaos) {
+            syscall::report(report_key::CHAOS_ACTIONS, chaos::actions());
+            syscall::report(report_key::CHAOS_ALIVE_NS, chaos::alive_ns(boot.vcpu_count));
+        }
         exit_vm(cpu, exit::GUEST_OK);
     }
 }

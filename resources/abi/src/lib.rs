@@ -302,6 +302,13 @@ pub enum Workload {
     /// operations to [`BenchPage::ops`] as it goes (the busy-vCPU timer
     /// figures and the sampling overhead).
     BenchCompute = 8,
+    /// The hostile guest: vCPU 0 runs the demo threads (the well-behaved
+    /// vCPU); every other vCPU runs one CPL3 chaos thread that misuses
+    /// every device register, unmapped MMIO, IPIs, the timer, interrupt
+    /// masking, its frame pointers and the thread table, driven by a
+    /// pseudo-random generator seeded from [`BootInfo::stat_seed`] and the
+    /// vCPU id (guest-kernel `workloads/chaos.rs`).
+    Chaos = 9,
 }
 
 impl Workload {
@@ -317,6 +324,7 @@ impl Workload {
             6 => Self::Profile,
             7 => Self::BenchIdle,
             8 => Self::BenchCompute,
+            9 => Self::Chaos,
             _ => return None,
         })
     }

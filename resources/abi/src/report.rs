@@ -58,4 +58,9 @@ pub mod report_key {
     pub const PROFIL_ON_NS: u64 = 4;
     /// Uptime (ns) when statclock profiling was switched off.
     pub const PROFIL_OFF_NS: u64 = 5;
+    /// Chaos actions done by every chaos thread together.
+    pub const CHAOS_ACTIONS: u64 = 6;
+    /// Uptime (ns) up to which every chaos vCPU was still acting: the
+    /// smallest, over the chaos vCPUs, of the end of its last chaos action.
+    pub const CHAOS_ALIVE_NS: u64 = 7;
 }

@@ -317,7 +317,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             e.fault_message,
-            "workload 'busy' is not a workload: one of demo, pingpong, fault, spin-cpl0, exit-now, profile"
+            "workload 'busy' is not a workload: one of demo, pingpong, fault, spin-cpl0, exit-now, profile, chaos"
         );
     }
 

@@ -190,6 +190,9 @@ pub enum ConfigError {
     /// hz beyond what this VMM can deliver.
     #[error("--hz {0} is too high for this VMM: at most 10000")]
     HzTooHigh(u32),
+    /// The chaos workload with a single vCPU.
+    #[error("--workload chaos needs at least 2 vCPUs (vCPU 0 stays well-behaved, the others misbehave); --vcpus is {0}")]
+    ChaosVcpus(u32),
 }
 
 /// Reads the JSON file at `path` as a `T`; `read` and `parse` word the two
@@ -237,6 +240,9 @@ impl VmConfig {
         }
         if self.clock.hz > 10_000 {
             return Err(ConfigError::HzTooHigh(self.clock.hz));
+        }
+        if self.workload == Workload::Chaos && self.vcpus < 2 {
+            return Err(ConfigError::ChaosVcpus(self.vcpus));
         }
         Ok(())
     }
@@ -328,6 +334,14 @@ mod tests {
                     ..base.clone()
                 },
                 ConfigError::HzTooHigh(20_000),
+            ),
+            (
+                VmConfig {
+                    workload: Workload::Chaos,
+                    vcpus: 1,
+                    ..base.clone()
+                },
+                ConfigError::ChaosVcpus(1),
             ),
         ];
         for (config, error) in cases {

@@ -55,17 +55,26 @@ pub struct ThreadSample {
 #[derive(Debug)]
 pub struct PetSampler {
     seen: [Seen; MAX_THREADS],
+    /// Thread-table entries found corrupt, over all passes.
+    corrupt: u64,
 }
 
 impl Default for PetSampler {
     fn default() -> Self {
         Self {
             seen: [Seen::default(); MAX_THREADS],
+            corrupt: 0,
         }
     }
 }
 
 impl PetSampler {
+    /// Thread-table entries the passes found corrupt and left out, so far
+    /// (see [`samplers::entry_is_sane`]).
+    pub fn corrupt_entries(&self) -> u64 {
+        self.corrupt
+    }
+
     /// One pass over every live guest thread, at device times `now()`, with the
     /// guest held: `parked[v]` holds vCPU `v`'s registers (`None` for a vCPU
     /// whose thread has gone). `settings` is the PET action's.
@@ -97,8 +106,16 @@ impl PetSampler {
         let last_vcpu = parked.len().saturating_sub(1) as u64;
         let mut samples = Vec::new();
         for (slot, info) in thread_table(mem).iter().enumerate() {
+            if info.tid == 0 {
+                continue;
+            }
+            if !samplers::entry_is_sane(slot, info, parked.len()) {
+                // A hostile or broken guest: nothing in it can be trusted.
+                self.corrupt += 1;
+                continue;
+            }
             let state = info.state as u32;
-            if info.tid == 0 || state == thread_state::EXITED {
+            if state == thread_state::EXITED {
                 continue;
             }
             if settings.pid_filter != PID_FILTER_ALL
@@ -355,6 +372,74 @@ mod tests {
         );
         // Without a parked vCPU there is no address space to read: no pass.
         assert!(pet.pass(&mem, &[None], &action(), 15, &|| 10).is_empty());
+    }
+
+    #[test]
+    fn test_corrupt_thread_entries_are_left_out_and_counted() {
+        let mem = guest();
+        let at = |slot: u64| layout::THREAD_TABLE + slot * std::mem::size_of::<ThreadInfo>() as u64;
+        let write = |slot: u64, info: ThreadInfo| write_plain(&mem, GuestAddress(at(slot)), &info);
+        let sleeper: ThreadInfo = read_plain(&mem, GuestAddress(at(1))).unwrap();
+        // The sleeper's frame pointer now points at itself: a loop.
+        let looping = STACK + 0x400;
+        mem.write_obj(looping, GuestAddress(looping)).unwrap();
+        mem.write_obj(0x40_7777u64, GuestAddress(looping + 8))
+            .unwrap();
+        write(
+            1,
+            ThreadInfo {
+                saved_rbp: looping,
+                ..sleeper
+            },
+        )
+        .unwrap();
+        // Garbage in free slots: a tid that is not the slot's, a vCPU
+        // that does not exist, a state no thread has, a stack upside down.
+        let garbage = ThreadInfo {
+            tid: 12,
+            state: u64::from(thread_state::RUNNABLE),
+            ..sleeper
+        };
+        write(3, garbage).unwrap();
+        write(
+            4,
+            ThreadInfo {
+                tid: 5,
+                vcpu: u64::MAX,
+                ..garbage
+            },
+        )
+        .unwrap();
+        write(
+            5,
+            ThreadInfo {
+                tid: 6,
+                state: u64::MAX,
+                ..garbage
+            },
+        )
+        .unwrap();
+        write(
+            6,
+            ThreadInfo {
+                tid: 7,
+                stack_lo: 2,
+                stack_hi: 1,
+                ..garbage
+            },
+        )
+        .unwrap();
+        let mut pet = PetSampler::default();
+        let samples = pet.pass(&mem, &parked(), &action(), 15, &|| 1);
+        let tids: Vec<u64> = samples.iter().map(|s| s.raw.tid).collect();
+        assert_eq!(tids, [1, 2]);
+        assert_eq!(pet.corrupt_entries(), 4);
+        // The loop ends at once, as an error, not at the depth limit.
+        let sleeper = &samples[1].raw.user_stack;
+        assert_eq!(sleeper.frames, [0x40_0500, 0x40_7777]);
+        assert!(sleeper.error.is_some() && !sleeper.truncated);
+        pet.pass(&mem, &parked(), &action(), 15, &|| 2);
+        assert_eq!(pet.corrupt_entries(), 8, "counted on every pass");
     }
 
     #[test]

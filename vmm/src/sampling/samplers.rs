@@ -185,6 +185,25 @@ pub(super) fn thread_table(mem: &GuestMemoryMmap) -> Vec<ThreadInfo> {
     read_plain_slice(mem, GuestAddress(layout::THREAD_TABLE), MAX_THREADS).unwrap_or_default()
 }
 
+/// Whether the thread-table entry `info` in slot `slot` of a guest with
+/// `vcpus` vCPUs is one the guest kernel could have written (a used slot:
+/// `tid` not 0): its thread id is the slot's (`slot + 1`), its vCPU exists,
+/// its state is a [`thread_state`] a thread can be in, and its stack does
+/// not end below its start. The guest owns the table, so a hostile guest can
+/// write anything there; an entry that fails is left out, not believed.
+pub fn entry_is_sane(slot: usize, info: &ThreadInfo, vcpus: usize) -> bool {
+    const STATES: [u32; 4] = [
+        thread_state::RUNNING,
+        thread_state::RUNNABLE,
+        thread_state::WAITING,
+        thread_state::EXITED,
+    ];
+    (slot as u64).checked_add(1) == Some(info.tid)
+        && info.vcpu < vcpus as u64
+        && u32::try_from(info.state).is_ok_and(|s| STATES.contains(&s))
+        && info.stack_lo <= info.stack_hi
+}
+
 /// The thread-table entry of vCPU `vcpu`'s current thread (`page`): its
 /// slot when it holds that thread; for the idle context (or a slot that
 /// does not match) what the page says, without counters.
@@ -564,6 +583,48 @@ impl Totals {
 mod tests {
     use super::*;
     use crate::guestmem::write_plain;
+
+    #[test]
+    fn test_entry_is_sane_refuses_what_the_guest_kernel_never_writes() {
+        let good = ThreadInfo {
+            tid: 3,
+            vcpu: 1,
+            state: u64::from(thread_state::WAITING),
+            stack_lo: 0x10_0000,
+            stack_hi: 0x11_0000,
+            ..ThreadInfo::default()
+        };
+        assert!(entry_is_sane(2, &good, 2));
+        let bad = [
+            ThreadInfo { tid: 4, ..good },
+            ThreadInfo {
+                tid: u64::MAX,
+                ..good
+            },
+            ThreadInfo { vcpu: 2, ..good },
+            ThreadInfo {
+                state: u64::from(thread_state::IDLE),
+                ..good
+            },
+            ThreadInfo {
+                state: 1 << 32 | 1,
+                ..good
+            },
+            ThreadInfo {
+                stack_lo: 0x12_0000,
+                ..good
+            },
+        ];
+        for info in bad {
+            assert!(!entry_is_sane(2, &info, 2), "{info:?}");
+        }
+        // The last slot's tid cannot wrap around to 0.
+        assert!(!entry_is_sane(
+            usize::MAX,
+            &ThreadInfo { tid: 0, ..good },
+            2
+        ));
+    }
 
     const RAM: u64 = 64 << 20;
 

@@ -98,6 +98,10 @@ pub struct PetShared {
     /// Broadcast requests a vCPU had not served when the next fire asked
     /// again (the later one replaces it).
     pub remote_missed: AtomicU64,
+    /// Thread samples whose stack walk ended on a bad frame pointer.
+    pub walk_errors: AtomicU64,
+    /// Thread-table entries the passes found corrupt and left out.
+    pub corrupt_thread_entries: AtomicU64,
 }
 
 /// Why the PET sampler thread wakes.
@@ -120,6 +124,8 @@ impl PetShared {
             threads_sampled: AtomicU64::new(0),
             pass_ns: Mutex::new(LatencyHistogram::new()),
             remote_missed: AtomicU64::new(0),
+            walk_errors: AtomicU64::new(0),
+            corrupt_thread_entries: AtomicU64::new(0),
         }
     }
 

@@ -14,8 +14,9 @@ use super::{
     Percentiles, StressSummary, Summary, ThreadSummary, TimerSummary, VcpuSummary,
 };
 use crate::config::VmConfig;
-use crate::devices::{ControlPage, VicPage};
+use crate::devices::DeviceErrors;
 use crate::guestmem::read_plain;
+use crate::sampling::samplers::entry_is_sane;
 use crate::vcpu::VcpuRunStats;
 use crate::vm::{Vm, VmExit, VmShared};
 
@@ -45,10 +46,8 @@ pub struct SummarySource<'a> {
     pub config: &'a VmConfig,
     /// The state every thread of the VM shares.
     pub shared: &'a VmShared,
-    /// The interrupt controller page (its refused accesses).
-    pub vic: &'a VicPage,
-    /// The control page (its refused writes).
-    pub control: &'a ControlPage,
+    /// The devices' refused accesses.
+    pub device_errors: &'a DeviceErrors,
 }
 
 impl<'a> SummarySource<'a> {
@@ -57,8 +56,7 @@ impl<'a> SummarySource<'a> {
         Self {
             config: &vm.config,
             shared: &vm.shared,
-            vic: &vm.devices.vic,
-            control: &vm.devices.control,
+            device_errors: &vm.devices.errors,
         }
     }
 }
@@ -134,7 +132,7 @@ pub fn collect_from(
         config: clock_config(vm.config),
         clockintr_total,
         sampling: None,
-        guest_errors: guest_errors(vm),
+        guest_errors: guest_errors(vm, stats),
         errors,
     }
 }
@@ -246,8 +244,12 @@ fn vcpu_summary(
         },
         threads: threads
             .iter()
-            .filter(|t| t.tid != 0 && t.vcpu == u64::from(id))
-            .map(|t| ThreadSummary {
+            .enumerate()
+            // A corrupt entry (a hostile guest's) is left out, as PET does.
+            .filter(|&(slot, t)| {
+                t.tid != 0 && t.vcpu == u64::from(id) && entry_is_sane(slot, t, shared.vcpus.len())
+            })
+            .map(|(_, t)| ThreadSummary {
                 tid: t.tid,
                 name: String::from_utf8_lossy(&t.name)
                     .trim_end_matches('\0')
@@ -300,21 +302,43 @@ fn clock_config(config: &VmConfig) -> ClockConfigSummary {
     }
 }
 
-fn guest_errors(vm: SummarySource<'_>) -> GuestErrors {
+/// Every kind of guest misbehaviour, gathered from where it is counted: the
+/// devices and buses ([`DeviceErrors`]), each vCPU's interrupt controller
+/// and timer models, the vCPU threads' walks, and PET.
+fn guest_errors(vm: SummarySource<'_>, stats: &[VcpuRunStats]) -> GuestErrors {
     let shared = vm.shared;
-    GuestErrors {
-        vic_bad_accesses: vm.vic.bad_accesses.load(Ordering::Relaxed),
-        control_bad_writes: vm.control.bad_reports.load(Ordering::Relaxed),
-        spurious_eois: shared
-            .vcpus
-            .iter()
-            .map(|slot| slot.lock().vic.counters().spurious_eois)
-            .sum(),
-        pet_bad_requests: shared
-            .sampling
-            .as_ref()
-            .map_or(0, |s| s.lightweight.bad_requests.load(Ordering::Relaxed)),
+    let devices = vm.device_errors;
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let (mut spurious_eois, mut timer) = (0, metronome_devices::TimerCounters::default());
+    for slot in &shared.vcpus {
+        let irq = slot.lock();
+        spurious_eois += irq.vic.counters().spurious_eois;
+        let t = irq.timer.counters();
+        timer.bad_accesses += t.bad_accesses;
+        timer.rearm_zero += t.rearm_zero;
+        timer.clamped += t.clamped;
     }
+    let sampling = shared.sampling.as_ref();
+    let mut errors = GuestErrors {
+        total: 0,
+        vic_bad_accesses: load(&devices.vic_bad_accesses),
+        ipis_to_absent_vcpus: load(&devices.ipis_to_absent_vcpus),
+        spurious_eois,
+        timer_bad_accesses: timer.bad_accesses,
+        timer_rearms_zero: timer.rearm_zero,
+        timer_rearms_clamped: timer.clamped,
+        control_bad_writes: load(&devices.control_bad_writes),
+        pet_bad_requests: sampling.map_or(0, |s| load(&s.lightweight.bad_requests)),
+        uart_bad_accesses: load(&devices.uart_bad_accesses),
+        debug_exit_bad_accesses: load(&devices.debug_exit_bad_accesses),
+        unmapped_mmio: load(&devices.unmapped_mmio),
+        unmapped_pio: load(&devices.unmapped_pio),
+        walk_errors: stats.iter().map(|s| s.sampling.walk_errors).sum::<u64>()
+            + sampling.map_or(0, |s| load(&s.pet.walk_errors)),
+        corrupt_thread_entries: sampling.map_or(0, |s| load(&s.pet.corrupt_thread_entries)),
+    };
+    errors.total = errors.sum();
+    errors
 }
 
 /// The name of a workload, as the command line spells it.
@@ -328,6 +352,7 @@ pub fn workload_name(workload: Workload) -> &'static str {
         Workload::KickStress => "kick-stress",
         Workload::Profile => "profile",
         Workload::BenchIdle => "bench-idle",
+        Workload::Chaos => "chaos",
         Workload::BenchCompute => "bench-compute",
     }
 }
@@ -340,6 +365,8 @@ fn report_key_name(key: u64) -> String {
         PROFIL_OFF_NS => "profil_off_ns".into(),
         STRESS_RECEIVED => "stress_received".into(),
         DEMO_WORK => "demo_work".into(),
+        CHAOS_ACTIONS => "chaos_actions".into(),
+        CHAOS_ALIVE_NS => "chaos_alive_ns".into(),
         other => format!("key_{other}"),
     }
 }

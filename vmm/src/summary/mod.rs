@@ -283,19 +283,75 @@ pub struct Summary {
     pub errors: Vec<String>,
 }
 
-/// Guest misbehaviour the VMM contained (per-vCPU counts are in `vcpus[]`:
-/// `bus_misses` and `timer.bad_accesses`).
+/// Guest misbehaviour the VMM contained and counted, by kind, all vCPUs
+/// together (per-vCPU counts are in `vcpus[]`: `bus_misses` and
+/// `timer.bad_accesses`, `rearm_zero`, `clamped`). What counts as
+/// misbehaviour per device is in [`crate::devices`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct GuestErrors {
-    /// Interrupt-controller accesses refused (bad offset or width, bad IPI target or vector).
+    /// Every count below, summed.
+    pub total: u64,
+    /// Interrupt-controller accesses refused (bad offset or width, an IPI
+    /// with reserved bits set or a vector below 32).
     pub vic_bad_accesses: u64,
-    /// Control-page writes refused (bad offset or width).
-    pub control_bad_writes: u64,
-    /// EOIs with nothing in service, all vCPUs.
+    /// Well-formed IPIs to a vCPU that does not exist.
+    pub ipis_to_absent_vcpus: u64,
+    /// EOIs with nothing in service.
     pub spurious_eois: u64,
+    /// Timer accesses refused (bad offset or width, a read of a write-only
+    /// or a write of a read-only register).
+    pub timer_bad_accesses: u64,
+    /// Timer rearms of 0 ns, taken as a trigger (VT-6).
+    pub timer_rearms_zero: u64,
+    /// Timer rearms above 2^32 - 1 ns, clamped to it (VT-4).
+    pub timer_rearms_clamped: u64,
+    /// Control-page writes refused (bad offset or width, a PET request
+    /// without sampling).
+    pub control_bad_writes: u64,
     /// Lightweight PET self-sample requests refused: a value that is not the
     /// vCPU's current thread, or a second request before the first was served.
     pub pet_bad_requests: u64,
+    /// COM1 writes refused: to the read-only LSR or MSR, or wider than a
+    /// byte to a register other than THR.
+    pub uart_bad_accesses: u64,
+    /// Debug-exit writes refused: to ports 0xf5-0xf7, or of 1 or 2 bytes.
+    pub debug_exit_bad_accesses: u64,
+    /// MMIO accesses that hit no device.
+    pub unmapped_mmio: u64,
+    /// Port accesses that hit no device.
+    pub unmapped_pio: u64,
+    /// Stack walks (on-CPU samples and PET's thread samples) that ended on
+    /// a bad frame pointer: unmapped, outside RAM, non-canonical,
+    /// misaligned or not moving up the stack.
+    pub walk_errors: u64,
+    /// Thread-table entries PET found corrupt and left out of its passes: a
+    /// thread id that is not the slot's, a vCPU that does not exist, an
+    /// unknown state or a stack that ends below its start.
+    pub corrupt_thread_entries: u64,
+}
+
+impl GuestErrors {
+    /// Every count but `total`, summed (saturating: guest-driven counts).
+    pub fn sum(&self) -> u64 {
+        [
+            self.vic_bad_accesses,
+            self.ipis_to_absent_vcpus,
+            self.spurious_eois,
+            self.timer_bad_accesses,
+            self.timer_rearms_zero,
+            self.timer_rearms_clamped,
+            self.control_bad_writes,
+            self.pet_bad_requests,
+            self.uart_bad_accesses,
+            self.debug_exit_bad_accesses,
+            self.unmapped_mmio,
+            self.unmapped_pio,
+            self.walk_errors,
+            self.corrupt_thread_entries,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
+    }
 }
 
 /// Host-side sampling of one vCPU.
@@ -546,5 +602,37 @@ impl Summary {
             ));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_guest_errors_total_sums_every_kind_and_saturates() {
+        let errors = GuestErrors {
+            vic_bad_accesses: 1,
+            ipis_to_absent_vcpus: 2,
+            spurious_eois: 4,
+            timer_bad_accesses: 8,
+            timer_rearms_zero: 16,
+            timer_rearms_clamped: 32,
+            control_bad_writes: 64,
+            pet_bad_requests: 128,
+            uart_bad_accesses: 256,
+            debug_exit_bad_accesses: 512,
+            unmapped_mmio: 1024,
+            unmapped_pio: 2048,
+            walk_errors: 4096,
+            corrupt_thread_entries: 8192,
+            total: 99,
+        };
+        assert_eq!(errors.sum(), 16383, "each kind once, total left out");
+        let huge = GuestErrors {
+            walk_errors: u64::MAX,
+            ..errors
+        };
+        assert_eq!(huge.sum(), u64::MAX);
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::{SamplingError, VmController};
 use crate::config::VmConfig;
-use crate::devices::{ControlPage, VicPage};
+use crate::devices::DeviceErrors;
 use crate::sampling::export::{self, ProfileKind, ProfileStacks, TraceCopy};
 use crate::sampling::SamplingShared;
 use crate::summary::{Summary, SummarySource};
@@ -24,10 +24,8 @@ use crate::vcpu::VcpuRunStats;
 pub(crate) struct RunView {
     /// The configuration it was built with.
     pub(crate) config: VmConfig,
-    /// The interrupt controller page, for its counters.
-    pub(crate) vic: Arc<VicPage>,
-    /// The control page, for its counters.
-    pub(crate) control: Arc<ControlPage>,
+    /// The devices' refused accesses.
+    pub(crate) device_errors: Arc<DeviceErrors>,
     /// The guest kernel ELF, for symbolizing.
     pub(crate) kernel_image: Arc<[u8]>,
     /// When the process started (the summary's wall-clock figures).
@@ -69,8 +67,7 @@ impl VmController {
         let source = SummarySource {
             config: &view.config,
             shared,
-            vic: &view.vic,
-            control: &view.control,
+            device_errors: &view.device_errors,
         };
         let wall = view.process_start.elapsed();
         let mut summary = crate::summary::collect_from(source, &stats, wall, wall);

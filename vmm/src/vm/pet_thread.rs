@@ -217,6 +217,15 @@ fn run(shared: &VmShared) {
             );
         }
         end_pass(sampling, shared, samples.len() as u64);
+        let walk_errors = samples.iter().filter(|s| s.raw.walk_error()).count() as u64;
+        sampling
+            .pet
+            .walk_errors
+            .fetch_add(walk_errors, Ordering::Relaxed);
+        sampling
+            .pet
+            .corrupt_thread_entries
+            .store(pet.corrupt_entries(), Ordering::Relaxed);
         let threads = samples.len() as u64;
         for sample in samples {
             sampling.pet.samples.push(sample.raw);

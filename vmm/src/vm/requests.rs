@@ -130,8 +130,7 @@ mod tests {
             crate::devices::DeviceManager::new(&shared, Box::new(std::io::sink())).unwrap();
         let view = Arc::new(crate::vm::live::RunView {
             config: crate::VmConfig::default(),
-            vic: devices.vic,
-            control: devices.control,
+            device_errors: devices.errors,
             kernel_image: Arc::from(&[][..]),
             process_start: std::time::Instant::now(),
         });

@@ -96,8 +96,7 @@ impl Vm {
         }
         let view = Arc::new(RunView {
             config: self.config.clone(),
-            vic: self.devices.vic.clone(),
-            control: self.devices.control.clone(),
+            device_errors: self.devices.errors.clone(),
             kernel_image: self.kernel_image.clone(),
             process_start,
         });
