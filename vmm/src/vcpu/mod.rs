@@ -24,6 +24,7 @@
 
 pub mod inject;
 mod park;
+pub mod test_hooks;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -134,9 +135,22 @@ impl VcpuRunner {
         }
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
-        let started = blocked
-            .and_then(|()| self.start_timers())
-            .and_then(|timer| self.run_loop(timer));
+        // A panic of this thread ends the VM with a report, as any failure
+        // does; the other threads' data is still collected and written.
+        let id = self.id;
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            blocked
+                .and_then(|()| self.start_timers())
+                .and_then(|timer| self.run_loop(timer))
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            Err(VmExit::Host(format!("vCPU {id}: its thread died: {what}")))
+        });
         if let Err(reason) = started {
             self.shared.request_exit(reason);
         }
@@ -220,6 +234,7 @@ impl VcpuRunner {
                 // Every pass acknowledges a pending sampling stop, held or not.
                 sampling.acknowledge(id);
             }
+            crate::vcpu::test_hooks::maybe_panic(id, shared.now());
             self.publish_stats(false);
             if self.stay_out() {
                 continue;
