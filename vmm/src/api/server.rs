@@ -169,6 +169,17 @@ async fn next_signal(fd: &AsyncFd<OwnedFd>) -> std::io::Result<i32> {
     }
 }
 
+/// hyper's HTTP/1.1 server with the API's bounds on a request head (its
+/// size, its fields, the time it has to arrive).
+pub fn http1_builder() -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout())
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    http
+}
+
 /// Accepts connections (at most [`MAX_CONNECTIONS`] at once) and serves
 /// each on its own task until a signal arrives.
 async fn accept_loop(
@@ -183,11 +194,7 @@ async fn accept_loop(
     let signals = unsafe { AsyncFd::register(signals) }.map_err(|e| e.into_parts().1)?;
     let router = routes::router(instance);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(header_timeout())
-        .max_header_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
+    let http = http1_builder();
     loop {
         let slot = tokio::select! {
             signo = next_signal(&signals) => return signo,
