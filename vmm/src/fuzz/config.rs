@@ -117,7 +117,16 @@ pub fn config_file_seeds() -> Vec<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use crate::fuzz::tests::check_target;
+
+    /// Found by libFuzzer: an action count above the actions listed left
+    /// actions at kperf's defaults, which the configuration in force wrote
+    /// as `"samplers": []` and the parser then refused.
+    #[test]
+    fn test_regression_default_actions_read_back() {
+        kperf_json(include_bytes!("regressions/kperf_json-default-action.json"));
+    }
 
     #[test]
     fn test_kperf_json_property() {
