@@ -5,7 +5,11 @@
 use std::path::PathBuf;
 
 fn main() -> std::io::Result<()> {
-    let dir = PathBuf::from(std::env::args_os().nth(1).unwrap_or_else(|| "corpus".into()));
+    let dir = PathBuf::from(
+        std::env::args_os()
+            .nth(1)
+            .unwrap_or_else(|| "corpus".into()),
+    );
     for (name, _) in vmm::fuzz::TARGETS {
         let target = dir.join(name);
         std::fs::create_dir_all(&target)?;

@@ -201,7 +201,7 @@ pub fn api_http(data: &[u8]) {
 
 /// Seeds of `api_request`: one request of each route, and a sequence.
 pub fn seeds() -> Vec<Vec<u8>> {
-    [
+    super::texts(&[
         "GET /",
         "PUT /machine-config\n{\"vcpu_count\": 2, \"mem_size_mib\": 128}",
         "GET /machine-config",
@@ -227,15 +227,12 @@ pub fn seeds() -> Vec<Vec<u8>> {
         "GET /openapi.json",
         "PUT /kperf/action-count\n{\"count\": 1}\n---\nPUT /kperf/timer-count\n{\"count\": 1}\n---\n\
          PUT /kperf/timers/0\n{\"period_ns\": 20000, \"action_id\": 1}\n---\nGET /kperf/timers/0",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 /// Seeds of `api_http`: whole HTTP/1.1 requests, pipelined and chunked.
 pub fn http_seeds() -> Vec<Vec<u8>> {
-    [
+    super::texts(&[
         "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
         "PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
          Content-Length: 20\r\n\r\n{\"vcpu_count\": 2}   ",
@@ -244,10 +241,7 @@ pub fn http_seeds() -> Vec<Vec<u8>> {
         "GET /kperf/limits HTTP/1.1\r\nHost: x\r\n\r\nGET /summary HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET /metrics?format=prometheus HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         "GET /nope HTTP/1.0\r\n\r\n",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 #[cfg(test)]

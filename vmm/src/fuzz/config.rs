@@ -82,17 +82,14 @@ const KPERF: &str = r#"{"action_count": 2, "timer_count": 3,
 
 /// Seeds of `kperf_json`.
 pub fn kperf_seeds() -> Vec<Vec<u8>> {
-    [
+    super::texts(&[
         KPERF,
         r#"{"action_count": 1, "timer_count": 1, "actions": [{"id": 1, "samplers": ["ustack"]}],
             "timers": [{"id": 0, "period_ns": 100000, "action_id": 1}]}"#,
         r#"{"action_count": 1, "timer_count": 1, "actions": [{"id": 1, "samplers": ["th_info"],
             "tier": "no-exit"}], "timers": [{"id": 0, "period_ns": 100000, "action_id": 1}]}"#,
         r#"{"action_count": 0, "timer_count": 0}"#,
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 /// Seeds of `config_file_json`.
@@ -103,16 +100,13 @@ pub fn config_file_seeds() -> Vec<Vec<u8>> {
             "clock": {{"hz": 100, "stathz": 128, "profhz": 1024}},
             "kperf": {KPERF}}}"#
     );
-    [
+    super::texts(&[
         whole.as_str(),
         r#"{"machine-config": {"vcpu_count": 1}}"#,
         r#"{"boot-source": {"kernel_image_path": "/nonexistent", "workload": "profile"}}"#,
         r#"{"clock": {"hz": 1000}}"#,
         "{}",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 #[cfg(test)]

@@ -63,6 +63,11 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
     }
 }
 
+/// `texts` as seed inputs.
+fn texts(texts: &[&str]) -> Vec<Vec<u8>> {
+    texts.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
 /// Seeds of the targets that decode their input with [`Unstructured`]: a
 /// few byte patterns that decode to long operation lists.
 fn structured_seeds() -> Vec<Vec<u8>> {

@@ -5,13 +5,11 @@ use std::cell::RefCell;
 
 use arbitrary::Unstructured;
 use kperf::{sampler, Action, PID_FILTER_ALL};
-use kvm_bindings::{kvm_regs, kvm_sregs};
-use metronome_abi::gdt::{KERNEL_CS, USER_CS};
 use metronome_abi::layout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::pick;
-use crate::sampling::capture::{capture, Capture};
+use crate::sampling::capture::{capture, paged_registers, Capture};
 use crate::sampling::walk::{read_u64, translate, walk_stack, WalkError};
 
 /// Guest RAM of the walker target: the per-vCPU regions and the start of
@@ -21,9 +19,6 @@ const RAM: u64 = layout::HEAP_BASE + 0x80_0000;
 /// Page-table entry bits: present, and a huge page at this level.
 const PRESENT: u64 = 1;
 const HUGE: u64 = 1 << 7;
-
-/// CR0.PG: paging on, as after the VMM's long-mode set-up.
-const CR0_PG: u64 = 1 << 31;
 
 /// Where the guest's interesting words are: the page tables, each vCPU's
 /// stacks and interrupt frames, the shared page, the thread table, the heap.
@@ -180,18 +175,7 @@ fn walk_on(mem: &GuestMemoryMmap, data: &[u8], written: &mut Vec<u64>) {
         kcallstack_depth: u32::from(u.arbitrary::<u8>().unwrap_or(16)) + 1,
         ..Action::default()
     };
-    let regs = kvm_regs {
-        rip,
-        rsp,
-        rbp,
-        ..Default::default()
-    };
-    let mut sregs = kvm_sregs {
-        cr0: CR0_PG,
-        cr3,
-        ..Default::default()
-    };
-    sregs.cs.selector = if user { USER_CS } else { KERNEL_CS };
+    let (regs, sregs) = paged_registers(user, cr3, (rip, rsp, rbp));
     if let Capture::Sample(sample) = capture(mem, vcpu, 1, (&regs, &sregs), &action) {
         let asked = |bit: u32, depth: u32| {
             if action.samplers & bit != 0 {
