@@ -259,6 +259,14 @@ mod tests {
         check_target("api_http", 600, 12);
     }
 
+    /// Found by libFuzzer: an `{id}` whose percent-escape is not UTF-8 was
+    /// refused by axum's `Path` in plain text, without a `fault_message`.
+    #[test]
+    fn test_regression_path_id_not_utf8_is_a_fault() {
+        api_request(include_bytes!("regressions/api_request-path-not-utf8.txt"));
+        api_request(b"GET /kperf/timers/%ff");
+    }
+
     #[test]
     fn test_side_effects_are_found_behind_escapes() {
         let body: serde_json::Value =

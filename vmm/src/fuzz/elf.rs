@@ -164,6 +164,13 @@ mod tests {
         check_target("symbolize", 1500, 32);
     }
 
+    /// Found by libFuzzer: `tiny.elf` with a symbol's or a DWARF
+    /// function's name made empty gave frames named `""`.
+    #[test]
+    fn test_regression_nameless_symbols_name_no_frame() {
+        symbolize(include_bytes!("regressions/symbolize-empty-name.elf"));
+    }
+
     #[test]
     fn test_the_seeds_are_accepted() {
         assert!(loader::check(&minimal_kernel(&[0xf4])).is_ok());
