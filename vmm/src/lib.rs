@@ -36,6 +36,8 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod guestmem;
 pub mod host_time;
 pub mod kick;

@@ -24,14 +24,14 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::errors::ApiError;
 use super::types::{BootSource, ClockConfig, MachineConfig, PreBootSection};
 use crate::config::{KperfConfig, SamplingConfig, VmConfig};
 
 /// The `--config-file` document.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// The body of `PUT /machine-config`.

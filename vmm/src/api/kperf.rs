@@ -19,7 +19,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
 use kperf::{
@@ -277,10 +278,31 @@ impl PathObject for TimerConfig {
     }
 }
 
+/// The `{id}` of a path, as its text: a path that does not decode (a
+/// percent-escape that is not UTF-8) is a 400 with a `fault_message`, not
+/// axum's plain-text refusal (found by the `api_request` fuzz target).
+#[derive(Debug)]
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "invalid path '{}': {}",
+                parts.uri.path(),
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
 /// `GET /kperf/actions/{id}` and `/kperf/timers/{id}`.
 pub(super) async fn get_object<T: PathObject>(
     State(instance): Api,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<Json<T>, ApiError> {
     let what = format!("GET /kperf/{}s", T::KIND);
     let id = path_id(T::KIND, &id)?;
@@ -295,7 +317,7 @@ pub(super) async fn get_object<T: PathObject>(
 /// `PUT /kperf/actions/{id}` and `/kperf/timers/{id}`.
 pub(super) async fn put_object<T: PathObject>(
     State(instance): Api,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<StatusCode, ApiError> {
     let what = format!("PUT /kperf/{}s", T::KIND);
@@ -549,6 +571,23 @@ pub(crate) async fn get_counters(State(instance): Api) -> Result<Json<Counters>,
 mod tests {
     use super::*;
     use crate::api::routes::tests::{call_on, new_instance, run};
+
+    #[test]
+    fn test_a_path_id_that_does_not_decode_is_a_fault() {
+        run(async {
+            let instance = new_instance();
+            for method in ["GET", "PUT"] {
+                let (status, body) =
+                    call_on(&instance, method, "/kperf/timers/%96", "{\"period_ns\": 1}").await;
+                assert_eq!(status, StatusCode::BAD_REQUEST);
+                let message = body["fault_message"].as_str().unwrap();
+                assert!(
+                    message.starts_with("invalid path '/kperf/timers/%96': "),
+                    "{message}"
+                );
+            }
+        });
+    }
 
     #[test]
     fn test_kperf_before_start_cfg_rules_and_statuses() {

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -14,7 +13,7 @@ use super::errors::{ApiError, Fault};
 use super::instance::Instance;
 use super::kperf::{
     get_count, get_counters, get_limits, get_object, get_pet, get_sampling, put_count, put_object,
-    put_pet, put_reset, put_sampling, Api, Count,
+    put_pet, put_reset, put_sampling, Api, ApiPath, Count,
 };
 use super::openapi::{AnyRequest, BodyRefusals, KperfRefusals, StateRefusals};
 use super::routes::ApiJson;
@@ -63,10 +62,7 @@ pub struct ObjectId {
         AnyRequest,
     )
 )]
-pub(crate) async fn get_action(
-    instance: Api,
-    id: Path<String>,
-) -> Result<Json<ActionConfig>, ApiError> {
+pub(crate) async fn get_action(instance: Api, id: ApiPath) -> Result<Json<ActionConfig>, ApiError> {
     get_object(instance, id).await
 }
 
@@ -88,7 +84,7 @@ pub(crate) async fn get_action(
 )]
 pub(crate) async fn put_action(
     instance: Api,
-    id: Path<String>,
+    id: ApiPath,
     body: ApiJson<Value>,
 ) -> Result<StatusCode, ApiError> {
     put_object::<ActionConfig>(instance, id, body).await
@@ -107,10 +103,7 @@ pub(crate) async fn put_action(
         AnyRequest,
     )
 )]
-pub(crate) async fn get_timer(
-    instance: Api,
-    id: Path<String>,
-) -> Result<Json<TimerConfig>, ApiError> {
+pub(crate) async fn get_timer(instance: Api, id: ApiPath) -> Result<Json<TimerConfig>, ApiError> {
     get_object(instance, id).await
 }
 
@@ -131,7 +124,7 @@ pub(crate) async fn get_timer(
 )]
 pub(crate) async fn put_timer(
     instance: Api,
-    id: Path<String>,
+    id: ApiPath,
     body: ApiJson<Value>,
 ) -> Result<StatusCode, ApiError> {
     put_object::<TimerConfig>(instance, id, body).await

@@ -169,6 +169,17 @@ async fn next_signal(signals: &mut mpsc::UnboundedReceiver<i32>) -> std::io::Res
         .ok_or_else(|| std::io::Error::other("the signal watch ended"))
 }
 
+/// hyper's HTTP/1.1 server with the API's bounds on a request head (its
+/// size, its fields, the time it has to arrive).
+pub fn http1_builder() -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout())
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    http
+}
+
 /// Accepts connections (at most [`MAX_CONNECTIONS`] at once) and serves
 /// each on its own task until a signal arrives.
 async fn accept_loop(
@@ -179,11 +190,7 @@ async fn accept_loop(
     let listener = tokio::net::UnixListener::from_std(listener)?;
     let router = routes::router(instance);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(header_timeout())
-        .max_header_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
+    let http = http1_builder();
     loop {
         let slot = tokio::select! {
             signo = next_signal(&mut signals) => return signo,

@@ -97,7 +97,7 @@ fn workload_by_name(name: &str) -> Result<Workload, ApiError> {
 }
 
 /// `PUT /boot-source`: a field left out takes the command line's value.
-#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootSource {
     /// A guest kernel ELF on the host; the embedded kernel when left out.

@@ -62,7 +62,7 @@ impl utoipa::PartialSchema for Samplers {
                         names.join(", ")
                     ))),
             )
-            .min_items(Some(1));
+            .description(Some("Empty: no samplers, kperf's default for an action"));
         OneOfBuilder::new()
             .description(Some(
                 "The samplers: a list of names (as written back), a comma-separated string of \
@@ -109,12 +109,12 @@ impl<'de> Visitor<'de> for SamplersVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Samplers, A::Error> {
+        // An empty list is no samplers, kperf's default for an action: what
+        // the configuration in force writes for an action left at its
+        // defaults (`KperfConfig::from_engine`), so that it reads back.
         let mut bits = 0;
         while let Some(name) = seq.next_element::<String>()? {
             bits |= sampler::parse_list(&name).map_err(sampler_error)?;
-        }
-        if bits == 0 {
-            return Err(sampler_error(SamplerListError::BadBits(0)));
         }
         Ok(Samplers(bits))
     }

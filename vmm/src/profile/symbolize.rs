@@ -98,7 +98,8 @@ impl Symbolizer {
             .symbols()
             .filter(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.address() != 0)
             .filter_map(|s| {
-                let name = s.name().ok()?;
+                // A nameless symbol names nothing (a hostile image has them).
+                let name = s.name().ok().filter(|n| !n.is_empty())?;
                 Some(FunctionSymbol {
                     start: s.address(),
                     end: s.address().saturating_add(s.size()),
@@ -251,6 +252,8 @@ impl Symbolizer {
                 .function
                 .as_ref()
                 .and_then(|name| name.raw_name().ok())
+                // An empty DW_AT_name (a hostile image has them) is no name.
+                .filter(|name| !name.is_empty())
                 .map(|name| demangle(&name).into_owned());
             let (file, line) = match frame.location {
                 Some(location) => (location.file.map(str::to_owned), location.line),
@@ -304,7 +307,7 @@ fn labels(file: &object::File<'_>, code: &[(u64, u64)]) -> Vec<FunctionSymbol> {
         let label = FunctionSymbol {
             start,
             end,
-            name: section.name().ok()?.to_owned(),
+            name: section.name().ok().filter(|n| !n.is_empty())?.to_owned(),
         };
         (start == section.address() && section.kind() == SectionKind::Text).then_some((0, label))
     }));

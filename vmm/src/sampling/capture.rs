@@ -320,6 +320,31 @@ pub fn capture(
     Capture::Sample(sample)
 }
 
+/// The registers of a vCPU in long mode with paging on (page tables at
+/// `cr3`), at CPL3 if `user` else CPL0, with `(rip, rsp, rbp)`: what a
+/// sample reads from sync regs, for tests and the fuzz targets.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn paged_registers(
+    user: bool,
+    cr3: u64,
+    (rip, rsp, rbp): (u64, u64, u64),
+) -> (kvm_regs, kvm_sregs) {
+    use metronome_abi::gdt::{KERNEL_CS, USER_CS};
+    let regs = kvm_regs {
+        rip,
+        rsp,
+        rbp,
+        ..Default::default()
+    };
+    let mut sregs = kvm_sregs {
+        cr0: CR0_PG,
+        cr3,
+        ..Default::default()
+    };
+    sregs.cs.selector = if user { USER_CS } else { KERNEL_CS };
+    (regs, sregs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,19 +456,7 @@ mod tests {
     }
 
     fn regs(cpl: u16, rip: u64, rsp: u64, rbp: u64) -> (kvm_regs, kvm_sregs) {
-        let regs = kvm_regs {
-            rip,
-            rsp,
-            rbp,
-            ..Default::default()
-        };
-        let mut sregs = kvm_sregs {
-            cr0: CR0_PG,
-            cr3: CR3,
-            ..Default::default()
-        };
-        sregs.cs.selector = if cpl == 3 { USER_CS } else { KERNEL_CS };
-        (regs, sregs)
+        paged_registers(cpl == 3, CR3, (rip, rsp, rbp))
     }
 
     fn sample(capture: Capture) -> RawSample {
