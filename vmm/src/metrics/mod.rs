@@ -203,8 +203,8 @@ pub struct VcpuMetrics {
     pub exits: BTreeMap<&'static str, u64>,
     /// Host lateness: timer deadline to the `KVM_INTERRUPT` that delivered it.
     pub host_lateness_ns: LatencyHistogram,
-    /// Guest lateness: the deadline the guest programmed to its clockintr
-    /// dispatch, as the guest measured and reported it.
+    /// Guest lateness: the deadline the guest programmed to the timer
+    /// interrupt's entry, as the guest measured and reported it.
     pub guest_lateness_ns: LatencyHistogram,
     /// kperf samples not kept: a new stack when this vCPU's stack counts
     /// were full (on-CPU timer samples).

@@ -201,7 +201,7 @@ impl Collector for Exposition {
         histograms(
             &mut encoder,
             "timer_guest_lateness",
-            "Guest lateness: programmed deadline to the clockintr dispatch, as the guest reports it.",
+            "Guest lateness: programmed deadline to the timer interrupt's entry, as the guest reports it.",
             vcpus.iter().map(|v| (vcpu(v), &v.guest_lateness_ns)),
         )?;
         timer_advance(&mut encoder, vcpus)?;

@@ -251,7 +251,8 @@ pub struct VcpuSummary {
     pub profclock: u64,
     /// clockintr statistics.
     pub clockintr: ClockintrSummary,
-    /// Guest-measured lateness: dispatch entry minus the deadline the guest programmed.
+    /// Guest-measured lateness: the timer interrupt's entry (the entry stub's
+    /// clock read) minus the deadline the guest programmed.
     pub guest_lateness_ns: Percentiles,
     /// Statclock ticks by state.
     pub cp_time: CpTime,
