@@ -89,14 +89,31 @@ fn test_quick_bench_writes_every_figure_and_its_tables_and_plots() {
     }
     assert!(number(&report, "host.cores") >= 1.0);
 
-    for mode in ["halted", "busy"] {
-        let t = &report["timer"][mode];
+    for (mode, advance) in [
+        ("halted", true),
+        ("busy", true),
+        ("without_advance.halted", false),
+        ("without_advance.busy", false),
+    ] {
+        let mut t = &report["timer"];
+        for key in mode.split('.') {
+            t = &t[key];
+        }
         for side in ["guest_ns", "host_ns", "host_floor_ns"] {
             check_percentiles(&t[side], &format!("timer.{mode}.{side}"));
         }
         assert!(number(t, "count") >= 1000.0, "--quick delivers 1000: {t}");
         assert_eq!(number(t, "early"), 0.0, "no delivery before its deadline");
         assert!(number(t, "host_floor_count") > 0.0, "{t}");
+        assert_eq!(t["advance"]["enabled"], advance, "timer.{mode}: {t}");
+        let learned = number(&t["advance"], "running_advance_ns")
+            .max(number(&t["advance"], "halted_advance_ns"));
+        assert!(learned <= 50_000.0, "advance within 0..=50 us: {t}");
+        for key in ["advance_wait_ns_per_delivery", "advance_guest_time_pct"] {
+            let value = number(t, key);
+            assert!(value.is_finite() && value >= 0.0, "{key}: {t}");
+            assert!(value == 0.0 || advance, "no wait without advance: {t}");
+        }
     }
 
     let sampling = &report["sampling"];
@@ -136,6 +153,8 @@ fn test_quick_bench_writes_every_figure_and_its_tables_and_plots() {
     let markdown = std::fs::read_to_string(&md_path).unwrap();
     for header in [
         "| timer lateness (us) | p50 | p90 | p99 | p99.9 | max | count | early |",
+        "| busy, no advance, host |",
+        "| timer advance | learned (us) |",
         "| 1 kHz | kick |",
         "| 20 kHz | kick |",
         "| target | this run | met |",

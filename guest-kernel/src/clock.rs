@@ -102,9 +102,16 @@ pub struct Hardclock {
     pub need_resched: bool,
 }
 
-/// The timer interrupt: `clockintr_dispatch`. Returns what the scheduler must
-/// do when hardclock ran.
-pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Option<Hardclock> {
+/// The timer interrupt: `clockintr_dispatch`. `entry_ns` is the uptime the
+/// entry stub read first thing (`trap`): the lateness is measured from it, so
+/// it shows the interrupt's delivery, not the entry path. Returns what the
+/// scheduler must do when hardclock ran.
+pub fn interrupt(
+    cpu: &mut PerCpu,
+    shared: &mut VcpuShared,
+    frame: &Frame,
+    entry_ns: u64,
+) -> Option<Hardclock> {
     shared.timer_interrupts += 1;
     let (mut machine, mut sink) =
         GuestMachine::new(&mut cpu.ticks, cpu.current, shared, Some(frame));
@@ -114,8 +121,8 @@ pub fn interrupt(cpu: &mut PerCpu, shared: &mut VcpuShared, frame: &Frame) -> Op
     };
     let need_resched = machine.need_resched;
     if let Some(deadline) = cpu.programmed_deadline {
-        if report.start >= deadline {
-            let late = report.start - deadline;
+        if entry_ns >= deadline {
+            let late = entry_ns - deadline;
             shared.lateness_hist.0[hist::bucket(late)] += 1;
             shared.lateness_max = shared.lateness_max.max(late);
             shared.lateness_sum = shared.lateness_sum.saturating_add(late);

@@ -15,6 +15,7 @@
 
 use core::arch::global_asm;
 
+use metronome_abi::mmio::{TIMER_BASE, TIMER_NOW};
 use metronome_abi::{exception, FaultReport, Vector};
 
 use crate::arch::{self, Frame};
@@ -38,6 +39,17 @@ const STRESS: u64 = Vector::Stress as u64;
 // The pushes build exactly an `InterruptFrame` (22 words, checked in the ABI);
 // the IST tops are 16-byte aligned and 22 is even, so `rsp` is 16-byte aligned
 // at the call.
+//
+// `isr_240`, the timer vector's stub, reads the clock before anything else:
+// its second instruction loads `TIMER_NOW` (the first frees `rax`), and the
+// reading takes the error-code slot, which the timer vector has no use for.
+// Every instruction at CPL0 is interpreted on some hosts (about 0.5 us each),
+// so the guest's lateness (`clock::interrupt`) measures the delivery, not the
+// entry path, the EOI exit and the dispatcher's prologue after it. The stub
+// runs on IST1 like every other (the precompiled `core` uses the red zone, so
+// no interrupt may push onto the interrupted stack), and `xchg` restores
+// `rax` before `isr_common` saves it. `movabs` because the MMIO window lies
+// above 2 GiB, out of reach of a 32-bit absolute or RIP-relative address.
 global_asm!(
     r#"
     .text
@@ -93,6 +105,17 @@ isr_\n:
     .size isr_\n, . - isr_\n
     .endm
 
+    .macro isr_clock n
+    .type isr_\n, @function
+isr_\n:
+    push rax
+    movabs rax, [{timer_now}]
+    xchg [rsp], rax
+    push \n
+    jmp isr_common
+    .size isr_\n, . - isr_\n
+    .endm
+
     .macro isr_err n
     .type isr_\n, @function
 isr_\n:
@@ -103,7 +126,9 @@ isr_\n:
 
     .altmacro
     .macro isr_for n
-    .if (\n == 8) || (\n == 10) || (\n == 11) || (\n == 12) || (\n == 13) || (\n == 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
+    .if \n == {timer}
+    isr_clock %n
+    .elseif (\n == 8) || (\n == 10) || (\n == 11) || (\n == 12) || (\n == 13) || (\n == 14) || (\n == 17) || (\n == 21) || (\n == 29) || (\n == 30)
     isr_err %n
     .else
     isr_noerr %n
@@ -133,6 +158,8 @@ ISR_TABLE:
     .text
     "#,
     trap = sym trap,
+    timer = const Vector::Timer as u8,
+    timer_now = const TIMER_BASE + TIMER_NOW,
 );
 
 extern "C" {
@@ -155,9 +182,11 @@ extern "C" fn trap(frame: &mut Frame) {
         }
         0..=31 => report_fault(id, frame),
         TIMER => {
+            // The timer stub put the clock's reading at entry in the error-code slot.
+            let entry_ns = frame.error_code;
             vic::eoi();
             percpu::with(id, |cpu, shared| {
-                if let Some(tick) = clock::interrupt(cpu, shared, frame) {
+                if let Some(tick) = clock::interrupt(cpu, shared, frame, entry_ns) {
                     let (now, resched) = (tick.now, tick.need_resched);
                     sched::hardclock_tick(cpu, shared, frame, now, resched, workloads::on_tick);
                 }

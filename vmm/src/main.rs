@@ -146,6 +146,10 @@ struct RunArgs {
     /// A guest thread switches statclock profiling on for the middle third of the run.
     #[arg(long)]
     profile_middle_third: bool,
+    /// Arm each vCPU's host timer at the deadline itself, not early by the
+    /// wake latency it learns (timer advance is on by default).
+    #[arg(long)]
+    no_timer_advance: bool,
     /// Sample every vCPU from the host with a kperf configuration: a JSON
     /// file of actions, timers and PET (the schema is in README).
     #[arg(long, value_name = "FILE", conflicts_with_all = [
@@ -332,6 +336,7 @@ impl RunArgs {
             stat_seed: self.stat_seed,
             profile_middle_third: self.profile_middle_third,
             sampling,
+            timer_advance: !self.no_timer_advance,
         })
     }
 }

@@ -538,7 +538,8 @@ pub struct VcpuShared {
     pub stat_interval_max: u64,
     /// The first [`STAT_INTERVALS`] intervals drawn on this vCPU.
     pub stat_intervals: [u64; STAT_INTERVALS],
-    /// Guest-measured timer lateness: uptime at dispatch entry minus the deadline it programmed.
+    /// Guest-measured timer lateness: uptime at the timer interrupt's entry (the
+    /// entry stub reads the clock first) minus the deadline it programmed.
     pub lateness_hist: hist::Counts,
     /// Largest guest-measured lateness.
     pub lateness_max: u64,

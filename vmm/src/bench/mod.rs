@@ -31,12 +31,13 @@ use std::time::{Duration, Instant};
 use metronome_abi::{hist, Workload};
 
 use crate::config::{ConsoleSink, KernelSource, KperfConfig, SamplingConfig, VmConfig};
+use crate::summary::TimerAdvanceSummary;
 use crate::vm::probe::{DeadlineTap, TimerLateness};
 use crate::vm::{BuildVmError, RunningVm, SamplingError, Vm, VmController};
 use floor::{FloorThread, FLOOR_QUEUE};
 use report::{
-    BenchReport, BootReport, FootprintReport, Percentiles, RateFigures, SamplingReport,
-    TimerFigures, TimerReport,
+    BenchReport, BootReport, FootprintReport, NoAdvanceReport, Percentiles, RateFigures,
+    SamplingReport, TimerFigures, TimerReport,
 };
 use svg::Series;
 
@@ -190,14 +191,20 @@ pub fn run(options: &BenchOptions, process_start: Instant) -> Result<BenchReport
     let plan = Plan::new(options.quick);
     let boot = boot_phase(process_start)?;
     progress(&format!("boot: {:.1} ms", boot.first_dispatch_ms));
-    let (halted, halted_series) = timer_phase("halted", Workload::BenchIdle, plan)?;
-    let (busy, busy_series) = timer_phase("busy", Workload::BenchCompute, plan)?;
+    let (halted, halted_series) = timer_phase("halted", Workload::BenchIdle, plan, true)?;
+    let (busy, busy_series) = timer_phase("busy", Workload::BenchCompute, plan, true)?;
+    let (halted_off, _) = timer_phase("halted", Workload::BenchIdle, plan, false)?;
+    let (busy_off, _) = timer_phase("busy", Workload::BenchCompute, plan, false)?;
     let (sampling, footprint) = sampling_phase(plan, options.no_perf)?;
     let report = BenchReport {
         host: host::host_info(),
         timer: TimerReport {
             halted,
             busy,
+            without_advance: NoAdvanceReport {
+                halted: halted_off,
+                busy: busy_off,
+            },
             method: format!(
                 "guest clockintr at hz 100, stathz {TIMER_STATHZ} randomized (CL_RNDSTAT): \
                  each rearm a pseudo-random interval; guest and host lateness from 12.5 % \
@@ -367,22 +374,30 @@ fn boot_phase(process_start: Instant) -> Result<BootReport, BenchError> {
     })
 }
 
+/// One timer phase: a 1-vCPU VM, halted or busy, with timer advance on
+/// or off, until `plan.deliveries` timer interrupts.
 fn timer_phase(
     mode: &'static str,
     workload: Workload,
     plan: Plan,
+    advance: bool,
 ) -> Result<(TimerFigures, Vec<Series>), BenchError> {
     let host_error = |what| move |source| BenchError::Host { what, source };
     let (sender, receiver) = sync_channel(FLOOR_QUEUE);
     let floor =
         FloorThread::spawn(receiver).map_err(host_error("cannot start the floor thread"))?;
-    let phase = if mode == "halted" {
-        "timer (halted)"
-    } else {
-        "timer (busy)"
+    let phase = match (mode, advance) {
+        ("halted", true) => "timer (halted)",
+        ("halted", false) => "timer (halted, no advance)",
+        (_, true) => "timer (busy)",
+        (_, false) => "timer (busy, no advance)",
     };
     let started = Instant::now();
-    let running = Running::start(phase, vm_config(1, workload, TIMER_STATHZ))?;
+    let config = VmConfig {
+        timer_advance: advance,
+        ..vm_config(1, workload, TIMER_STATHZ)
+    };
+    let running = Running::start(phase, config)?;
     running
         .controller
         .set_deadline_tap(DeadlineTap::new(sender, 1));
@@ -398,10 +413,20 @@ fn timer_phase(
     let floor = floor
         .finish()
         .map_err(host_error("the floor thread failed"))?;
-    let figures = timer_figures(&lateness, &floor, dropped, seconds);
+    let figures = timer_figures(&lateness, &floor, dropped, seconds, mode == "halted");
     progress(&format!(
-        "timer ({mode}): {} deliveries, host p50 {} ns, guest p50 {} ns, floor p50 {} ns",
-        figures.count, figures.host_ns.p50, figures.guest_ns.p50, figures.host_floor_ns.p50
+        "{phase}: {} deliveries, host p50 {} ns, guest p50 {} ns, floor p50 {} ns, \
+         advance {} ns, wait {:.0} ns per delivery",
+        figures.count,
+        figures.host_ns.p50,
+        figures.guest_ns.p50,
+        figures.host_floor_ns.p50,
+        if mode == "halted" {
+            figures.advance.halted_advance_ns
+        } else {
+            figures.advance.running_advance_ns
+        },
+        figures.advance_wait_ns_per_delivery
     ));
     Ok((figures, timer_series(&lateness, &floor.lateness_ns)))
 }
@@ -411,7 +436,14 @@ fn timer_figures(
     floor: &floor::FloorRecord,
     tap_dropped: u64,
     seconds: f64,
+    halted: bool,
 ) -> TimerFigures {
+    let advance = TimerAdvanceSummary::of(&lateness.advance);
+    let waited = if halted {
+        advance.stats.halted_wait_ns
+    } else {
+        advance.stats.running_wait_ns
+    };
     TimerFigures {
         guest_ns: Percentiles::of_guest(&lateness.guest, lateness.guest_max),
         host_ns: Percentiles::of_histogram(&lateness.host),
@@ -423,6 +455,10 @@ fn timer_figures(
         host_floor_skipped: floor.skipped + tap_dropped,
         guest_early_dispatches: lateness.guest_early,
         seconds,
+        advance_wait_ns_per_delivery: waited as f64 / lateness.injections.max(1) as f64,
+        advance_guest_time_pct: 100.0 * advance.stats.running_wait_ns as f64
+            / (seconds * 1e9).max(1.0),
+        advance,
     }
 }
 
@@ -442,7 +478,7 @@ fn timer_series(lateness: &TimerLateness, floor_ns: &[u64]) -> Vec<Series> {
     }
     vec![
         Series {
-            name: "guest: deadline to dispatch".into(),
+            name: "guest: deadline to interrupt entry".into(),
             buckets: guest,
         },
         Series {

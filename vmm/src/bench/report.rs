@@ -10,6 +10,8 @@ use metronome_abi::hist;
 use metronome_devices::LatencyHistogram;
 use serde::Serialize;
 
+use crate::summary::TimerAdvanceSummary;
+
 /// Percentiles of one latency distribution, ns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Percentiles {
@@ -108,7 +110,7 @@ pub struct HostInfo {
 /// Timer delivery on one kind of vCPU (halted or busy).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TimerFigures {
-    /// Guest-side lateness: the deadline the guest programmed to its dispatch
+    /// Guest-side lateness: the deadline the guest programmed to its interrupt
     /// entry, from the guest's histogram (12.5 % buckets, exact max).
     pub guest_ns: Percentiles,
     /// Host-side lateness: the deadline to `KVM_INTERRUPT`, from the timer
@@ -132,15 +134,36 @@ pub struct TimerFigures {
     pub guest_early_dispatches: u64,
     /// Wall time of the phase, s.
     pub seconds: f64,
+    /// Timer advance in this phase: whether on, the advances learned, the
+    /// wakes and the waits (the summary's `timer.advance`).
+    pub advance: TimerAdvanceSummary,
+    /// The time waited for deadlines on the phase's path (running for busy,
+    /// halted for halted) per delivery, ns: advance's cost per interrupt.
+    pub advance_wait_ns_per_delivery: f64,
+    /// Guest time lost to advance: the running vCPU's waits over the phase's
+    /// wall time, percent (host CPU only for a halted vCPU, counted apart).
+    pub advance_guest_time_pct: f64,
+}
+
+/// Timer delivery with timer advance off, for comparison.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NoAdvanceReport {
+    /// The vCPU waits in HLT between interrupts.
+    pub halted: TimerFigures,
+    /// The vCPU computes at CPL3 until the interrupt.
+    pub busy: TimerFigures,
 }
 
 /// Both timer phases.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct TimerReport {
-    /// The vCPU waits in HLT between interrupts.
+    /// The vCPU waits in HLT between interrupts (the default: timer
+    /// advance on).
     pub halted: TimerFigures,
-    /// The vCPU computes at CPL3 until the interrupt.
+    /// The vCPU computes at CPL3 until the interrupt (advance on).
     pub busy: TimerFigures,
+    /// The same two phases with `--no-timer-advance`, in the same run.
+    pub without_advance: NoAdvanceReport,
     /// How the deadlines are drawn.
     pub method: String,
 }
@@ -271,7 +294,13 @@ impl BenchReport {
         );
         out.push_str("| timer lateness (us) | p50 | p90 | p99 | p99.9 | max | count | early |\n");
         out.push_str("|---|---|---|---|---|---|---|---|\n");
-        for (mode, t) in [("halted", &self.timer.halted), ("busy", &self.timer.busy)] {
+        let off = &self.timer.without_advance;
+        for (mode, t) in [
+            ("halted", &self.timer.halted),
+            ("busy", &self.timer.busy),
+            ("halted, no advance", &off.halted),
+            ("busy, no advance", &off.busy),
+        ] {
             for (side, p, count) in [
                 ("guest", &t.guest_ns, t.guest_count),
                 ("host", &t.host_ns, t.count),
@@ -292,6 +321,28 @@ impl BenchReport {
                     }
                 );
             }
+        }
+        out.push_str(
+            "\n| timer advance | learned (us) | wakes early / late / ignored | wait per delivery (us) | guest time lost |\n",
+        );
+        out.push_str("|---|---|---|---|---|\n");
+        for (mode, t) in [("halted", &self.timer.halted), ("busy", &self.timer.busy)] {
+            let a = &t.advance;
+            let learned = if mode == "halted" {
+                a.halted_advance_ns
+            } else {
+                a.running_advance_ns
+            };
+            let _ = writeln!(
+                out,
+                "| {mode} | {} | {} / {} / {} | {:.2} | {:.2} % |",
+                us(learned),
+                a.stats.early_wakes,
+                a.stats.late_wakes,
+                a.stats.ignored_wakes,
+                t.advance_wait_ns_per_delivery / 1000.0,
+                t.advance_guest_time_pct
+            );
         }
         let s = &self.sampling;
         let _ = writeln!(

@@ -72,6 +72,10 @@ pub struct VmConfig {
     pub profile_middle_third: bool,
     /// Host-side sampling (kptimer), when wanted.
     pub sampling: Option<SamplingConfig>,
+    /// Timer advance: each vCPU arms its host timer early by the wake
+    /// latency it learns, then waits for the deadline and injects at it
+    /// (`crate::vcpu::advance`). On by default; `--no-timer-advance` turns it off.
+    pub timer_advance: bool,
 }
 
 /// What host-side sampling is asked to do: the kperf configuration, and
@@ -149,6 +153,7 @@ impl Default for VmConfig {
             stat_seed: 1,
             profile_middle_third: false,
             sampling: None,
+            timer_advance: true,
         }
     }
 }

@@ -11,6 +11,7 @@
 //!   injection counts, which its thread updates under the irq lock it takes
 //!   anyway at every guest entry;
 //! - guest lateness: the histogram the guest kernel keeps in its shared page;
+//! - timer advance: the advances and waits in the same irq state;
 //! - kperf: the sampling state's counters and buffers.
 //!
 //! [`collect`] reads all of it from the caller's thread (the API's), taking
@@ -28,6 +29,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::summary::read_vcpu_page;
+use crate::vcpu::advance::WakePath;
 use crate::vm::VmShared;
 
 /// Why a vCPU left `KVM_RUN`, as the vCPU loop sees it.
@@ -201,8 +203,8 @@ pub struct VcpuMetrics {
     pub exits: BTreeMap<&'static str, u64>,
     /// Host lateness: timer deadline to the `KVM_INTERRUPT` that delivered it.
     pub host_lateness_ns: LatencyHistogram,
-    /// Guest lateness: the deadline the guest programmed to its clockintr
-    /// dispatch, as the guest measured and reported it.
+    /// Guest lateness: the deadline the guest programmed to the timer
+    /// interrupt's entry, as the guest measured and reported it.
     pub guest_lateness_ns: LatencyHistogram,
     /// kperf samples not kept: a new stack when this vCPU's stack counts
     /// were full (on-CPU timer samples).
@@ -212,6 +214,15 @@ pub struct VcpuMetrics {
     /// Guest trace events lost: dropped by the guest on a full event ring or
     /// skipped by the host.
     pub trace_ring_drops: u64,
+    /// Timer advance learned for the running vCPU, ns (0 when off).
+    pub timer_advance_running_ns: u64,
+    /// Timer advance learned for the halted vCPU, ns (0 when off).
+    pub timer_advance_halted_ns: u64,
+    /// Time the vCPU thread waited for deadlines while the guest was
+    /// running, ns: the guest time timer advance cost.
+    pub timer_advance_running_wait_ns: u64,
+    /// Time it waited while the guest was halted, ns (host CPU only).
+    pub timer_advance_halted_wait_ns: u64,
 }
 
 /// kperf's counters, all vCPUs.
@@ -247,10 +258,15 @@ pub fn collect(shared: &VmShared) -> VmMetrics {
         .map(|id| {
             let slot = &shared.vcpus[id as usize];
             // Copied under the lock, turned into buckets after it.
-            let (timer_deliveries, host) = {
+            let (timer_deliveries, host, advance) = {
                 let irq = slot.lock();
-                (irq.injected.timer, irq.timer.lateness().clone())
+                (
+                    irq.injected.timer,
+                    irq.timer.lateness().clone(),
+                    irq.advance,
+                )
             };
+            let waited = advance.stats();
             let guest = read_vcpu_page(&shared.mem, id)
                 .map(|read| read.page)
                 .unwrap_or_default();
@@ -264,6 +280,10 @@ pub fn collect(shared: &VmShared) -> VmMetrics {
                 sample_drops: sampling.map_or(0, |s| s.samples.dropped(id)),
                 pet_sample_drops: sampling.map_or(0, |s| s.pet.samples.dropped(id)),
                 trace_ring_drops: sampling.map_or(0, |s| s.guest_events().dropped(&shared.mem, id)),
+                timer_advance_running_ns: advance.advance_ns(WakePath::Running),
+                timer_advance_halted_ns: advance.advance_ns(WakePath::Halted),
+                timer_advance_running_wait_ns: waited.running_wait_ns,
+                timer_advance_halted_wait_ns: waited.halted_wait_ns,
             }
         })
         .collect();

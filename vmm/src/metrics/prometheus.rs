@@ -112,6 +112,69 @@ fn histograms<'a>(
     Ok(())
 }
 
+/// One timer advance family in seconds (`_seconds` is appended), a series
+/// per vCPU and wake path (`path`: `running`, `halted`) with the ns values
+/// `running` and `halted` pick; `counter` or a gauge.
+fn by_path(
+    encoder: &mut DescriptorEncoder,
+    (name, help, counter): (&str, &str, bool),
+    vcpus: &[VcpuMetrics],
+    running: fn(&VcpuMetrics) -> u64,
+    halted: fn(&VcpuMetrics) -> u64,
+) -> Result<(), std::fmt::Error> {
+    let kind = if counter {
+        MetricType::Counter
+    } else {
+        MetricType::Gauge
+    };
+    let mut family = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), kind)?;
+    for v in vcpus {
+        for (path, ns) in [("running", running(v)), ("halted", halted(v))] {
+            let mut labels = vcpu(v);
+            labels.push(("path", path.to_owned()));
+            let (series, seconds) = (family.encode_family(&labels)?, ns as f64 / 1e9);
+            if counter {
+                ConstCounter::new(seconds).encode(series)?;
+            } else {
+                ConstGauge::new(seconds).encode(series)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Timer advance: the learned advance per path (a gauge) and the time
+/// waited for deadlines per path (a counter), both in seconds.
+fn timer_advance(
+    encoder: &mut DescriptorEncoder,
+    vcpus: &[VcpuMetrics],
+) -> Result<(), std::fmt::Error> {
+    let advance = (
+        "timer_advance",
+        "Timer advance: how early the host timer is armed, by wake path.",
+        false,
+    );
+    by_path(
+        encoder,
+        advance,
+        vcpus,
+        |v| v.timer_advance_running_ns,
+        |v| v.timer_advance_halted_ns,
+    )?;
+    let wait = (
+        "timer_advance_wait",
+        "Time waited for timer deadlines after an early wake; running: guest time lost.",
+        true,
+    );
+    by_path(
+        encoder,
+        wait,
+        vcpus,
+        |v| v.timer_advance_running_wait_ns,
+        |v| v.timer_advance_halted_wait_ns,
+    )
+}
+
 impl Collector for Exposition {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let vcpus = &self.vm.vcpus;
@@ -138,9 +201,10 @@ impl Collector for Exposition {
         histograms(
             &mut encoder,
             "timer_guest_lateness",
-            "Guest lateness: programmed deadline to the clockintr dispatch, as the guest reports it.",
+            "Guest lateness: programmed deadline to the timer interrupt's entry, as the guest reports it.",
             vcpus.iter().map(|v| (vcpu(v), &v.guest_lateness_ns)),
         )?;
+        timer_advance(&mut encoder, vcpus)?;
         counters(
             &mut encoder,
             "kicks",
@@ -237,6 +301,8 @@ mod tests {
                 exits: [("hlt", 3), ("io", 0)].into_iter().collect(),
                 host_lateness_ns: LatencyHistogram::from_fine(fine.buckets(), fine.sum()),
                 sample_drops: 2,
+                timer_advance_running_ns: 12_000,
+                timer_advance_halted_wait_ns: 1_500_000,
                 ..Default::default()
             }],
             kperf: KperfMetrics {
@@ -263,6 +329,22 @@ mod tests {
             "42"
         );
         assert_eq!(value(&text, "metronome_kicks_total{vcpu=\"1\"}"), "7");
+        assert!(text.contains("# TYPE metronome_timer_advance_seconds gauge\n"));
+        assert_eq!(
+            value(
+                &text,
+                "metronome_timer_advance_seconds{vcpu=\"1\",path=\"running\"}"
+            ),
+            "0.000012"
+        );
+        assert!(text.contains("# TYPE metronome_timer_advance_wait_seconds_total counter\n"));
+        assert_eq!(
+            value(
+                &text,
+                "metronome_timer_advance_wait_seconds_total{vcpu=\"1\",path=\"halted\"}"
+            ),
+            "0.0015"
+        );
         assert_eq!(
             value(
                 &text,

@@ -11,7 +11,8 @@ use vm_memory::{Address, GuestAddress};
 use super::vcpu_page::read_vcpu_page;
 use super::{
     ClockConfigSummary, ClockintrSummary, CpTime, GuestErrors, GuestVcpuSummary, IntervalSummary,
-    Percentiles, StressSummary, Summary, ThreadSummary, TimerSummary, VcpuSummary,
+    Percentiles, StressSummary, Summary, ThreadSummary, TimerAdvanceSummary, TimerSummary,
+    VcpuSummary,
 };
 use crate::config::VmConfig;
 use crate::devices::DeviceErrors;
@@ -206,6 +207,7 @@ fn vcpu_summary(
             bad_accesses: t.bad_accesses,
             resumes: t.resumes,
             host_lateness_ns: Percentiles::of(irq.timer.lateness()),
+            advance: TimerAdvanceSummary::of(&irq.advance),
         },
         stress: StressSummary {
             sent: irq.stress.sent,

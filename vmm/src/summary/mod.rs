@@ -16,6 +16,8 @@ use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 
+use crate::vcpu::advance::{AdvanceStats, TimerAdvance, WakePath};
+
 pub use clockintr_dump::clockintr_dump;
 pub use collect::{clockintr_stats, collect, collect_from, workload_name, SummarySource};
 pub use vcpu_page::{read_vcpu_page, vcpu_clocks, VcpuClock, VcpuPage};
@@ -71,6 +73,38 @@ pub struct TimerSummary {
     pub resumes: u64,
     /// Deadline-to-injection lateness on the host.
     pub host_lateness_ns: Percentiles,
+    /// Timer advance on this vCPU: what it learned and what it cost.
+    pub advance: TimerAdvanceSummary,
+}
+
+/// Timer advance on one vCPU (`--no-timer-advance` turns it off): the host
+/// timer is armed early by a learned wake latency (0 to 50 us), and the
+/// vCPU thread waits for the deadline before it injects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct TimerAdvanceSummary {
+    /// Whether advance is on.
+    pub enabled: bool,
+    /// The advance learned for a running vCPU (woken out of `KVM_RUN` by a
+    /// signal), ns; 0 when off.
+    pub running_advance_ns: u64,
+    /// The advance learned for a halted vCPU (woken from its timed wait), ns;
+    /// 0 when off.
+    pub halted_advance_ns: u64,
+    /// What advance did: its wakes and waits.
+    #[serde(flatten)]
+    pub stats: AdvanceStats,
+}
+
+impl TimerAdvanceSummary {
+    /// The summary of `advance`.
+    pub fn of(advance: &TimerAdvance) -> Self {
+        Self {
+            enabled: advance.enabled(),
+            running_advance_ns: advance.advance_ns(WakePath::Running),
+            halted_advance_ns: advance.advance_ns(WakePath::Halted),
+            stats: advance.stats(),
+        }
+    }
 }
 
 /// The stress generator's record for one vCPU.
@@ -217,7 +251,8 @@ pub struct VcpuSummary {
     pub profclock: u64,
     /// clockintr statistics.
     pub clockintr: ClockintrSummary,
-    /// Guest-measured lateness: dispatch entry minus the deadline the guest programmed.
+    /// Guest-measured lateness: the timer interrupt's entry (the entry stub's
+    /// clock read) minus the deadline the guest programmed.
     pub guest_lateness_ns: Percentiles,
     /// Statclock ticks by state.
     pub cp_time: CpTime,
@@ -600,6 +635,18 @@ impl Summary {
                 v.timer.host_lateness_ns.p50 / 1000,
                 v.timer.host_lateness_ns.p99 / 1000,
             ));
+            let a = &v.timer.advance;
+            if a.enabled {
+                out.push_str(&format!(
+                    "    timer advance {} us running, {} us halted; waited {:.3} ms \
+                     of guest time ({} waits), {:.3} ms halted\n",
+                    a.running_advance_ns / 1000,
+                    a.halted_advance_ns / 1000,
+                    a.stats.running_wait_ns as f64 / 1e6,
+                    a.stats.running_waits,
+                    a.stats.halted_wait_ns as f64 / 1e6,
+                ));
+            }
         }
         out
     }

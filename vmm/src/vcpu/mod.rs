@@ -6,9 +6,11 @@
 //!            |  (every 20 ms); pause? hold?                                 |
 //!            |  sampling: kperf deadline passed? expiry + own sample        |
 //!            |  trace: drain the guest's event ring                         |
+//!            |  within the timer advance of the deadline: wait for it       |
 //!            |  under the irq lock: poll own timer device, pick the vector  |
-//!            |  then: program own POSIX timer; KVM_INTERRUPT if the guest   |
-//!            |        is ready, else request_interrupt_window               |
+//!            |  then: program own POSIX timer (early by the advance);       |
+//!            |        KVM_INTERRUPT if the guest is ready, else             |
+//!            |        request_interrupt_window                              |
 //!            +----------------------------+---------------------------------+
 //!                                         | KVM_RUN
 //!     exits: PIO/MMIO -> bus | HLT -> park until deliverable | EINTR (kick,
@@ -21,7 +23,10 @@
 //!
 //! - [`inject`]: what a guest entry delivers, decided under the irq lock.
 //! - `park`: HLT, pause and hold: where the thread waits outside the guest.
+//! - [`advance`]: timer advance, arming the host timer early and waiting
+//!   for the deadline.
 
+pub mod advance;
 pub mod inject;
 mod park;
 pub mod test_hooks;
@@ -38,6 +43,7 @@ use crate::kick;
 use crate::metrics::ExitReason;
 use crate::sampling::{VcpuSampler, VcpuSampling};
 use crate::vm::{VmExit, VmShared};
+use advance::WakePath;
 
 /// How often, in device time, a vCPU thread copies its counters where a
 /// live summary reads them ([`crate::vm::shared::VcpuSlot::published`]): a
@@ -79,6 +85,11 @@ pub struct VcpuRunner {
     sampler: Option<VcpuSampler>,
     /// Device time of the last copy of the counters for a live summary.
     published_at: Option<u64>,
+    /// The device deadline the POSIX timer was last armed for (device time).
+    armed_for: Option<u64>,
+    /// The POSIX timer's signal ended the last `KVM_RUN`: the next entry
+    /// measures that wake against `armed_for` (timer advance learns from it).
+    timer_woke: bool,
 }
 
 impl std::fmt::Debug for VcpuRunner {
@@ -109,6 +120,8 @@ impl VcpuRunner {
             stats,
             sampler: None,
             published_at: None,
+            armed_for: None,
+            timer_woke: false,
         }
     }
 
@@ -329,6 +342,7 @@ impl VcpuRunner {
     /// the sampler counts its timer's missed expirations. What they asked
     /// for is seen at the loop top, which follows.
     fn note_signals(&mut self, consumed: kick::Consumed) {
+        self.timer_woke |= consumed.device_timer > 0;
         if let Some(sampler) = &mut self.sampler {
             sampler.note_signals(&consumed);
         }
@@ -336,19 +350,48 @@ impl VcpuRunner {
 
     /// Polls the timer device, programs the POSIX timer and injects what the
     /// guest can take (the decision under the irq lock, the system calls after).
+    ///
+    /// With timer advance the POSIX timer is armed early; an entry within
+    /// the advance of the deadline (the early wake) first waits for the
+    /// deadline outside the lock, so the poll fires and the vector is
+    /// injected at it, never before.
     fn prepare_entry(&mut self, timer: &mut PosixTimer) -> Result<(), VmExit> {
         let id = self.id;
         let shared = &self.shared;
+        let slot = &shared.vcpus[id as usize];
         let run = self.fd.get_kvm_run();
         let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
-        let now = shared.now();
-        let entry = inject::prepare_entry(&mut shared.vcpus[id as usize].lock(), now, ready);
-        let deadline = entry.timer_deadline.map(|d| shared.clock.to_monotonic(d));
-        if let (Some(tap), Some(deadline)) = (shared.deadline_tap.get(), deadline) {
-            tap.offer(id, deadline);
+        let mut now = shared.now();
+        let mut irq = slot.lock();
+        // Decided with the advance the timer was armed with, before this
+        // wake moves it.
+        let wait_for = (irq.timer.next_deadline())
+            .filter(|&d| irq.advance.should_wait(WakePath::Running, now, d));
+        if std::mem::take(&mut self.timer_woke) {
+            if let Some(armed_for) = self.armed_for {
+                irq.advance.note_wake(WakePath::Running, now, armed_for);
+            }
+        }
+        if let Some(deadline) = wait_for {
+            {
+                drop(irq);
+                let start = now;
+                now = advance::wait_until(deadline, || shared.now());
+                irq = slot.lock();
+                irq.advance.note_wait(WakePath::Running, now - start);
+            }
+        }
+        let entry = inject::prepare_entry(&mut irq, now, ready);
+        let arm_at = entry
+            .timer_deadline
+            .map(|d| irq.advance.arm_at(WakePath::Running, d));
+        drop(irq);
+        self.armed_for = entry.timer_deadline;
+        if let (Some(tap), Some(deadline)) = (shared.deadline_tap.get(), entry.timer_deadline) {
+            tap.offer(id, shared.clock.to_monotonic(deadline));
         }
         timer
-            .program(deadline)
+            .program(arm_at.map(|at| shared.clock.to_monotonic(at)))
             .map_err(|e| host_error(id, "timer_settime", e))?;
         if let Some(vector) = entry.inject {
             inject::kvm_interrupt(&self.fd, vector)

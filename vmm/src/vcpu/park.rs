@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::advance::{self, WakePath};
 use super::VcpuRunner;
 use crate::kick;
 use crate::vm::VmExit;
@@ -118,6 +119,9 @@ impl VcpuRunner {
         // a kick sent before it) is still pending: consumed here, it does not
         // cost an extra KVM_RUN that returns at once.
         self.note_signals(kick::drain_pending());
+        // The POSIX timer's signal consumed here woke nobody: the halted
+        // path learned from its own wake.
+        self.timer_woke = false;
         if let (Some(sampler), Some(sampling)) = (&mut self.sampler, &shared.sampling) {
             sampler.after_halt(sampling);
         }
@@ -141,6 +145,8 @@ impl VcpuRunner {
         let shared = self.shared.clone();
         let slot = &shared.vcpus[self.id as usize];
         let mut irq = slot.lock();
+        // A timed wait the deadline ended: when it ended, and the deadline.
+        let mut timer_wake: Option<(u64, u64)> = None;
         loop {
             if let Some(sampling) = &shared.sampling {
                 sampling.acknowledge(self.id);
@@ -163,6 +169,13 @@ impl VcpuRunner {
             }
             let now = shared.now();
             irq.poll_timer(now);
+            let deadline = irq.timer.next_deadline().filter(|_| !interrupts_off);
+            // Decided with the advance the wait was timed with, before the
+            // wake that ended it moves it.
+            let wait_for = deadline.filter(|&d| irq.advance.should_wait(WakePath::Halted, now, d));
+            if let Some((at, deadline)) = timer_wake.take() {
+                irq.advance.note_wake(WakePath::Halted, at, deadline);
+            }
             if !interrupts_off && irq.vic.deliverable().is_some() {
                 return;
             }
@@ -172,18 +185,31 @@ impl VcpuRunner {
             if pet == Some(0) {
                 return;
             }
-            let timeout = match irq.timer.next_deadline() {
-                Some(deadline) if !interrupts_off => deadline.saturating_sub(now),
-                _ => PARK_SAFETY_NS,
+            if let Some(deadline) = wait_for {
+                // Timer advance: woken early, wait for the deadline without
+                // the lock, then poll at it (the loop's top).
+                drop(irq);
+                let reached = advance::wait_until(deadline, || shared.now());
+                irq = slot.lock();
+                irq.advance.note_wait(WakePath::Halted, reached - now);
+                continue;
             }
-            .min(pet.unwrap_or(u64::MAX));
+            let until_deadline =
+                deadline.map(|d| irq.advance.arm_at(WakePath::Halted, d).saturating_sub(now));
+            let pet = pet.unwrap_or(u64::MAX);
+            let timeout = until_deadline.unwrap_or(PARK_SAFETY_NS).min(pet);
+            // Only a timeout set by the deadline is a wake timer advance learns from.
+            let timed_by_deadline = deadline.filter(|_| until_deadline.is_some_and(|t| t <= pet));
             irq.parked = true;
-            let (guard, _) = slot
+            let (guard, result) = slot
                 .wake
                 .wait_timeout(irq, Duration::from_nanos(timeout))
                 .unwrap_or_else(|p| p.into_inner());
             irq = guard;
             irq.parked = false;
+            if let (true, Some(deadline)) = (result.timed_out(), timed_by_deadline) {
+                timer_wake = Some((shared.now(), deadline));
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::config::{ConsoleSink, KernelSource, VmConfig};
 use crate::devices::DeviceManager;
 use crate::guestmem::write_plain;
 use crate::sampling::SamplingShared;
+use crate::vcpu::advance::TimerAdvance;
 
 /// Why a VM could not be built. Each variant names the step that failed.
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +235,9 @@ impl Vm {
         }
         let shared =
             Arc::new(VmShared::new(mem, config.vcpus, sampling).map_err(BuildVmError::Host)?);
+        for slot in &shared.vcpus {
+            slot.lock().advance = TimerAdvance::new(config.timer_advance);
+        }
         let devices = DeviceManager::new(&shared, console)?;
         Ok(Self {
             config,

@@ -14,6 +14,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::VmController;
 use crate::guestmem::{read_plain, Plain};
 use crate::summary::read_vcpu_page;
+use crate::vcpu::advance::TimerAdvance;
 
 // SAFETY: repr(C), one array of u64, no padding.
 unsafe impl Plain for BenchPage {}
@@ -66,7 +67,7 @@ pub struct TimerLateness {
     /// Deadline to `KVM_INTERRUPT`, as the timer device recorded it (12.5 %
     /// resolution, exact max).
     pub host: LatencyHistogram,
-    /// Deadline to dispatch entry, as the guest measured it (its 12.5 %
+    /// Deadline to interrupt entry, as the guest measured it (its 12.5 %
     /// log-linear buckets, [`hist`]).
     pub guest: hist::Counts,
     /// The guest's largest lateness, exact.
@@ -77,6 +78,8 @@ pub struct TimerLateness {
     pub guest_early: u64,
     /// Timer interrupts injected.
     pub injections: u64,
+    /// The vCPU's timer advance: what it learned and waited.
+    pub advance: TimerAdvance,
 }
 
 impl VmController {
@@ -96,12 +99,13 @@ impl VmController {
     /// vCPU `id`'s timer lateness so far; `None` for no such vCPU.
     pub fn timer_lateness(&self, id: u32) -> Option<TimerLateness> {
         let slot = self.shared.vcpus.get(id as usize)?;
-        let (host, early_injections, injections) = {
+        let (host, early_injections, injections, advance) = {
             let irq = slot.lock();
             (
                 irq.timer.lateness().clone(),
                 irq.timer.counters().early_injections,
                 irq.injected.timer,
+                irq.advance,
             )
         };
         let page = read_vcpu_page(&self.shared.mem, id).map(|read| read.page);
@@ -113,6 +117,7 @@ impl VmController {
             early_injections,
             guest_early: page.clockintr.early,
             injections,
+            advance,
         })
     }
 

@@ -24,6 +24,7 @@ use crate::host_time::DeviceClock;
 use crate::kick;
 use crate::metrics::ExitCounters;
 use crate::sampling::SamplingShared;
+use crate::vcpu::advance::TimerAdvance;
 
 /// Interrupts injected into one vCPU, by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,6 +62,9 @@ pub struct IrqState {
     pub vic: VirtualInterruptController,
     /// The per-vCPU timer device.
     pub timer: VirtualTimer,
+    /// Timer advance: how early the vCPU thread arms its host timer, learned
+    /// and used by that thread only (`crate::vcpu::advance`).
+    pub advance: TimerAdvance,
     /// Injections by kind.
     pub injected: Injected,
     /// The stress generator's counts.
