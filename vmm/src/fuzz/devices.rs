@@ -333,7 +333,8 @@ pub fn device_bus(data: &[u8]) {
             if hit && mmio && within(CTL_BASE, 0x1000) {
                 control_writes += 1;
                 let offset = addr - CTL_BASE;
-                let counted = devices.errors.control_bad_writes.load(Ordering::Relaxed) > bad_before;
+                let counted =
+                    devices.errors.control_bad_writes.load(Ordering::Relaxed) > bad_before;
                 let report = width == 8 && (offset == CTL_FAULT || offset == CTL_PANIC);
                 assert!(
                     report || counted,
