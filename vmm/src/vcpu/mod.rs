@@ -135,6 +135,12 @@ impl VcpuRunner {
         self.fd.set_sync_valid_reg(SyncReg::Register);
         self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         let started = blocked
+            .and_then(|()| {
+                // From here on the thread runs guest code: only its list.
+                crate::sampling::samplers::open_statm();
+                crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu)
+                    .map_err(|e| host_error(self.id, "seccomp", e.chain()))
+            })
             .and_then(|()| self.start_timers())
             .and_then(|timer| self.run_loop(timer));
         if let Err(reason) = started {
