@@ -321,3 +321,259 @@ pub(super) fn rules(kind: ThreadKind, pid: libc::pid_t) -> BTreeMap<i64, Vec<Sec
     }
     .into_map()
 }
+
+#[cfg(test)]
+mod tests {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+    use super::*;
+
+    const PID: libc::pid_t = 4242;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    const RET_TRAP: u32 = 0x0003_0000;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+    /// Runs a classic BPF program over `struct seccomp_data` for call `nr`
+    /// with `args` (the subset of cBPF seccompiler emits: word loads,
+    /// AND, the conditional and unconditional jumps, returns).
+    fn evaluate(program: &BpfProgram, nr: libc::c_long, args: [u64; 6]) -> u32 {
+        let mut data = Vec::with_capacity(64);
+        data.extend_from_slice(&(nr as u32).to_ne_bytes());
+        data.extend_from_slice(&AUDIT_ARCH_X86_64.to_ne_bytes());
+        data.extend_from_slice(&0u64.to_ne_bytes());
+        for arg in args {
+            data.extend_from_slice(&arg.to_ne_bytes());
+        }
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let insn = &program[pc];
+            let k = insn.k;
+            pc += 1;
+            match insn.code {
+                // BPF_LD | BPF_W | BPF_ABS
+                0x20 => {
+                    let at = k as usize;
+                    a = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
+                }
+                // BPF_ALU | BPF_AND | BPF_K
+                0x54 => a &= k,
+                // BPF_JMP | BPF_JA
+                0x05 => pc += k as usize,
+                // BPF_JMP | BPF_JEQ / JGT / JGE / JSET, BPF_K
+                0x15 | 0x25 | 0x35 | 0x45 => {
+                    let taken = match insn.code {
+                        0x15 => a == k,
+                        0x25 => a > k,
+                        0x35 => a >= k,
+                        _ => a & k != 0,
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+                // BPF_RET | BPF_K
+                0x06 => return k,
+                code => panic!("unexpected BPF opcode {code:#x}"),
+            }
+        }
+    }
+
+    fn program(kind: ThreadKind) -> BpfProgram {
+        SeccompFilter::new(
+            rules(kind, PID),
+            SeccompAction::Trap,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .unwrap()
+        .try_into()
+        .unwrap()
+    }
+
+    fn allowed(kind: ThreadKind, nr: libc::c_long, args: [u64; 6]) -> bool {
+        match evaluate(&program(kind), nr, args) {
+            RET_ALLOW => true,
+            RET_TRAP => false,
+            other => panic!("unexpected action {other:#x}"),
+        }
+    }
+
+    fn args(first: &[u64]) -> [u64; 6] {
+        let mut all = [0; 6];
+        all[..first.len()].copy_from_slice(first);
+        all
+    }
+
+    #[test]
+    fn test_no_list_allows_the_calls_that_leave_the_sandbox() {
+        use libc::*;
+        for kind in ThreadKind::ALL {
+            for nr in [
+                SYS_getpgid,
+                SYS_socket,
+                SYS_connect,
+                SYS_execve,
+                SYS_execveat,
+                SYS_fork,
+                SYS_vfork,
+                SYS_ptrace,
+                SYS_kill,
+                SYS_setuid,
+                SYS_mount,
+            ] {
+                assert!(!allowed(kind, nr, args(&[])), "{kind:?} allows {nr}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_no_list_maps_executable_memory() {
+        use libc::*;
+        let rw = (PROT_READ | PROT_WRITE) as u64;
+        let rx = (PROT_READ | PROT_EXEC) as u64;
+        for kind in ThreadKind::ALL {
+            assert!(allowed(kind, SYS_mmap, args(&[0, 4096, rw])), "{kind:?}");
+            assert!(!allowed(kind, SYS_mmap, args(&[0, 4096, rx])), "{kind:?}");
+            assert!(
+                allowed(kind, SYS_mprotect, args(&[0, 4096, rw])),
+                "{kind:?}"
+            );
+            assert!(
+                !allowed(kind, SYS_mprotect, args(&[0, 4096, rx])),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_signals_reach_only_this_process() {
+        use libc::*;
+        for kind in ThreadKind::ALL {
+            let own = args(&[PID as u64, 7, SIGUSR1 as u64]);
+            let other = args(&[PID as u64 + 1, 7, SIGUSR1 as u64]);
+            assert!(allowed(kind, SYS_tgkill, own), "{kind:?}");
+            assert!(!allowed(kind, SYS_tgkill, other), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn test_only_the_vcpus_enter_the_guest() {
+        use libc::*;
+        for kind in ThreadKind::ALL {
+            let run = allowed(kind, SYS_ioctl, args(&[9, KVM_RUN]));
+            assert_eq!(run, kind == ThreadKind::Vcpu, "{kind:?}");
+        }
+        // KVM_CREATE_VM, KVM_SET_USER_MEMORY_REGION, KVM_SET_REGS: never
+        // once running.
+        let create_vm = ioctl_expr(_IOC_NONE, 0xAE, 0x01, 0);
+        let set_memory = ioctl_expr(_IOC_WRITE, 0xAE, 0x46, 32);
+        for kind in ThreadKind::ALL {
+            for request in [create_vm, set_memory] {
+                assert!(!allowed(kind, SYS_ioctl, args(&[9, request])), "{kind:?}");
+            }
+        }
+        assert!(allowed(
+            ThreadKind::Vcpu,
+            SYS_ioctl,
+            args(&[9, KVM_INTERRUPT])
+        ));
+        assert!(!allowed(ThreadKind::Vcpu, SYS_ioctl, args(&[9, TCGETS])));
+    }
+
+    #[test]
+    fn test_perf_events_are_per_thread() {
+        use libc::*;
+        let any_cpu = u64::from(u32::MAX);
+        // The vCPU thread: only on itself, any CPU.
+        assert!(allowed(
+            ThreadKind::Vcpu,
+            SYS_perf_event_open,
+            args(&[1, 0, any_cpu])
+        ));
+        assert!(!allowed(
+            ThreadKind::Vcpu,
+            SYS_perf_event_open,
+            args(&[1, 77, any_cpu])
+        ));
+        assert!(!allowed(
+            ThreadKind::Vcpu,
+            SYS_perf_event_open,
+            args(&[1, 0, 0])
+        ));
+        // The perf reader: on a vCPU thread, never system-wide on a CPU.
+        let reader = ThreadKind::PerfReader;
+        assert!(allowed(
+            reader,
+            SYS_perf_event_open,
+            args(&[1, 77, any_cpu])
+        ));
+        assert!(!allowed(
+            reader,
+            SYS_perf_event_open,
+            args(&[1, u64::from(u32::MAX), 0])
+        ));
+        assert!(!allowed(
+            ThreadKind::Api,
+            SYS_perf_event_open,
+            args(&[1, 0, any_cpu])
+        ));
+    }
+
+    #[test]
+    fn test_clone_makes_threads_not_processes() {
+        use libc::*;
+        let thread = (CLONE_VM | CLONE_THREAD | CLONE_SIGHAND) as u64;
+        for kind in [ThreadKind::Api, ThreadKind::Vmm] {
+            assert!(allowed(kind, SYS_clone, args(&[thread])), "{kind:?}");
+            assert!(
+                !allowed(kind, SYS_clone, args(&[SIGCHLD as u64])),
+                "{kind:?}"
+            );
+        }
+        // The threads that spawn nothing once filtered.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Signal, ThreadKind::Stress] {
+            assert!(!allowed(kind, SYS_clone3, args(&[])), "{kind:?}");
+            assert!(!allowed(kind, SYS_clone, args(&[thread])), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn test_only_the_file_writers_open_files() {
+        use libc::*;
+        for kind in ThreadKind::ALL {
+            let opens = allowed(kind, SYS_openat, args(&[]));
+            let writes_files = matches!(kind, ThreadKind::Vmm | ThreadKind::Api);
+            assert_eq!(opens, writes_files, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn test_the_vmm_list_holds_what_its_children_need() {
+        // A PET or perf reader thread spawned by the filtered VMM thread
+        // runs under both filters.
+        let vmm = rules(ThreadKind::Vmm, PID);
+        for child in [ThreadKind::Pet, ThreadKind::PerfReader] {
+            for (call, child_rules) in rules(child, PID) {
+                let parent = vmm
+                    .get(&call)
+                    .unwrap_or_else(|| panic!("{child:?}: {call}"));
+                assert!(
+                    parent.is_empty() || child_rules.iter().all(|r| parent.contains(r)),
+                    "{child:?}: {call}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn test_the_signal_thread_changes_only_the_stop_signals() {
+        use libc::*;
+        let signal = ThreadKind::Signal;
+        assert!(allowed(signal, SYS_rt_sigaction, args(&[SIGTERM as u64])));
+        assert!(allowed(signal, SYS_rt_sigaction, args(&[SIGINT as u64])));
+        assert!(!allowed(signal, SYS_rt_sigaction, args(&[SIGSYS as u64])));
+        assert!(!allowed(
+            ThreadKind::Vcpu,
+            SYS_rt_sigaction,
+            args(&[SIGSYS as u64])
+        ));
+    }
+}
