@@ -174,7 +174,15 @@ fn spawner() -> List {
             (SYS_prctl, 0, PR_SET_NAME as u64),
             // The new PET thread's timer slack (before its filter).
             (SYS_prctl, 0, PR_SET_TIMERSLACK as u64),
+            // The new thread installs its own filter, which can only
+            // narrow what this one allows: no_new_privs, then the filter
+            // for the calling thread alone (flags 0: no TSYNC).
+            (SYS_prctl, 0, PR_SET_NO_NEW_PRIVS as u64),
         ])
+        .allow_if(
+            SYS_seccomp,
+            vec![eq(0, u64::from(SECCOMP_SET_MODE_FILTER)), eq(1, 0)],
+        )
 }
 
 /// A vCPU thread.
@@ -560,6 +568,26 @@ mod tests {
                     "{child:?}: {call}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn test_a_spawned_thread_can_install_its_own_filter() {
+        use libc::*;
+        let mode = u64::from(SECCOMP_SET_MODE_FILTER);
+        let no_new_privs = PR_SET_NO_NEW_PRIVS as u64;
+        for kind in [ThreadKind::Api, ThreadKind::Vmm] {
+            assert!(
+                allowed(kind, SYS_prctl, args(&[no_new_privs, 1])),
+                "{kind:?}"
+            );
+            assert!(allowed(kind, SYS_seccomp, args(&[mode, 0, 0])), "{kind:?}");
+            // Not for every thread of the process at once (TSYNC).
+            let tsync = u64::from(SECCOMP_FILTER_FLAG_TSYNC as u32);
+            assert!(
+                !allowed(kind, SYS_seccomp, args(&[mode, tsync, 0])),
+                "{kind:?}"
+            );
         }
     }
 
