@@ -9,10 +9,10 @@
 //! Threads are therefore spawned before their parent is filtered, or the
 //! parent's list holds what the child needs: the VMM thread's list includes
 //! the PET sampler's and the perf reader's, which it may start at run time
-//! ([`lists`]).
+//! (`lists.rs`).
 //!
 //! A call outside the list returns `SECCOMP_RET_TRAP`: the kernel sends
-//! SIGSYS to the thread, whose handler ([`report`]) writes
+//! SIGSYS to the thread, whose handler (`report.rs`) writes
 //!
 //! ```text
 //! metronome: seccomp: thread 'vcpu0' made the forbidden system call getpgid (121)
