@@ -66,7 +66,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    /// Every kind, in the order of [`ThreadKind::index`].
+    /// Every kind (the compiled filters are kept in this order).
     pub const ALL: [ThreadKind; 8] = [
         Self::Vcpu,
         Self::Api,
