@@ -46,6 +46,7 @@ pub mod outfile;
 pub mod pmu;
 pub mod profile;
 pub mod sampling;
+pub mod seccomp;
 pub mod stop_signals;
 pub mod summary;
 pub mod vcpu;

@@ -1,7 +1,9 @@
 //! `metronome`: run a guest under KVM with exact, observable time.
 //!
 //! Exit codes: 0 guest exited 0; 1 guest exited non-zero; 2 invalid input;
-//! 3 guest fault or panic; 4 `--timeout`; 5 SIGINT/SIGTERM; 6 host error.
+//! 3 guest fault or panic; 4 `--timeout`; 5 SIGINT/SIGTERM; 6 host error; 7 a
+//! thread made a system call its seccomp filter forbids (`vmm::seccomp`;
+//! `--no-seccomp` turns the filters off, for debugging only).
 //!
 //! With `--api-sock PATH` the VMM serves the API on PATH and boots nothing
 //! until `InstanceStart`; the VM options on the command line are the
@@ -25,6 +27,7 @@ use clap::{ArgGroup, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcomm
 use metronome_abi::{exit, Workload};
 use vmm::api::{self, ApiServeError, ConfigFile, ConfigFileError, Instance, OnVmEnd};
 use vmm::config::{ConfigError, KperfConfig, KperfShorthand};
+use vmm::seccomp::{self, ThreadKind};
 use vmm::{
     BuildVmError, ConsoleSink, KernelSource, SamplingConfig, Summary, Vm, VmConfig, VmController,
 };
@@ -73,6 +76,9 @@ struct BenchArgs {
     /// Do not run perf (its overhead figures are then null).
     #[arg(long)]
     no_perf: bool,
+    /// Debugging only: no seccomp filter on any thread (a warning says so).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -220,6 +226,9 @@ struct RunArgs {
     /// No API socket (with --config-file; refuses --api-sock).
     #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
     no_api: bool,
+    /// Debugging only: no seccomp filter on any thread (a warning says so).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,6 +372,14 @@ fn main() -> ExitCode {
         Err(e) => return clap_error(&e),
     };
     let run_matches = matches.subcommand_matches("run").unwrap_or(&matches);
+    let no_seccomp = match &cli.command {
+        Some(Command::Run(args)) => args.no_seccomp,
+        Some(Command::Bench(args)) => args.no_seccomp,
+        None => cli.run.no_seccomp,
+    };
+    if let Err(code) = seccomp_init(no_seccomp) {
+        return code;
+    }
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         Some(Command::Bench(args)) => return bench(&args, process_start),
@@ -408,6 +425,13 @@ fn main() -> ExitCode {
     };
     match vm.start(process_start) {
         Ok(running) => {
+            // The vCPUs (and the signal, PET, perf and stress threads)
+            // run under their own filters; this thread, from here on the
+            // VMM thread, under the VMM's.
+            if let Err(e) = seccomp::install(ThreadKind::Vmm) {
+                print_error(&e);
+                return ExitCode::from(exit::VMM_HOST_ERROR as u8);
+            }
             let controller = running.controller();
             let summary = running.wait();
             report(&args, &summary, &controller, false)
@@ -423,6 +447,25 @@ fn main() -> ExitCode {
 /// `metronome bench`: runs it, prints the Markdown tables; exit 0, 5 on
 /// SIGINT/SIGTERM, or 6 when a phase fails (the error and its causes on one
 /// line).
+/// Turns the seccomp filters on, or warns that they are off.
+fn seccomp_init(off: bool) -> Result<(), ExitCode> {
+    if off {
+        eprintln!(
+            "metronome: warning: --no-seccomp: NO SECCOMP FILTERS; every thread may make any \
+             system call (for debugging only)"
+        );
+        return Ok(());
+    }
+    seccomp::init().map_err(|e| {
+        print_error(&e);
+        let code = match e {
+            seccomp::SeccompError::BadViolationVar(_) => exit::VMM_BAD_INPUT,
+            _ => exit::VMM_HOST_ERROR,
+        };
+        ExitCode::from(code as u8)
+    })
+}
+
 fn bench(args: &BenchArgs, process_start: Instant) -> ExitCode {
     let options = vmm::bench::BenchOptions {
         quick: args.quick,

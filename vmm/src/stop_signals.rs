@@ -94,6 +94,7 @@ fn wait_forever() {
     // Blocked here too, whoever spawned the thread: sigwaitinfo takes them
     // from the pending set; unblocked they would be delivered instead.
     let _ = block();
+    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Signal);
     loop {
         // SAFETY: a valid set; the siginfo is not asked for.
         let signo = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };

@@ -273,6 +273,9 @@ pub mod exit {
     pub const VMM_SIGNALLED: i32 = 5;
     /// Process exit code: a host-side error (KVM, memory, threads).
     pub const VMM_HOST_ERROR: i32 = 6;
+    /// Process exit code: a thread made a system call its seccomp filter
+    /// forbids (the VMM's `seccomp` module; the message names both).
+    pub const VMM_SECCOMP: i32 = 7;
 }
 
 /// The workload the guest runs, chosen by the VMM in [`BootInfo::workload`].

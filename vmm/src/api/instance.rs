@@ -30,6 +30,7 @@ use super::metrics::RequestCounts;
 use crate::config::{KperfConfig, SamplingConfig};
 use crate::metrics::VmMetrics;
 use crate::sampling::export::RunRecords;
+use crate::seccomp::{self, ThreadKind};
 use crate::vm::{BuildVmError, SignalWatch, Vm, VmController, VmmLink};
 use crate::{Summary, VmConfig};
 
@@ -78,8 +79,12 @@ struct State {
     /// by the pre-boot requests.
     config: VmConfig,
     phase: Phase,
-    /// The VMM thread, once started.
+    /// The VMM thread: spawned by [`Instance::prepare_vmm_thread`] (or the
+    /// first InstanceStart), waiting on `launcher` for a configuration.
     thread: Option<JoinHandle<()>>,
+    /// Sends InstanceStart's configuration to the waiting VMM thread;
+    /// dropped at shut-down, which ends a thread that never started a VM.
+    launcher: Option<std::sync::mpsc::Sender<Launch>>,
     /// The process is ending: a VM still being built is not started.
     shutting_down: bool,
     /// Where FlushMetrics appends the metrics (`PUT /metrics`).
@@ -87,6 +92,10 @@ struct State {
     /// The VM's metrics at the end of its run, once it exited.
     final_metrics: Option<VmMetrics>,
 }
+
+/// What InstanceStart hands the VMM thread: the configuration, and where to
+/// answer whether the VM started.
+type Launch = (VmConfig, oneshot::Sender<Result<(), ApiError>>);
 
 /// The instance, shared by the API's handlers and the VMM thread.
 pub struct Instance {
@@ -136,6 +145,7 @@ impl Instance {
                 config,
                 phase: Phase::NotStarted,
                 thread: None,
+                launcher: None,
                 shutting_down: false,
                 metrics_sink: None,
                 final_metrics: None,
@@ -373,23 +383,20 @@ impl Instance {
                 )));
             }
             let (started_tx, started_rx) = oneshot::channel();
-            let instance = self.clone();
-            let config = state.config.clone();
             // Spawned under the lock, so that `shut_down` finds the thread to join.
-            let spawned = std::thread::Builder::new()
-                .name("metronome-vmm".into())
-                .spawn(move || instance.run_vm(config, started_tx));
-            match spawned {
-                Ok(handle) => {
-                    state.thread = Some(handle);
-                    state.phase = Phase::Starting;
-                }
-                Err(e) => {
-                    return Err(ApiError::internal(format!(
-                        "cannot spawn the VMM thread: {e}"
-                    )))
-                }
+            if state.launcher.is_none() {
+                self.spawn_vmm_thread(&mut state)
+                    .map_err(|e| ApiError::internal(format!("cannot spawn the VMM thread: {e}")))?;
             }
+            let launch = (state.config.clone(), started_tx);
+            let sent = state
+                .launcher
+                .as_ref()
+                .is_some_and(|l| l.send(launch).is_ok());
+            if !sent {
+                return Err(ApiError::internal("the VMM thread has ended"));
+            }
+            state.phase = Phase::Starting;
             started_rx
         };
         started_rx.await.unwrap_or_else(|_| {
@@ -399,12 +406,48 @@ impl Instance {
         })
     }
 
-    /// The VMM thread: build, start, wait, keep the summary.
-    fn run_vm(&self, config: VmConfig, started: oneshot::Sender<Result<(), ApiError>>) {
+    /// Spawns the VMM thread now, to wait for InstanceStart: the API
+    /// server does before its own thread installs the API's seccomp
+    /// filter, which a thread spawned from it would inherit.
+    ///
+    /// # Errors
+    ///
+    /// The thread cannot be spawned.
+    pub fn prepare_vmm_thread(self: &Arc<Self>) -> std::io::Result<()> {
+        let mut state = self.lock();
+        if state.launcher.is_none() && state.thread.is_none() {
+            self.spawn_vmm_thread(&mut state)?;
+        }
+        Ok(())
+    }
+
+    fn spawn_vmm_thread(self: &Arc<Self>, state: &mut State) -> std::io::Result<()> {
+        let (launcher, launches) = std::sync::mpsc::channel::<Launch>();
+        let instance = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("metronome-vmm".into())
+            .spawn(move || {
+                // Until a VM starts: a build that failed leaves the instance
+                // Not started, and InstanceStart may come again.
+                while let Ok((config, started)) = launches.recv() {
+                    if instance.run_vm(config, started) {
+                        break;
+                    }
+                }
+            })?;
+        state.thread = Some(handle);
+        state.launcher = Some(launcher);
+        Ok(())
+    }
+
+    /// The VMM thread: build, start, wait, keep the summary; false if the
+    /// VM did not start.
+    fn run_vm(&self, config: VmConfig, started: oneshot::Sender<Result<(), ApiError>>) -> bool {
         let process_start = Instant::now();
         let refuse = |started: oneshot::Sender<_>, error: ApiError| {
             self.lock().phase = Phase::NotStarted;
             let _ = started.send(Err(error));
+            false
         };
         let vm = match Vm::build(config) {
             Ok(vm) => vm,
@@ -455,6 +498,9 @@ impl Instance {
             paused: false,
         };
         drop(state);
+        // The vCPUs run under their own filters; from the first request on
+        // this thread runs under the VMM's.
+        seccomp::install_or_exit(ThreadKind::Vmm);
         let _ = started.send(Ok(()));
         let (summary, records) = running.wait_keeping();
         let mut metrics = controller.metrics();
@@ -469,6 +515,7 @@ impl Instance {
         };
         drop(state);
         self.exited.send_replace(true);
+        true
     }
 
     /// The process is ending on signal `signo`: a running VM is stopped
@@ -482,6 +529,8 @@ impl Instance {
                 Phase::Running { link, .. } => Some(link.clone()),
                 _ => None,
             };
+            // A thread still waiting for InstanceStart ends.
+            state.launcher = None;
             (link, state.thread.take())
         };
         if let Some(link) = link {

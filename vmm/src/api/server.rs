@@ -22,6 +22,7 @@ use super::{
     header_timeout, instance::Instance, routes, stall::WriteDeadline, write_timeout,
     MAX_CONNECTIONS, MAX_HEADERS, MAX_HEADER_BYTES,
 };
+use crate::seccomp::{self, ThreadKind};
 use crate::stop_signals;
 
 /// Why the API server could not run.
@@ -133,11 +134,20 @@ pub fn serve_with(
     .map_err(ApiServeError::Signals)?;
     let listener = bind(path, force)?;
     let _socket = SocketFile(path.to_owned());
+    // Spawned before the API thread is filtered, so that the VMM thread
+    // does not inherit the API's filter (crate::seccomp).
+    instance
+        .prepare_vmm_thread()
+        .map_err(ApiServeError::Thread)?;
     let thread = std::thread::Builder::new()
         .name("metronome-api".into())
         .spawn(move || -> Result<i32, ApiServeError> {
+            seccomp::install(ThreadKind::Api)
+                .map_err(|e| ApiServeError::Thread(std::io::Error::other(e.chain())))?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // The blocking pool runs under the API's filter, inherited.
+                .on_thread_start(seccomp::label_current_thread)
                 .build()
                 .map_err(ApiServeError::Thread)?;
             let served = match boot.then(|| runtime.block_on(instance.start())) {
@@ -153,6 +163,9 @@ pub fn serve_with(
             served
         })
         .map_err(ApiServeError::Thread)?;
+    // This thread now only waits for the API thread and removes the socket.
+    seccomp::install(ThreadKind::Main)
+        .map_err(|e| ApiServeError::Thread(std::io::Error::other(e.chain())))?;
     match thread.join() {
         Ok(result) => result,
         Err(_) => Err(ApiServeError::Thread(std::io::Error::other(

@@ -241,6 +241,12 @@ thread_local! {
     static STATM: Option<std::fs::File> = std::fs::File::open("/proc/self/statm").ok();
 }
 
+/// Opens the calling thread's `/proc/self/statm` now: a sampling thread
+/// does before its seccomp filter, which has no `open`.
+pub fn open_statm() {
+    STATM.with(|_| ());
+}
+
 /// The VMM's (virtual, resident) bytes from `/proc/self/statm`.
 fn vmm_memory() -> (u64, u64) {
     use std::os::unix::fs::FileExt;

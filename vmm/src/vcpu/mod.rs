@@ -153,6 +153,12 @@ impl VcpuRunner {
         let id = self.id;
         let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             blocked
+                .and_then(|()| {
+                    // From here on the thread runs guest code: only its list.
+                    crate::sampling::samplers::open_statm();
+                    crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu)
+                        .map_err(|e| host_error(id, "seccomp", e.chain()))
+                })
                 .and_then(|()| self.start_timers())
                 .and_then(|timer| self.run_loop(timer))
         }))

@@ -17,6 +17,7 @@ pub fn ensure(shared: &Arc<VmShared>) -> std::io::Result<()> {
         std::thread::Builder::new()
             .name("perf-reader".into())
             .spawn(move || {
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::PerfReader);
                 if let Some(sampling) = &shared.sampling {
                     let epoch_ns = shared.clock.to_monotonic(0);
                     crate::sampling::no_exit::run_reader(sampling, &shared.mem, epoch_ns);

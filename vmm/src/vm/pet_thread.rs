@@ -132,6 +132,8 @@ fn end_pass(sampling: &SamplingShared, shared: &VmShared, threads: u64) {
 
 fn run(shared: &VmShared) {
     set_min_timer_slack();
+    crate::sampling::samplers::open_statm();
+    crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Pet);
     let Some(sampling) = &shared.sampling else {
         return;
     };

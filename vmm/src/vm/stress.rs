@@ -47,26 +47,32 @@ impl StressGenerator {
     pub(crate) fn start(shared: Arc<VmShared>, hz: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            host_time::set_min_timer_slack();
-            let period = 1_000_000_000 / u64::from(hz);
-            let mut next = host_time::monotonic_ns();
-            while !flag.load(Ordering::Acquire) {
-                next += period;
-                for (id, slot) in shared.vcpus.iter().enumerate() {
-                    let mut irq = slot.lock();
-                    let vector = Vector::Stress as u8;
-                    if irq.vic.is_pending(vector) {
-                        irq.stress.skipped += 1;
-                    } else if irq.vic.raise(vector) == Raise::Queued {
-                        irq.stress.sent += 1;
+        // Cannot panic: a spawn fails only without memory or threads left,
+        // as `thread::spawn` (used here before) panicked then too.
+        let thread = std::thread::Builder::new()
+            .name("kick-stress".into())
+            .spawn(move || {
+                host_time::set_min_timer_slack();
+                crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Stress);
+                let period = 1_000_000_000 / u64::from(hz);
+                let mut next = host_time::monotonic_ns();
+                while !flag.load(Ordering::Acquire) {
+                    next += period;
+                    for (id, slot) in shared.vcpus.iter().enumerate() {
+                        let mut irq = slot.lock();
+                        let vector = Vector::Stress as u8;
+                        if irq.vic.is_pending(vector) {
+                            irq.stress.skipped += 1;
+                        } else if irq.vic.raise(vector) == Raise::Queued {
+                            irq.stress.sent += 1;
+                        }
+                        drop(irq);
+                        shared.wake(id as u32);
                     }
-                    drop(irq);
-                    shared.wake(id as u32);
+                    host_time::sleep_until_monotonic(next);
                 }
-                host_time::sleep_until_monotonic(next);
-            }
-        });
+            })
+            .expect("spawning the stress thread");
         Self { stop, thread }
     }
 
