@@ -108,3 +108,133 @@ fn test_a_dying_vcpu_thread_ends_the_vm_with_a_report() {
     let folded = std::fs::read_to_string(dir.join("profile.folded")).expect("the profile");
     assert!(folded.lines().count() > 0);
 }
+
+/// Whether every thread of process `pid` is stopped (state `T` in
+/// `/proc/PID/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+        })
+    })
+}
+
+/// Sends `signal` (a `kill` option such as `-STOP`) to `pid`.
+fn send(signal: &str, pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// The VMM stopped (SIGSTOP) for two seconds one second into a 5 s run and
+/// continued: the guest clock ran on meanwhile (AMB-6), and each vCPU is told
+/// once, as the API's Resume tells it (TIMER_RESUMES, a TimerResume
+/// interrupt, `clockintr_cpu_init` again): no dispatch runs the 200
+/// hardclocks the stop skipped, the hardclock count is that of the time not
+/// stopped, every timer interrupt injected is handled, and the run ends
+/// normally.
+#[test]
+fn test_a_stopped_and_continued_vmm_tells_the_guest_without_a_clockintr_burst() {
+    if !kvm_or_skip("a stopped and continued VMM") {
+        return;
+    }
+    let _serial = common::kvm_lock();
+    let console = common::scratch("console.txt");
+    let summary_path = common::scratch("summary.json");
+    let hz = 100.0;
+    let spawned = std::time::Instant::now();
+    let mut child = common::metronome()
+        .args(["run", "--vcpus", "2", "--workload", "demo", "--hz", "100"])
+        .args(["--duration", "5", "--timeout", "120", "--quiet"])
+        .arg("--console")
+        .arg(&console)
+        .arg("--summary-json")
+        .arg(&summary_path)
+        .spawn()
+        .expect("spawn metronome");
+    let pid = child.id();
+    // The guest runs its threads, one second in (device time starts with the VM).
+    while !std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .contains("spinner on vCPU 1 started")
+    {
+        assert!(
+            spawned.elapsed() < std::time::Duration::from_secs(60),
+            "guest never started"
+        );
+        std::thread::yield_now();
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1).saturating_sub(spawned.elapsed()));
+    send("-STOP", pid);
+    let asked = std::time::Instant::now();
+    while !all_threads_stopped(pid) {
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(10),
+            "the VMM's threads never all stopped"
+        );
+        std::thread::yield_now();
+    }
+    let stopped_at = std::time::Instant::now();
+    // The stop itself: two seconds during which the guest clock runs on.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let stopped_s = stopped_at.elapsed().as_secs_f64();
+    send("-CONT", pid);
+    let status = child.wait().expect("wait");
+    let text = std::fs::read_to_string(&summary_path).expect("summary written");
+    let summary: serde_json::Value = serde_json::from_str(&text).expect("summary is JSON");
+    assert_eq!(status.code(), Some(0), "{status:?}: {}", summary["message"]);
+    // When each vCPU's spinner started (guest time): its clock ran by then.
+    let console = std::fs::read_to_string(&console).expect("console");
+    let started_s = |id: u64| {
+        let line = format!("spinner on vCPU {id} started at ");
+        let at = console.split(&line).nth(1).expect("spinner line");
+        let ns: u64 = at.split(' ').next().unwrap().parse().expect("ns");
+        ns as f64 / 1e9
+    };
+    let vcpus = summary["vcpus"].as_array().expect("vcpus");
+    assert_eq!(vcpus.len(), 2);
+    for v in vcpus {
+        let id = u(v, "id");
+        // Told once: the device counted one resume, the guest read it in its
+        // TimerResume handler and re-ran cpu_init.
+        assert_eq!(u(&v["timer"], "resumes"), 1, "vCPU {id}: {v}");
+        assert_eq!(u(&v["guest"], "timer_resumes_seen"), 1, "vCPU {id}: {v}");
+        assert_eq!(u(v, "cpu_inits"), 2, "vCPU {id}: {v}");
+        // Without being told, one dispatch would run ~200 hardclocks; busy
+        // hosts delay a vCPU by tens of milliseconds at times, no more.
+        let batch = u(v, "max_hardclock_batch") as f64;
+        assert!(
+            batch < hz * stopped_s / 2.0,
+            "vCPU {id}: a burst of {batch} hardclocks after a {stopped_s:.2} s stop"
+        );
+        // The hardclocks are those of the time not stopped, between the
+        // start of the vCPU's clock (at most since the VM was created, at
+        // least since its spinner started) and its last dispatch: a burst
+        // would add the stop's 200.
+        let hardclock = u(v, "hardclock") as f64;
+        let last_s = u(v, "last_dispatch_ns") as f64 / 1e9;
+        let least = hz * (last_s - started_s(id) - stopped_s);
+        let most = hz * (last_s - stopped_s);
+        assert!(
+            (least * 0.9 - 5.0..=most * 1.1 + 5.0).contains(&hardclock),
+            "vCPU {id}: {hardclock} hardclocks, last dispatch at {last_s:.2} s, \
+             {stopped_s:.2} s stopped: {v}"
+        );
+        // No timer delivery lost: the deadline that passed during the stop
+        // was injected once after it, and every injection was handled (but
+        // one in flight when the run ended).
+        let injections = u(&v["timer"], "injections");
+        let handled = u(&v["guest"], "timer_interrupts");
+        assert!(
+            handled <= injections && injections <= handled + 1,
+            "vCPU {id}: {injections} timer interrupts injected, {handled} handled"
+        );
+    }
+}

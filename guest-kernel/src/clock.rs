@@ -13,7 +13,22 @@
 //!   dispatch at boot, and every vCPU one more after each resume with
 //!   re-initialisation (which re-runs `cpu_init` and the trigger);
 //! - a dispatch after a rearm the device clamped to `TIMER_MAX_NS` (only with
-//!   periods above about 4.3 s, i.e. hz or stathz below 1).
+//!   periods above about 4.3 s, i.e. hz or stathz below 1);
+//! - a dispatch cut short by a host stop (below), when its first reading of
+//!   the clock already came after the stop.
+//!
+//! A host stop (the VMM process stopped with SIGSTOP and continued): the
+//! clock ran on meanwhile, and a dispatch would run every missed hardclock at
+//! once. The VMM raises a resume with re-initialisation on each vCPU the
+//! first time that vCPU's thread reads the clock after the continue, before it
+//! answers the read (`vmm/src/vm/continued.rs`). When the vCPU is inside its
+//! timer interrupt then (interrupts off, so the TimerResume vector waits), the
+//! dispatch must not use the jump: a reading more than [`STOP_SUSPECT_NS`]
+//! after the previous one makes it read `TIMER_RESUMES`, and if that changed
+//! since the last TimerResume handled, the dispatch sees the clock where it
+//! stood from then on ([`StopGuard`]); the pending TimerResume re-places the
+//! events right after. A vCPU merely held or descheduled finds no resume and
+//! catches up by repetition (CI-EV-1).
 //!
 //! The kernel side of clockintr lives here too: `hardclock` (tick count,
 //! round-robin preemption every hz/10 ticks), `statclock` (charges the current
@@ -93,6 +108,39 @@ pub fn resume(cpu: &mut PerCpu, shared: &mut VcpuShared) {
     cpu_init(cpu, shared);
 }
 
+/// A clock reading more than this after the previous one used by a dispatch
+/// makes the dispatch check `TIMER_RESUMES` for a host stop (one more MMIO
+/// read, on such readings only). Five hardclock periods at hz 100.
+const STOP_SUSPECT_NS: u64 = 50_000_000;
+
+/// What keeps one dispatch from running the hardclocks a host stop skipped
+/// (see the module documentation).
+#[derive(Clone, Copy, Debug)]
+struct StopGuard {
+    /// The last clock reading the dispatch uses: the queue's uptime before it.
+    uptime: u64,
+    /// `TIMER_RESUMES` as of the last TimerResume handled.
+    resumes_seen: u64,
+    /// A resume is pending: the clock stays at `uptime` for this dispatch.
+    stopped: bool,
+}
+
+impl StopGuard {
+    /// The reading the dispatch uses for the clock's reading `now`.
+    fn reading(&mut self, now: u64) -> u64 {
+        if !self.stopped
+            && now.saturating_sub(self.uptime) > STOP_SUSPECT_NS
+            && timer::resumes() != self.resumes_seen
+        {
+            self.stopped = true;
+        }
+        if !self.stopped {
+            self.uptime = now;
+        }
+        self.uptime
+    }
+}
+
 /// What a dispatch that ran hardclock asks of the scheduler.
 #[derive(Clone, Copy, Debug)]
 pub struct Hardclock {
@@ -113,8 +161,14 @@ pub fn interrupt(
     entry_ns: u64,
 ) -> Option<Hardclock> {
     shared.timer_interrupts += 1;
+    let guard = StopGuard {
+        uptime: cpu.queue.uptime(),
+        resumes_seen: shared.timer_resumes_seen,
+        stopped: false,
+    };
     let (mut machine, mut sink) =
         GuestMachine::new(&mut cpu.ticks, cpu.current, shared, Some(frame));
+    machine.stop_guard = Some(guard);
     let report = match cpu.queue.dispatch(&CLOCKINTR, &mut machine, &mut sink) {
         Ok(report) => report,
         Err(e) => fatal(e),
@@ -253,6 +307,8 @@ struct GuestMachine<'a> {
     schedclock: &'a mut u64,
     cp_time: &'a mut [u64; 4],
     need_resched: bool,
+    /// In a timer interrupt's dispatch: the guard against a host stop.
+    stop_guard: Option<StopGuard>,
 }
 
 impl<'a> GuestMachine<'a> {
@@ -288,6 +344,7 @@ impl<'a> GuestMachine<'a> {
             schedclock,
             cp_time,
             need_resched: false,
+            stop_guard: None,
         };
         let sink = Sink {
             count: stat_interval_count,
@@ -302,7 +359,11 @@ impl<'a> GuestMachine<'a> {
 
 impl Machine for GuestMachine<'_> {
     fn nsecuptime(&mut self) -> u64 {
-        timer::uptime_ns()
+        match &mut self.stop_guard {
+            Some(guard) if guard.stopped => guard.uptime,
+            Some(guard) => guard.reading(timer::uptime_ns()),
+            None => timer::uptime_ns(),
+        }
     }
 
     fn at_clock_ipl(&self) -> bool {

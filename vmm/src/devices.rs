@@ -211,7 +211,9 @@ pub struct TimerPage(Arc<VmShared>);
 
 impl BusDevice for TimerPage {
     fn read(&self, vcpu: u32, offset: u64, data: &mut [u8]) {
-        let now = self.0.now();
+        // The vCPU's own thread reads: a host stop is told to the guest
+        // (TIMER_RESUMES) before it sees the time after it.
+        let now = self.0.vcpu_now(vcpu);
         let value = self.0.vcpus[vcpu as usize]
             .lock()
             .timer

@@ -16,8 +16,19 @@
 //! - a signal that comes while nobody watches takes its default action (the
 //!   process ends, killed by it), as an unblocked signal would: a stuck
 //!   shutdown can still be interrupted.
+//!
+//! SIGCONT is blocked in every thread too, for another purpose: it tells the
+//! vCPU threads that the process was stopped (SIGSTOP, SIGTSTP) and
+//! continued. A blocked SIGCONT still continues the process (the kernel acts
+//! on it when it is sent) and then stays pending, so that it can be taken,
+//! exactly once, by [`take_continue`]: the kernel makes it pending before any
+//! stopped thread returns to user space (it is queued under the signal lock
+//! that each woken thread takes again before it leaves the kernel), so a
+//! thread that was stopped finds it pending, or already taken and counted.
+//! See `crate::vm::continued` for what the vCPUs make of it.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// What a signal is handed to: its number.
@@ -32,10 +43,49 @@ static THREAD: OnceLock<Result<(), i32>> = OnceLock::new();
 /// SIGINT and SIGTERM.
 const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and so in the threads it
-/// spawns afterwards).
+/// Continues taken so far ([`take_continue`]); written under [`CONTINUE_LOCK`].
+static CONTINUES: AtomicU64 = AtomicU64::new(0);
+
+/// Serialises taking a pending SIGCONT with counting it in [`CONTINUES`], so
+/// that whoever finds none pending also finds the count that includes it.
+static CONTINUE_LOCK: Mutex<()> = Mutex::new(());
+
+/// How long the signal thread waits before it next takes a stray SIGCONT
+/// (one sent to a process that was not stopped): a SIGCONT left pending
+/// would be taken for a stop by the next vCPU that was merely descheduled.
+const STRAY_CONTINUE_SWEEP: libc::timespec = libc::timespec {
+    tv_sec: 1,
+    tv_nsec: 0,
+};
+
+/// Blocks SIGINT, SIGTERM and SIGCONT in the calling thread (and so in the
+/// threads it spawns afterwards).
 pub fn block() -> io::Result<()> {
-    crate::kick::block_signals(&STOP_SIGNALS)
+    crate::kick::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGCONT])
+}
+
+/// How many times the process was continued (SIGCONT) so far, as far as the
+/// continues were taken: one atomic load, no system call.
+pub fn continues() -> u64 {
+    CONTINUES.load(Ordering::Acquire)
+}
+
+/// Takes a pending SIGCONT, if there is one (a zero-timeout `sigtimedwait`),
+/// and returns [`continues`], which then counts it. Call it from a thread that
+/// blocks SIGCONT ([`block`]). Several continues in a row while nobody took
+/// one count once (SIGCONT does not queue).
+pub fn take_continue() -> u64 {
+    let _taking = CONTINUE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let set = crate::kick::signal_set(&[libc::SIGCONT]);
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid set and timeout; the siginfo is not asked for.
+    if unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) } == libc::SIGCONT {
+        CONTINUES.fetch_add(1, Ordering::AcqRel);
+    }
+    continues()
 }
 
 /// A registration made by [`watch`]: dropping it stops handing signals to
@@ -88,18 +138,23 @@ pub fn watch(sink: impl Fn(i32) + Send + Sync + 'static) -> io::Result<StopSigna
 }
 
 /// The signal thread's body: waits for SIGINT and SIGTERM (blocked here as
-/// everywhere) and hands each to the watcher, or dies of it.
+/// everywhere) and hands each to the watcher, or dies of it. Every second it
+/// also takes a stray SIGCONT ([`STRAY_CONTINUE_SWEEP`]); it never waits for
+/// SIGCONT itself, which would take one outside [`take_continue`]'s lock.
 fn wait_forever() {
     let set = crate::kick::signal_set(&STOP_SIGNALS);
-    // Blocked here too, whoever spawned the thread: sigwaitinfo takes them
+    // Blocked here too, whoever spawned the thread: sigtimedwait takes them
     // from the pending set; unblocked they would be delivered instead.
     let _ = block();
     crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Signal);
     loop {
-        // SAFETY: a valid set; the siginfo is not asked for.
-        let signo = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        // SAFETY: a valid set and timeout; the siginfo is not asked for.
+        let signo =
+            unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &STRAY_CONTINUE_SWEEP) };
         if signo < 0 {
-            // EINTR (a stopped-and-continued process, say): wait again.
+            // EAGAIN (the sweep's timeout) or EINTR (a stopped-and-continued
+            // process, say): take a SIGCONT nobody took, and wait again.
+            take_continue();
             continue;
         }
         let sink = WATCHER

@@ -367,7 +367,9 @@ impl VcpuRunner {
         let slot = &shared.vcpus[id as usize];
         let run = self.fd.get_kvm_run();
         let ready = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
-        let mut now = shared.now();
+        // After a host stop this raises the resume before the timer is
+        // polled, so the TimerResume vector goes in ahead of the timer's.
+        let mut now = shared.vcpu_now(id);
         let mut irq = slot.lock();
         // Decided with the advance the timer was armed with, before this
         // wake moves it.

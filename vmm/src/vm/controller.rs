@@ -5,8 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metronome_abi::Vector;
-
 use super::live::RunView;
 use super::pet_thread::PetThread;
 use super::{VmExit, VmShared};
@@ -134,9 +132,7 @@ impl VmController {
         }
         if mode == ResumeMode::Reinit {
             for slot in &shared.vcpus {
-                let mut irq = slot.lock();
-                irq.timer.note_resume();
-                irq.vic.raise(Vector::TimerResume as u8);
+                slot.lock().raise_resume();
             }
         }
         state.user = false;

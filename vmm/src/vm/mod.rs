@@ -13,6 +13,8 @@
 //! - [`controller`]: pause, resume, hold a vCPU, stop, sampling on and off,
 //!   from any thread ([`VmController`]).
 //! - [`shared`]: the state every thread of a running VM shares ([`VmShared`]).
+//! - [`continued`]: a host stop and continue, found by each vCPU thread and
+//!   told to the guest as a resume with re-initialisation.
 //! - [`stress`]: the kick-stress interrupt generator.
 //! - [`no_exit_thread`]: the no-exit tier's perf reader thread.
 //! - [`pet_thread`]: traditional PET's sampler thread (holds the guest still
@@ -24,6 +26,7 @@
 //!   lateness histograms, the bench page, a tap on the host timer deadlines).
 
 pub mod builder;
+pub mod continued;
 pub mod controller;
 pub mod events;
 pub mod exit;

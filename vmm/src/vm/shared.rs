@@ -18,12 +18,14 @@ use metronome_devices::{Expiry, Raise, VirtualInterruptController, VirtualTimer}
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::continued::ContinueWatch;
 use super::pet_thread::PetSlot;
 use super::VmExit;
 use crate::host_time::DeviceClock;
 use crate::kick;
 use crate::metrics::ExitCounters;
 use crate::sampling::SamplingShared;
+use crate::stop_signals;
 use crate::vcpu::advance::TimerAdvance;
 
 /// Interrupts injected into one vCPU, by kind.
@@ -84,6 +86,14 @@ impl IrqState {
             self.vic.raise(Vector::Timer as u8);
         }
     }
+
+    /// A resume with re-initialisation: counted in `TIMER_RESUMES`, and the
+    /// TimerResume vector raised, which makes the guest re-run
+    /// `clockintr_cpu_init` (CI-CPU-6).
+    pub fn raise_resume(&mut self) {
+        self.timer.note_resume();
+        self.vic.raise(Vector::TimerResume as u8);
+    }
 }
 
 /// Per-vCPU shared handle.
@@ -108,6 +118,9 @@ pub struct VcpuSlot {
     /// [`crate::vcpu::PUBLISH_PERIOD_NS`], and before it parks for a pause),
     /// for a summary while the VM runs; `None` before the first.
     pub published: Mutex<Option<crate::vcpu::VcpuRunStats>>,
+    /// The vCPU thread's last reading of the device clock, to find a host
+    /// stop and continue ([`VmShared::vcpu_now`]); that thread's only.
+    pub continued: ContinueWatch,
 }
 
 impl VcpuSlot {
@@ -184,7 +197,12 @@ impl VmShared {
             pause_cv: Condvar::new(),
             paused_flag: AtomicBool::new(false),
             mem,
-            vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
+            vcpus: (0..vcpus)
+                .map(|_| VcpuSlot {
+                    continued: ContinueWatch::new(stop_signals::continues()),
+                    ..VcpuSlot::default()
+                })
+                .collect(),
             clock: DeviceClock::start(),
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
@@ -198,6 +216,27 @@ impl VmShared {
     /// Device time: ns since the VM was created. The guest's uptime clock.
     pub fn now(&self) -> u64 {
         self.clock.now()
+    }
+
+    /// Device time as vCPU `id`'s own thread reads it (at its loop top, and
+    /// for its guest's timer page). A host stop and continue since that
+    /// thread's previous reading raises a resume with re-initialisation on
+    /// the vCPU first, so the guest is told before it can see the time or
+    /// take a timer interrupt after the stop ([`super::continued`]).
+    pub fn vcpu_now(&self, id: u32) -> u64 {
+        let slot = &self.vcpus[id as usize];
+        let before = stop_signals::continues();
+        let now = self.now();
+        if slot
+            .continued
+            .note(now, before, stop_signals::take_continue)
+        {
+            log::debug!(
+                "vCPU {id}: continued after a host stop; the guest resumes with re-initialisation"
+            );
+            slot.lock().raise_resume();
+        }
+        now
     }
 
     /// Records why the VM ends (the first reason wins) and wakes the main thread.
