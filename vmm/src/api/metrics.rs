@@ -2,7 +2,7 @@
 //! `?format=prometheus`), `PUT /metrics` (the metrics sink, pre-boot) and
 //! `FlushMetrics`, and the count of the API's answers by status code.
 //!
-//! The VM's counters are read on the runtime's blocking pool
+//! The VM's counters are read on the VMM thread, through the request hop
 //! ([`crate::VmController::metrics`]); before InstanceStart they are zeros,
 //! after the exit the values at the end of the run.
 
