@@ -253,7 +253,7 @@ impl VcpuRunner {
                 // Every pass acknowledges a pending sampling stop, held or not.
                 sampling.acknowledge(id);
             }
-            crate::vcpu::test_hooks::maybe_panic(id, shared.now());
+            test_hooks::maybe_panic(id, || shared.now());
             self.publish_stats(false);
             if self.stay_out() {
                 continue;

@@ -18,9 +18,10 @@ fn panic_vcpu() -> Option<u32> {
     *VCPU.get_or_init(|| std::env::var(PANIC_VCPU_ENV).ok()?.parse().ok())
 }
 
-/// Panics if the test hook asks vCPU `id` to, at device time `now`.
-pub fn maybe_panic(id: u32, now: u64) {
-    if panic_vcpu() == Some(id) && now >= PANIC_AFTER_NS {
+/// Panics if the test hook asks vCPU `id` to, once `now()` (device time,
+/// read only when the hook is armed for this vCPU) has passed 300 ms.
+pub fn maybe_panic(id: u32, now: impl FnOnce() -> u64) {
+    if panic_vcpu() == Some(id) && now() >= PANIC_AFTER_NS {
         panic!("vCPU {id}: the panic {PANIC_VCPU_ENV} asked for");
     }
 }
