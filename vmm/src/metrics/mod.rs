@@ -206,11 +206,18 @@ pub struct VcpuMetrics {
     /// Guest lateness: the deadline the guest programmed to the timer
     /// interrupt's entry, as the guest measured and reported it.
     pub guest_lateness_ns: LatencyHistogram,
-    /// kperf samples not kept: a new stack when this vCPU's stack counts
-    /// were full (on-CPU timer samples).
+    /// kperf samples not in the profile: a new stack when this vCPU's stack
+    /// table had spent its memory budget and its folded entries (on-CPU
+    /// timer samples).
     pub sample_drops: u64,
     /// The same for PET samples of this vCPU's threads.
     pub pet_sample_drops: u64,
+    /// kperf samples counted in their thread under `[stack table full]`: a
+    /// new stack when this vCPU's stack table had spent its memory budget
+    /// (on-CPU timer samples).
+    pub stacks_folded: u64,
+    /// The same for PET samples of this vCPU's threads.
+    pub pet_stacks_folded: u64,
     /// Guest trace events lost: dropped by the guest on a full event ring or
     /// skipped by the host.
     pub trace_ring_drops: u64,
@@ -279,6 +286,8 @@ pub fn collect(shared: &VmShared) -> VmMetrics {
                 guest_lateness_ns: guest_lateness(&guest.lateness_hist, guest.lateness_sum),
                 sample_drops: sampling.map_or(0, |s| s.samples.dropped(id)),
                 pet_sample_drops: sampling.map_or(0, |s| s.pet.samples.dropped(id)),
+                stacks_folded: sampling.map_or(0, |s| s.samples.folded(id)),
+                pet_stacks_folded: sampling.map_or(0, |s| s.pet.samples.folded(id)),
                 trace_ring_drops: sampling.map_or(0, |s| s.guest_events().dropped(&shared.mem, id)),
                 timer_advance_running_ns: advance.advance_ns(WakePath::Running),
                 timer_advance_halted_ns: advance.advance_ns(WakePath::Halted),

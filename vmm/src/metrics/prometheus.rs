@@ -52,6 +52,22 @@ fn vcpu(v: &VcpuMetrics) -> Labels {
     vec![("vcpu", v.id.to_string())]
 }
 
+/// Each vCPU's (on-CPU, PET) pair of a per-buffer counter, labelled by vCPU
+/// and `buffer` (`oncpu`, `pet`).
+fn per_buffer(
+    vcpus: &[VcpuMetrics],
+    pick: fn(&VcpuMetrics) -> (u64, u64),
+) -> impl Iterator<Item = (Labels, u64)> + '_ {
+    vcpus.iter().flat_map(move |v| {
+        let (oncpu, pet) = pick(v);
+        [("oncpu", oncpu), ("pet", pet)].map(|(buffer, n)| {
+            let mut labels = vcpu(v);
+            labels.push(("buffer", buffer.to_owned()));
+            (labels, n)
+        })
+    })
+}
+
 /// One counter family: `name` (`_total` is appended) with its series.
 fn counters(
     encoder: &mut DescriptorEncoder,
@@ -250,14 +266,14 @@ impl Collector for Exposition {
         counters(
             &mut encoder,
             "kperf_sample_drops",
-            "kperf samples not kept: a new stack when the vCPU's stack counts were full.",
-            vcpus.iter().flat_map(|v| {
-                [("oncpu", v.sample_drops), ("pet", v.pet_sample_drops)].map(|(buffer, n)| {
-                    let mut labels = vcpu(v);
-                    labels.push(("buffer", buffer.to_owned()));
-                    (labels, n)
-                })
-            }),
+            "kperf samples not in the profile: a new stack when the vCPU's stack table was full.",
+            per_buffer(vcpus, |v| (v.sample_drops, v.pet_sample_drops)),
+        )?;
+        counters(
+            &mut encoder,
+            "kperf_stacks_folded",
+            "kperf samples counted under [stack table full]: a new stack when the vCPU's stack table had spent its memory budget.",
+            per_buffer(vcpus, |v| (v.stacks_folded, v.pet_stacks_folded)),
         )?;
         counter(
             &mut encoder,

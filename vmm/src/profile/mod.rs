@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 
-pub use symbolize::{Frame, Symbolizer};
+pub use symbolize::{Frame, Symbolizer, FOLDED_FRAME, FOLDED_STACK};
 pub use write::{FOLDED_FILE, PPROF_FILE, SVG_FILE, SVG_TITLE};
 
 /// Errors from building a [`Symbolizer`] or writing a [`Profile`].

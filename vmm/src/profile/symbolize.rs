@@ -163,7 +163,17 @@ impl Symbolizer {
     /// `is_return_address` is for every stack element but the first: it is
     /// looked up at `addr - 1`, inside the call instruction. An address in no
     /// known function yields one frame named like `0x2001a3`.
+    ///
+    /// [`FOLDED_STACK`] yields the one frame `[stack table full]`.
     pub fn frames(&self, addr: u64, is_return_address: bool) -> Vec<Frame> {
+        if addr == FOLDED_STACK {
+            return vec![Frame {
+                function: FOLDED_FRAME.to_owned(),
+                file: None,
+                line: None,
+                addr,
+            }];
+        }
         let probe = if is_return_address {
             addr.saturating_sub(1)
         } else {
@@ -316,6 +326,15 @@ fn labels(file: &object::File<'_>, code: &[(u64, u64)]) -> Vec<FunctionSymbol> {
     });
     labels.into_iter().map(|(_, label)| label).collect()
 }
+
+/// The pseudo address of a sample counted without its stack, because the
+/// stack table it went to was full: a profile shows it as [`FOLDED_FRAME`].
+/// It is not canonical, so no stack walk yields it (the walker ends a chain
+/// at a non-canonical return address).
+pub const FOLDED_STACK: u64 = 0x8000_0000_0000_0000;
+
+/// The frame name of [`FOLDED_STACK`].
+pub const FOLDED_FRAME: &str = "[stack table full]";
 
 /// The name of a frame at an address in no known function.
 fn unknown(addr: u64) -> String {

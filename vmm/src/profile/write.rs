@@ -195,7 +195,7 @@ mod tests {
 
     use super::*;
     use crate::profile::pprof::{pb, IMAGE_NAME};
-    use crate::profile::Sample;
+    use crate::profile::{Sample, FOLDED_FRAME, FOLDED_STACK};
 
     fn profile() -> Profile {
         let symbolizer =
@@ -278,6 +278,20 @@ mod tests {
             "[tid 7];metronome_guest::workloads::work_[k] 1\n\
              spinner/0;metronome_guest::workloads::spinner;metronome_guest::workloads::work 2\n"
         );
+    }
+
+    #[test]
+    fn test_a_folded_sample_is_its_thread_under_stack_table_full() {
+        let mut p = profile();
+        p.add(&sample("w/0", &[FOLDED_STACK], &[], 3));
+        assert_eq!(p.folded(), "w/0;[stack table full] 3\n");
+        let pb = decode(&p);
+        let names: Vec<&str> = pb
+            .function
+            .iter()
+            .map(|f| pb.string_table[f.name as usize].as_str())
+            .collect();
+        assert_eq!(names, [FOLDED_FRAME]);
     }
 
     #[test]

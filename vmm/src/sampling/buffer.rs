@@ -5,17 +5,37 @@
 //! copies each vCPU's counts under that vCPU's lock and leaves them in place.
 //! Each vCPU thread adds only to its own aggregate, so the lock it takes is
 //! uncontended except during a drain or the copy of a snapshot.
+//!
+//! Each aggregate has a memory budget ([`STACK_BUDGET_BYTES`], shared out
+//! among the vCPUs). A stack is kept compactly: its thread name interned,
+//! both stacks in one boxed slice. Once the budget is spent, a sample with a
+//! new stack is *folded*: counted in its thread under the one pseudo frame
+//! [`FOLDED_STACK`] (`[stack table full]` in every output), so each thread's
+//! share of the profile stays true and memory stays flat however long the
+//! run. Folded entries are bounded too ([`FOLDED_LIMIT`]); a sample that
+//! fits neither is counted as dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::capture::RawSample;
 use super::samplers::Totals;
+use crate::profile::FOLDED_STACK;
 
-/// Distinct stacks kept per vCPU at most between two drains; a sample with a
-/// new stack beyond that is counted as dropped.
-pub const STACK_LIMIT: usize = 200_000;
+/// The memory all vCPUs' aggregates of one kind (on-CPU or PET) may use for
+/// their stacks, shared out equally among the vCPUs; each vCPU gets at least
+/// [`MIN_VCPU_BUDGET_BYTES`].
+pub const STACK_BUDGET_BYTES: usize = 32 << 20;
+/// The least budget one vCPU's aggregate gets.
+pub const MIN_VCPU_BUDGET_BYTES: usize = 1 << 20;
+/// The hidden, test-only variable that sets each vCPU's budget in bytes
+/// directly (no floor), so that a short run can show folding. Not meant for
+/// use otherwise.
+pub const TEST_VCPU_BUDGET_ENV: &str = "METRONOME_TEST_STACK_BUDGET_BYTES";
+/// Folded entries (one per thread) kept per vCPU at most, beyond the budget.
+pub const FOLDED_LIMIT: usize = 1024;
 
 /// What a profile keeps of a sample: its identity and its stacks (not its
 /// time, which the trace keeps).
@@ -37,89 +57,235 @@ pub struct StackSample {
     pub user_leaf_after_trap: bool,
 }
 
-impl From<RawSample> for StackSample {
-    fn from(raw: RawSample) -> Self {
-        Self {
-            vcpu: raw.vcpu,
-            tid: raw.tid,
-            thread_name: raw.thread_name,
-            cpl: raw.cpl,
-            user_stack: raw.user_stack.frames,
-            kernel_stack: raw.kernel_stack.frames,
-            user_leaf_after_trap: raw.user_leaf_after_trap,
+/// A stack as one vCPU's aggregate keeps it: the vCPU is the aggregate's,
+/// the name shared with every other stack of that name, the user stack
+/// followed by the kernel stack in one allocation.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Key {
+    tid: u64,
+    name: Arc<str>,
+    frames: Box<[u64]>,
+    user_len: u32,
+    cpl: u8,
+    user_leaf_after_trap: bool,
+}
+
+impl Key {
+    fn to_sample(&self, vcpu: u32) -> StackSample {
+        let (user, kernel) = self.frames.split_at(self.user_len as usize);
+        StackSample {
+            vcpu,
+            tid: self.tid,
+            thread_name: self.name.to_string(),
+            cpl: self.cpl,
+            user_stack: user.to_vec(),
+            kernel_stack: kernel.to_vec(),
+            user_leaf_after_trap: self.user_leaf_after_trap,
         }
     }
+
+    /// The bytes a new entry of this key costs: its slot (twice, for the
+    /// table's spare capacity) and its frames' allocation.
+    fn cost(&self) -> usize {
+        2 * size_of::<(Key, u64)>() + self.frames.len() * size_of::<u64>() + ALLOC_OVERHEAD
+    }
 }
+
+/// The allocator's overhead per allocation, as counted against the budget.
+const ALLOC_OVERHEAD: usize = 16;
 
 /// One vCPU's stack counts and sampler totals.
 #[derive(Debug, Default)]
 struct Counts {
-    stacks: HashMap<StackSample, u64>,
+    stacks: HashMap<Key, u64>,
+    names: HashSet<Arc<str>>,
+    /// Bytes of the budget spent.
+    used: usize,
+    /// Folded entries in `stacks`.
+    folded_keys: usize,
     totals: Totals,
+}
+
+impl Counts {
+    /// `name`, shared with the aggregate's other stacks of that name; `None`
+    /// when it is new and `budget` cannot pay for it.
+    fn intern(&mut self, name: &str, budget: usize) -> Option<Arc<str>> {
+        if let Some(known) = self.names.get(name) {
+            return Some(known.clone());
+        }
+        let cost = 2 * size_of::<Arc<str>>() + name.len() + 2 * size_of::<usize>() + ALLOC_OVERHEAD;
+        if self.used + cost > budget {
+            return None;
+        }
+        self.used += cost;
+        let name: Arc<str> = Arc::from(name);
+        self.names.insert(name.clone());
+        Some(name)
+    }
+}
+
+/// What [`SampleBuffer::push`] did with a sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// Counted under its own stack.
+    Kept,
+    /// Counted in its thread under [`FOLDED_STACK`]: the budget was spent.
+    Folded,
+    /// Not counted in the profile: no budget and no folded entry left, or no
+    /// such vCPU.
+    Dropped,
 }
 
 /// The per-vCPU stack counts, and what the samplers captured.
 #[derive(Debug)]
 pub struct SampleBuffer {
     per_vcpu: Vec<Mutex<Counts>>,
-    limit: usize,
+    budget: usize,
     dropped: Vec<AtomicU64>,
+    folded: Vec<AtomicU64>,
 }
 
 impl SampleBuffer {
-    /// Aggregates for `vcpus` vCPUs of at most `limit` distinct stacks each.
-    pub fn new(vcpus: usize, limit: usize) -> Self {
+    /// Aggregates for `vcpus` vCPUs sharing `budget` bytes of stacks (at least
+    /// [`MIN_VCPU_BUDGET_BYTES`] each).
+    pub fn new(vcpus: usize, budget: usize) -> Self {
+        Self::with_vcpu_budget(vcpus, (budget / vcpus.max(1)).max(MIN_VCPU_BUDGET_BYTES))
+    }
+
+    /// [`SampleBuffer::new`] with [`STACK_BUDGET_BYTES`], unless the hidden
+    /// [`TEST_VCPU_BUDGET_ENV`] sets each vCPU's budget.
+    pub fn with_default_budget(vcpus: usize) -> Self {
+        match std::env::var(TEST_VCPU_BUDGET_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(per_vcpu) => Self::with_vcpu_budget(vcpus, per_vcpu),
+            None => Self::new(vcpus, STACK_BUDGET_BYTES),
+        }
+    }
+
+    /// Aggregates for `vcpus` vCPUs of `budget` bytes of stacks each.
+    fn with_vcpu_budget(vcpus: usize, budget: usize) -> Self {
         Self {
             per_vcpu: (0..vcpus).map(|_| Mutex::new(Counts::default())).collect(),
-            limit,
+            budget,
             dropped: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            folded: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// Counts `sample` in its vCPU's totals and, if it describes a place in
     /// the code ([`RawSample::in_profile`]), its stack in its vCPU's
-    /// aggregate; `false` (and counted as dropped) when its stack is new and
-    /// the aggregate is full, or the vCPU does not exist.
-    pub fn push(&self, sample: RawSample) -> bool {
+    /// aggregate: under its own stack while the budget lasts, then folded.
+    pub fn push(&self, sample: RawSample) -> Pushed {
         let id = sample.vcpu as usize;
         let Some(counts) = self.per_vcpu.get(id) else {
-            return false;
+            return Pushed::Dropped;
         };
         let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.totals.add_one(&sample);
         if !sample.in_profile() {
-            return true;
+            return Pushed::Kept;
         }
-        let key = StackSample::from(sample);
-        let counts = &mut counts.stacks;
-        if let Some(count) = counts.get_mut(&key) {
-            *count += 1;
-            return true;
+        let outcome = self.count(&mut counts, sample);
+        match outcome {
+            Pushed::Kept => {}
+            Pushed::Folded => {
+                self.folded[id].fetch_add(1, Ordering::Relaxed);
+            }
+            Pushed::Dropped => {
+                self.dropped[id].fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if counts.len() < self.limit {
-            counts.insert(key, 1);
-            true
-        } else {
-            self.dropped[id].fetch_add(1, Ordering::Relaxed);
-            false
-        }
+        outcome
     }
 
-    /// Samples of vCPU `id` not kept because its aggregate was full.
+    fn count(&self, counts: &mut Counts, sample: RawSample) -> Pushed {
+        let user_len = sample.user_stack.frames.len();
+        let mut frames = sample.user_stack.frames;
+        frames.extend_from_slice(&sample.kernel_stack.frames);
+        // Interning a name that is already known costs nothing; a new one is
+        // paid from the budget, or from the folded reserve once it is spent.
+        let name = match counts.intern(&sample.thread_name, self.budget) {
+            Some(name) => name,
+            None if counts.folded_keys < FOLDED_LIMIT => {
+                let name: Arc<str> = Arc::from(sample.thread_name.as_str());
+                counts.names.insert(name.clone());
+                name
+            }
+            None => return Pushed::Dropped,
+        };
+        let key = Key {
+            tid: sample.tid,
+            name,
+            frames: frames.into_boxed_slice(),
+            user_len: u32::try_from(user_len).unwrap_or(u32::MAX),
+            cpl: sample.cpl,
+            user_leaf_after_trap: sample.user_leaf_after_trap,
+        };
+        if let Some(count) = counts.stacks.get_mut(&key) {
+            *count += 1;
+            return Pushed::Kept;
+        }
+        let cost = key.cost();
+        if counts.used + cost <= self.budget {
+            counts.used += cost;
+            counts.stacks.insert(key, 1);
+            return Pushed::Kept;
+        }
+        let folded = Key {
+            frames: Box::new([FOLDED_STACK]),
+            user_len: 1,
+            user_leaf_after_trap: false,
+            ..key
+        };
+        if let Some(count) = counts.stacks.get_mut(&folded) {
+            *count += 1;
+            return Pushed::Folded;
+        }
+        if counts.folded_keys < FOLDED_LIMIT {
+            counts.folded_keys += 1;
+            counts.stacks.insert(folded, 1);
+            return Pushed::Folded;
+        }
+        Pushed::Dropped
+    }
+
+    /// Samples of vCPU `id` not in the profile: no budget and no folded
+    /// entry left for their thread.
     pub fn dropped(&self, id: u32) -> u64 {
         self.dropped
             .get(id as usize)
             .map_or(0, |d| d.load(Ordering::Relaxed))
     }
 
+    /// Samples of vCPU `id` counted under [`FOLDED_STACK`] because the
+    /// budget was spent.
+    pub fn folded(&self, id: u32) -> u64 {
+        self.folded
+            .get(id as usize)
+            .map_or(0, |d| d.load(Ordering::Relaxed))
+    }
+
     /// Takes every stack counted so far with its count, vCPU by vCPU, in a
-    /// stable order.
+    /// stable order, and gives the budget back.
     pub fn drain(&self) -> Vec<(StackSample, u64)> {
         let mut all = Vec::new();
-        for counts in &self.per_vcpu {
-            let stacks =
-                std::mem::take(&mut counts.lock().unwrap_or_else(|p| p.into_inner()).stacks);
-            let mut counts: Vec<(StackSample, u64)> = stacks.into_iter().collect();
+        for (id, counts) in self.per_vcpu.iter().enumerate() {
+            let stacks = {
+                let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                let totals = std::mem::take(&mut counts.totals);
+                let stacks = std::mem::take(&mut counts.stacks);
+                *counts = Counts {
+                    totals,
+                    ..Counts::default()
+                };
+                stacks
+            };
+            let mut counts: Vec<(StackSample, u64)> = stacks
+                .iter()
+                .map(|(k, n)| (k.to_sample(id as u32), *n))
+                .collect();
             counts.sort();
             all.append(&mut counts);
         }
@@ -131,10 +297,14 @@ impl SampleBuffer {
     /// lock is held only while its counts are copied (sorted after).
     pub fn snapshot(&self) -> Vec<(StackSample, u64)> {
         let mut all = Vec::new();
-        for counts in &self.per_vcpu {
+        for (id, counts) in self.per_vcpu.iter().enumerate() {
             let mut copy: Vec<(StackSample, u64)> = {
                 let counts = counts.lock().unwrap_or_else(|p| p.into_inner());
-                counts.stacks.iter().map(|(s, n)| (s.clone(), *n)).collect()
+                counts
+                    .stacks
+                    .iter()
+                    .map(|(k, n)| (k.to_sample(id as u32), *n))
+                    .collect()
             };
             copy.sort();
             all.append(&mut copy);
@@ -203,15 +373,15 @@ mod tests {
 
     #[test]
     fn test_a_sample_without_thread_or_stack_samplers_counts_only_in_the_totals() {
-        let buffer = SampleBuffer::new(1, 10);
+        let buffer = SampleBuffer::new(1, STACK_BUDGET_BYTES);
         let mut task_only = sample(0, 1, 0xaa);
         task_only.samplers = Box::new(SamplerData {
             sampled: sampler::TK_INFO,
             tk_info: Some(TaskInfoRecord::default()),
             ..Default::default()
         });
-        assert!(buffer.push(task_only));
-        assert!(buffer.push(sample(0, 2, 0xaa)));
+        assert_eq!(Pushed::Kept, buffer.push(task_only));
+        assert_eq!(Pushed::Kept, buffer.push(sample(0, 2, 0xaa)));
         let stacks = buffer.drain();
         assert_eq!(stacks.len(), 1);
         assert_eq!(stacks[0].1, 1);
@@ -221,13 +391,13 @@ mod tests {
 
     #[test]
     fn test_identical_stacks_are_counted_not_kept() {
-        let buffer = SampleBuffer::new(2, 10);
+        let buffer = SampleBuffer::new(2, STACK_BUDGET_BYTES);
         // The time differs, the stack does not: one entry, three samples.
         for t in 0..3 {
-            assert!(buffer.push(sample(0, t, 0xaa)));
+            assert_eq!(Pushed::Kept, buffer.push(sample(0, t, 0xaa)));
         }
-        assert!(buffer.push(sample(0, 9, 0xbb)));
-        assert!(buffer.push(sample(1, 9, 0xaa)));
+        assert_eq!(Pushed::Kept, buffer.push(sample(0, 9, 0xbb)));
+        assert_eq!(Pushed::Kept, buffer.push(sample(1, 9, 0xaa)));
         let drained = buffer.drain();
         let counts: Vec<(u32, u64, u64)> = drained
             .iter()
@@ -239,17 +409,17 @@ mod tests {
 
     #[test]
     fn test_a_snapshot_copies_and_does_not_drain() {
-        let buffer = SampleBuffer::new(2, 10);
+        let buffer = SampleBuffer::new(2, STACK_BUDGET_BYTES);
         assert!(buffer.snapshot().is_empty());
         assert!(buffer.is_empty());
-        assert!(buffer.push(sample(1, 1, 0xaa)));
+        assert_eq!(Pushed::Kept, buffer.push(sample(1, 1, 0xaa)));
         assert!(!buffer.is_empty());
-        assert!(buffer.push(sample(0, 2, 0xbb)));
-        assert!(buffer.push(sample(0, 3, 0xbb)));
+        assert_eq!(Pushed::Kept, buffer.push(sample(0, 2, 0xbb)));
+        assert_eq!(Pushed::Kept, buffer.push(sample(0, 3, 0xbb)));
         let first = buffer.snapshot();
         // Each vCPU's counts in the drain's order, and still there.
         assert_eq!(buffer.snapshot(), first);
-        assert!(buffer.push(sample(0, 4, 0xbb)));
+        assert_eq!(Pushed::Kept, buffer.push(sample(0, 4, 0xbb)));
         let second = buffer.snapshot();
         let total = |v: &[(StackSample, u64)]| v.iter().map(|(_, n)| n).sum::<u64>();
         assert_eq!((total(&first), total(&second)), (3, 4));
@@ -264,19 +434,90 @@ mod tests {
         assert_eq!(buffer.take_totals().captured.get("ustack"), Some(&4));
     }
 
+    /// A buffer whose vCPUs each have room for `n` stacks like [`sample`]'s
+    /// (two frames, and the name).
+    fn room_for(vcpus: usize, n: usize) -> SampleBuffer {
+        let mut counts = Counts::default();
+        let name = counts.intern("", usize::MAX).expect("no budget");
+        let key = Key {
+            tid: 0,
+            name,
+            frames: Box::new([0, 0]),
+            user_len: 2,
+            cpl: 0,
+            user_leaf_after_trap: false,
+        };
+        SampleBuffer::with_vcpu_budget(vcpus, counts.used + n * key.cost())
+    }
+
     #[test]
-    fn test_distinct_stacks_are_bounded_per_vcpu_and_drops_counted() {
-        let buffer = SampleBuffer::new(2, 2);
-        assert!(buffer.push(sample(0, 1, 0x1)));
-        assert!(buffer.push(sample(0, 2, 0x2)));
-        // A third distinct stack does not fit; a known one still counts.
-        assert!(!buffer.push(sample(0, 3, 0x3)));
-        assert!(buffer.push(sample(0, 4, 0x1)));
-        assert!(!buffer.push(sample(7, 5, 0x1)));
-        assert_eq!((buffer.dropped(0), buffer.dropped(1)), (1, 0));
-        let total: u64 = buffer.drain().iter().map(|(_, n)| n).sum();
-        assert_eq!(total, 3);
-        // Drained: room again.
-        assert!(buffer.push(sample(0, 6, 0x3)));
+    fn test_a_full_stack_table_folds_new_stacks_into_their_thread() {
+        let buffer = room_for(2, 2);
+        assert_eq!(buffer.push(sample(0, 1, 0x1)), Pushed::Kept);
+        assert_eq!(buffer.push(sample(0, 2, 0x2)), Pushed::Kept);
+        // A third distinct stack does not fit: counted in its thread under
+        // the folded frame; a known stack still counts as itself.
+        assert_eq!(buffer.push(sample(0, 3, 0x3)), Pushed::Folded);
+        assert_eq!(buffer.push(sample(0, 4, 0x4)), Pushed::Folded);
+        assert_eq!(buffer.push(sample(0, 5, 0x1)), Pushed::Kept);
+        // Another thread gets its own folded entry.
+        let mut other = sample(0, 6, 0x5);
+        other.tid = 9;
+        assert_eq!(buffer.push(other), Pushed::Folded);
+        // vCPU 1 has its own budget; vCPU 7 does not exist.
+        assert_eq!(buffer.push(sample(1, 7, 0x3)), Pushed::Kept);
+        assert_eq!(buffer.push(sample(7, 8, 0x1)), Pushed::Dropped);
+        assert_eq!((buffer.folded(0), buffer.folded(1)), (3, 0));
+        assert_eq!((buffer.dropped(0), buffer.dropped(1)), (0, 0));
+        let drained = buffer.drain();
+        let got: Vec<(u32, u64, Vec<u64>, u64)> = drained
+            .iter()
+            .map(|(s, n)| (s.vcpu, s.tid, s.user_stack.clone(), *n))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0, vec![0x1, 0x1000], 2),
+                (0, 0, vec![0x2, 0x1000], 1),
+                (0, 0, vec![FOLDED_STACK], 2),
+                (0, 9, vec![FOLDED_STACK], 1),
+                (1, 0, vec![0x3, 0x1000], 1),
+            ]
+        );
+        // Every sample of vCPU 0 is in the profile, folded or not.
+        let total: u64 = got.iter().filter(|g| g.0 == 0).map(|g| g.3).sum();
+        assert_eq!(total, 6);
+        // Drained: the budget is back.
+        assert_eq!(buffer.push(sample(0, 9, 0x3)), Pushed::Kept);
+    }
+
+    #[test]
+    fn test_folded_entries_are_bounded_and_what_fits_nowhere_is_dropped() {
+        let buffer = room_for(1, 0);
+        for tid in 0..FOLDED_LIMIT as u64 {
+            let mut s = sample(0, tid, 0x1);
+            s.tid = tid;
+            s.thread_name = format!("t{tid}");
+            assert_eq!(buffer.push(s), Pushed::Folded, "{tid}");
+        }
+        let mut s = sample(0, 0, 0x1);
+        s.tid = FOLDED_LIMIT as u64;
+        assert_eq!(buffer.push(s), Pushed::Dropped);
+        // A thread already folded still counts.
+        let mut s = sample(0, 0, 0x2);
+        s.thread_name = "t0".into();
+        assert_eq!(buffer.push(s), Pushed::Folded);
+        assert_eq!(
+            (buffer.folded(0), buffer.dropped(0)),
+            (FOLDED_LIMIT as u64 + 1, 1)
+        );
+        assert_eq!(buffer.drain().len(), FOLDED_LIMIT);
+    }
+
+    #[test]
+    fn test_the_budget_is_shared_out_among_vcpus_with_a_floor() {
+        assert_eq!(SampleBuffer::new(2, 8 << 20).budget, 4 << 20);
+        assert_eq!(SampleBuffer::new(64, 8 << 20).budget, MIN_VCPU_BUDGET_BYTES);
+        assert_eq!(SampleBuffer::new(0, 8 << 20).budget, 8 << 20);
     }
 }

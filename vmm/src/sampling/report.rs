@@ -180,10 +180,12 @@ fn figures(
     for s in stats {
         let v = &s.sampling;
         let dropped = sampling.samples.dropped(s.id);
+        let folded = sampling.samples.folded(s.id);
         cost.merge(&v.cost);
         summary.samples += v.samples;
         summary.timer_fires += v.leader_fires;
         summary.dropped += dropped;
+        summary.folded += folded;
         summary.walk_errors += v.walk_errors;
         summary.vcpus.push(VcpuSamplingSummary {
             id: s.id,
@@ -191,6 +193,7 @@ fn figures(
             leader_fires: v.leader_fires,
             samples: v.samples,
             dropped,
+            folded,
             walk_errors: v.walk_errors,
             not_running: v.not_running,
             timer_overruns: v.timer_overruns,

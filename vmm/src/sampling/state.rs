@@ -18,7 +18,7 @@ use kperf::{Kperf, KperfError, SampleRequest};
 use metronome_devices::LatencyHistogram;
 use vm_memory::{GuestMemoryError, GuestMemoryMmap};
 
-use super::buffer::{SampleBuffer, STACK_LIMIT};
+use super::buffer::SampleBuffer;
 use super::guest_events::GuestEventRings;
 use super::lightweight::LightweightPet;
 use super::no_exit::NoExitShared;
@@ -119,7 +119,7 @@ impl PetShared {
             pending: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
             wake: Mutex::new(PetWake::default()),
             wake_cv: Condvar::new(),
-            samples: SampleBuffer::new(vcpus, STACK_LIMIT),
+            samples: SampleBuffer::with_default_budget(vcpus),
             passes: AtomicU64::new(0),
             threads_sampled: AtomicU64::new(0),
             pass_ns: Mutex::new(LatencyHistogram::new()),
@@ -222,7 +222,7 @@ impl SamplingShared {
             trace: (config.trace_file.is_some() || config.profile_dir.is_some())
                 .then(TraceBuffer::default),
             guest_events: GuestEventRings::new(vcpus),
-            samples: SampleBuffer::new(n, STACK_LIMIT),
+            samples: SampleBuffer::with_default_budget(n),
             samples_taken: AtomicU64::new(0),
             timer_fires: AtomicU64::new(0),
             pet: PetShared::new(n),

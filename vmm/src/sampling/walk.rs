@@ -30,11 +30,17 @@ pub enum WalkError {
     NotAscending(u64),
 }
 
+/// Whether `va` is a canonical 48-bit address (bits 63..47 all equal): the
+/// only kind code can run at, so the only kind a return address can be.
+pub fn is_canonical(va: u64) -> bool {
+    let sign = (va as i64) >> 47;
+    sign == 0 || sign == -1
+}
+
 /// Translates guest virtual `va` to a guest physical address with the page
 /// tables rooted at `cr3`.
 pub fn translate(mem: &GuestMemoryMmap, cr3: u64, va: u64) -> Result<GuestAddress, WalkError> {
-    let sign = (va as i64) >> 47;
-    if sign != 0 && sign != -1 {
+    if !is_canonical(va) {
         return Err(WalkError::NonCanonical(va));
     }
     let mut table = cr3 & ADDR_MASK;
@@ -131,6 +137,11 @@ pub fn follow_frames(
         };
         if ret == 0 {
             break;
+        }
+        // No call returns to a non-canonical address: a corrupt frame.
+        if !is_canonical(ret) {
+            stack.error = Some(WalkError::NonCanonical(ret));
+            return false;
         }
         stack.frames.push(ret);
         if next != 0 && next <= fp {
@@ -274,6 +285,17 @@ mod tests {
             walk_stack(&mem, CR3, 1, 0x8000_0000_0000, 64).error,
             Some(WalkError::NonCanonical(_))
         ));
+        // A non-canonical return address: a corrupt frame, not a frame.
+        w(0x20_3000, 0);
+        w(0x20_3008, 0x8000_0000_0000_0000);
+        let s = walk_stack(&mem, CR3, 1, 0x20_3000, 64);
+        assert_eq!(
+            (s.frames, s.error),
+            (
+                vec![1],
+                Some(WalkError::NonCanonical(0x8000_0000_0000_0000))
+            )
+        );
         // Page tables pointing outside RAM.
         w(0x4000 + 16, (1 << 40) | PRESENT);
         assert!(matches!(

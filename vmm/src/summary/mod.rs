@@ -402,9 +402,13 @@ pub struct VcpuSamplingSummary {
     pub leader_fires: u64,
     /// Samples taken.
     pub samples: u64,
-    /// Samples not kept: their stack was new when the vCPU's stack counts
-    /// already held their limit of distinct stacks.
+    /// Samples not in the profile: their stack was new when the vCPU's
+    /// stack table had spent its memory budget and its folded entries.
     pub dropped: u64,
+    /// Samples counted in their thread under `[stack table full]`, not
+    /// their own stack: it was new when the vCPU's stack table had spent its
+    /// memory budget.
+    pub folded: u64,
     /// Stack walks that ended on a bad pointer.
     pub walk_errors: u64,
     /// Expiries that found sampling off (a stop racing them).
@@ -445,6 +449,8 @@ pub struct SamplingSummary {
     pub timer_fires: u64,
     /// Samples not kept, all vCPUs.
     pub dropped: u64,
+    /// Samples folded into `[stack table full]`, all vCPUs.
+    pub folded: u64,
     /// Walk errors, all vCPUs.
     pub walk_errors: u64,
     /// Host cost per sample: deadline noticed to sample kept.
