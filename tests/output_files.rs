@@ -6,6 +6,8 @@
 //! its end, the gzipped pprof inflates with a good CRC, the trace is JSON.
 //! A profile directory the VMM cannot write (a file-size limit standing in
 //! for a full disk) is a clear error, not a panic, and leaves no partial file.
+//! SIGTERM and SIGINT while a sampled run boots or samples leave whole files
+//! or none, and a signal while sampling writes them all.
 
 // An integration-test crate is test-only as a whole.
 #![allow(clippy::tests_outside_test_module)]
@@ -13,6 +15,7 @@
 mod common;
 use common::{kvm_lock, kvm_or_skip, metronome, scratch};
 use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -188,4 +191,112 @@ fn test_an_unwritable_profile_is_a_clear_error_not_a_panic() {
         !dir.join("trace.json").exists(),
         "a trace larger than the limit cannot be whole"
     );
+}
+
+/// A sampled run of the demo workload at 10 kHz into `dir`, its console in
+/// `console`, for 600 s: it ends only when signalled.
+fn long_sampled_run(dir: &Path, console: &Path) -> Child {
+    metronome()
+        .args(["run", "--vcpus", "2", "--duration", "600"])
+        .args(["--sample-period-us", "100", "--pet-period-ms", "10"])
+        .arg("--quiet")
+        .arg("--console")
+        .arg(console)
+        .arg("--profile-dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn metronome")
+}
+
+/// Waits (polling, 60 s at most) until the guest shows on `console` that it
+/// runs its user threads, and so is being sampled.
+fn guest_running(console: &Path, child: &mut Child) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .contains("spinner on vCPU 1 started")
+    {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits for `child` and returns its exit status and standard error.
+fn finish(child: Child) -> (std::process::ExitStatus, String) {
+    let output = child.wait_with_output().expect("wait for metronome");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// SIGTERM or SIGINT at any moment of a sampled run with PET (issue 11):
+/// while it boots (from the moment it is spawned, so also before its signal
+/// handling is set up) and while the guest is being sampled. Every file left
+/// under its final name is complete, never a panic; a signal while sampling
+/// stops the run cleanly (exit 5) with both profiles and the trace written
+/// whole.
+#[test]
+fn test_sigterm_or_sigint_while_booting_or_sampling_leaves_whole_files_or_none() {
+    if !kvm_or_skip("signals while booting or sampling") {
+        return;
+    }
+    let _serial = kvm_lock();
+    for signal_name in ["TERM", "INT"] {
+        let number = if signal_name == "TERM" { 15 } else { 2 };
+        // Booting: the signal comes before the guest runs, or as it starts.
+        for after_ms in [0, 2, 10, 40] {
+            let dir = scratch("signal-boot");
+            let console = dir.join("console.txt");
+            std::fs::create_dir_all(&dir).unwrap();
+            let profile = dir.join("profile");
+            let child = long_sampled_run(&profile, &console);
+            std::thread::sleep(Duration::from_millis(after_ms));
+            signal(&child, signal_name);
+            let (status, stderr) = finish(child);
+            assert!(
+                status.code() == Some(5) || status.signal() == Some(number),
+                "SIG{signal_name} after {after_ms} ms: {status:?}\n{stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            for name in visible(&profile) {
+                assert_complete(&profile.join(name));
+            }
+        }
+        // Sampling: a clean stop, with everything written.
+        let dir = scratch("signal-sampling");
+        std::fs::create_dir_all(&dir).unwrap();
+        let console = dir.join("console.txt");
+        let profile = dir.join("profile");
+        let mut child = long_sampled_run(&profile, &console);
+        guest_running(&console, &mut child);
+        signal(&child, signal_name);
+        let (status, stderr) = finish(child);
+        assert_eq!(status.code(), Some(5), "SIG{signal_name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let files = visible(&profile);
+        for name in [
+            "pet.folded",
+            "pet.pb.gz",
+            "pet.svg",
+            "profile.folded",
+            "profile.pb.gz",
+            "profile.svg",
+            "trace.json",
+        ] {
+            assert!(
+                files.iter().any(|f| f == name),
+                "SIG{signal_name} while sampling: no {name} in {files:?}"
+            );
+        }
+        for name in files {
+            assert_complete(&profile.join(name));
+        }
+    }
 }

@@ -157,11 +157,12 @@ fn common(pid: libc::pid_t) -> List {
         .allow(&[SYS_exit, SYS_exit_group])
 }
 
-/// What a thread needs to spawn threads once filtered: `clone3` (its flags
-/// are in memory, out of the filter's reach; a process forked with it would
-/// still run under this filter, which has no `execve`), `clone` for threads
-/// only, and what the new thread does before its own filter (glibc's robust
-/// list and rseq, std's name).
+/// What a thread needs to spawn threads once filtered: `clone3` (answered
+/// `ENOSYS` by the filter such threads stack on this one, `mod.rs`
+/// `compile_no_clone3`: its flags are in memory, out of a filter's reach, so
+/// glibc falls back to `clone`), `clone` for threads only, and what the new
+/// thread does before its own filter (glibc's robust list and rseq, std's
+/// name).
 fn spawner() -> List {
     use libc::*;
     List::default()
@@ -331,7 +332,7 @@ pub(super) fn rules(kind: ThreadKind, pid: libc::pid_t) -> BTreeMap<i64, Vec<Sec
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
     use super::*;
@@ -344,7 +345,11 @@ mod tests {
     /// Runs a classic BPF program over `struct seccomp_data` for call `nr`
     /// with `args` (the subset of cBPF seccompiler emits: word loads,
     /// AND, the conditional and unconditional jumps, returns).
-    fn evaluate(program: &BpfProgram, nr: libc::c_long, args: [u64; 6]) -> u32 {
+    pub(in crate::seccomp) fn evaluate(
+        program: &BpfProgram,
+        nr: libc::c_long,
+        args: [u64; 6],
+    ) -> u32 {
         let mut data = Vec::with_capacity(64);
         data.extend_from_slice(&(nr as u32).to_ne_bytes());
         data.extend_from_slice(&AUDIT_ARCH_X86_64.to_ne_bytes());

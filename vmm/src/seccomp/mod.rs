@@ -138,6 +138,10 @@ impl SeccompError {
 /// The compiled filters, and the test-only violation.
 struct Filters {
     programs: Vec<BpfProgram>,
+    /// Per kind: whether its list allows `clone3`, and so whether its
+    /// threads also get `no_clone3`.
+    spawns: Vec<bool>,
+    no_clone3: BpfProgram,
     violation: Option<ThreadKind>,
 }
 
@@ -155,6 +159,25 @@ fn compile(kind: ThreadKind, pid: libc::pid_t) -> Result<BpfProgram, SeccompErro
     filter
         .try_into()
         .map_err(|e| SeccompError::Compile(kind.name(), e))
+}
+
+/// The filter a thread that may spawn threads installs beside its list's:
+/// `clone3` fails with `ENOSYS`. Its flags are in memory, out of a filter's
+/// reach; glibc then falls back to `clone`, whose flags the lists check
+/// (threads only, never a process). Stacked filters give the strictest
+/// answer, so the list's `Allow` of `clone3` becomes this `ENOSYS`, and a
+/// thread whose list has no `clone3` still traps on it.
+fn compile_no_clone3() -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        [(libc::SYS_clone3, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SeccompError::Compile("clone3", e))?;
+    filter
+        .try_into()
+        .map_err(|e| SeccompError::Compile("clone3", e))
 }
 
 /// Turns the filters on for this process: compiles every list, installs the
@@ -181,6 +204,11 @@ pub fn init() -> Result<(), SeccompError> {
         .into_iter()
         .map(|kind| compile(kind, pid))
         .collect::<Result<_, _>>()?;
+    let spawns = ThreadKind::ALL
+        .into_iter()
+        .map(|kind| lists::rules(kind, pid).contains_key(&libc::SYS_clone3))
+        .collect();
+    let no_clone3 = compile_no_clone3()?;
     report::install_handler().map_err(SeccompError::Handler)?;
     install_panic_hook();
     // The probe's answer is cached for the process: its perf_event_open
@@ -188,6 +216,8 @@ pub fn init() -> Result<(), SeccompError> {
     let _ = crate::pmu::probe();
     let _ = FILTERS.set(Filters {
         programs,
+        spawns,
+        no_clone3,
         violation,
     });
     Ok(())
@@ -237,6 +267,10 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     label_current_thread();
     seccompiler::apply_filter(&filters.programs[kind.index()])
         .map_err(|e| SeccompError::Install(kind.name(), e))?;
+    if filters.spawns[kind.index()] {
+        seccompiler::apply_filter(&filters.no_clone3)
+            .map_err(|e| SeccompError::Install(kind.name(), e))?;
+    }
     if filters.violation == Some(kind) {
         // Test-only (VIOLATION_VAR): a call every list denies.
         // SAFETY: getpgid(0) reads the caller's process group; no memory.
@@ -271,6 +305,16 @@ mod tests {
             let program = compile(kind, 1234).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
             assert!(!program.is_empty(), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn test_clone3_is_answered_enosys_so_that_glibc_falls_back_to_clone() {
+        let program = compile_no_clone3().expect("compiles");
+        let ret = |nr: libc::c_long| lists::tests::evaluate(&program, nr, [0; 6]);
+        // SECCOMP_RET_ERRNO | ENOSYS; anything else passes to the list.
+        assert_eq!(ret(libc::SYS_clone3), 0x0005_0000 | libc::ENOSYS as u32);
+        assert_eq!(ret(libc::SYS_clone), 0x7fff_0000);
+        assert_eq!(ret(libc::SYS_getpgid), 0x7fff_0000);
     }
 
     #[test]
