@@ -277,18 +277,21 @@ pub fn capture(
     if settings.samplers == 0 {
         return Capture::NoSamplers;
     }
-    let name_len = page
-        .current_name
+    // The name from the thread table, not the page: a sample can stop the
+    // guest between its writes of the tid and the name at a switch.
+    let thread = samplers::current_thread(mem, vcpu, &page);
+    let name_len = thread
+        .name
         .iter()
         .position(|&b| b == 0)
-        .unwrap_or(page.current_name.len());
+        .unwrap_or(thread.name.len());
     let cr3 = sregs.cr3;
     let cpl = (sregs.cs.selector & 3) as u8;
     let mut sample = RawSample {
         vcpu,
         time_ns,
         tid: u64::from(page.current_tid),
-        thread_name: String::from_utf8_lossy(&page.current_name[..name_len]).into_owned(),
+        thread_name: String::from_utf8_lossy(&thread.name[..name_len]).into_owned(),
         thread_state: page.current_state,
         cpl,
         ..Default::default()
@@ -296,7 +299,6 @@ pub fn capture(
     let counters = samplers::wants_counters(settings.samplers)
         .then(crate::pmu::read_current_thread)
         .flatten();
-    let thread = samplers::current_thread(mem, vcpu, &page);
     sample.samplers = Box::new(samplers::gather(
         mem,
         time_ns,
@@ -350,7 +352,7 @@ mod tests {
     use super::*;
     use crate::guestmem::write_plain;
     use metronome_abi::gdt::{KERNEL_CS, USER_CS};
-    use metronome_abi::thread_state;
+    use metronome_abi::{thread_state, ThreadInfo};
     use vm_memory::Bytes;
 
     const CR3: u64 = 0x8000;
@@ -595,6 +597,34 @@ mod tests {
         assert_eq!((got.tid, got.thread_name.as_str()), (0, "idle"));
         assert_eq!(got.kernel_stack.frames, [IDLE_LOOP]);
         assert!(got.user_stack.frames.is_empty());
+    }
+
+    #[test]
+    fn test_a_sample_in_the_middle_of_a_switch_names_the_thread_its_tid_says() {
+        // The guest has published the new tid but not yet its name: the
+        // name comes from the thread table (or is idle's), not the page.
+        let mem = guest();
+        let mut entry = ThreadInfo {
+            tid: 5,
+            ..ThreadInfo::default()
+        };
+        entry.name[..6].copy_from_slice(b"worker");
+        let at = layout::THREAD_TABLE + 4 * std::mem::size_of::<ThreadInfo>() as u64;
+        write_plain(&mem, GuestAddress(at), &entry).unwrap();
+        set_thread(&mem, 5, thread_state::RUNNING, b"sleepy");
+        let (r, s) = regs(3, 0x40_0000, USER_STACK - 0x40, USER_STACK);
+        let got = sample(capture(
+            &mem,
+            0,
+            1,
+            (&r, &s),
+            &settings(sampler::USTACK, -1),
+        ));
+        assert_eq!((got.tid, got.thread_name.as_str()), (5, "worker"));
+        // Switching to idle: tid 0 is idle whatever the name still says.
+        set_thread(&mem, 0, thread_state::IDLE, b"sleepy");
+        let got = at_cpl0(&mem, IDLE_LOOP, boot_stack_top(), 0);
+        assert_eq!((got.tid, got.thread_name.as_str()), (0, "idle"));
     }
 
     #[test]

@@ -204,9 +204,18 @@ pub fn entry_is_sane(slot: usize, info: &ThreadInfo, vcpus: usize) -> bool {
         && info.stack_lo <= info.stack_hi
 }
 
+/// The name the guest gives its idle context.
+const IDLE_NAME: [u8; 16] = *b"idle\0\0\0\0\0\0\0\0\0\0\0\0";
+
 /// The thread-table entry of vCPU `vcpu`'s current thread (`page`): its
 /// slot when it holds that thread; for the idle context (or a slot that
 /// does not match) what the page says, without counters.
+///
+/// The name is the table's, or `idle` for tid 0, never the page's for a
+/// thread the table knows: the guest publishes a switch in the page field by
+/// field (tid, state, name), and a sample can stop it between two of them
+/// (the host stops a vCPU at any instruction, interrupts masked or not), so
+/// the page's name can still be the previous thread's.
 pub fn current_thread(mem: &GuestMemoryMmap, vcpu: u32, page: &VcpuShared) -> ThreadInfo {
     let tid = u64::from(page.current_tid);
     let slot = (tid as usize).wrapping_sub(1);
@@ -220,7 +229,11 @@ pub fn current_thread(mem: &GuestMemoryMmap, vcpu: u32, page: &VcpuShared) -> Th
             tid,
             vcpu: u64::from(vcpu),
             state: u64::from(page.current_state),
-            name: page.current_name,
+            name: if tid == 0 {
+                IDLE_NAME
+            } else {
+                page.current_name
+            },
             ..ThreadInfo::default()
         })
 }
