@@ -275,7 +275,15 @@ fn test_sigterm_or_sigint_while_booting_or_sampling_leaves_whole_files_or_none()
         let console = dir.join("console.txt");
         let profile = dir.join("profile");
         let mut child = long_sampled_run(&profile, &console);
-        guest_running(&console, &mut child);
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            guest_running(&console, &mut child)
+        }));
+        if let Err(panic) = started {
+            // Not left running for its 600 s.
+            let _ = child.kill();
+            let _ = child.wait();
+            std::panic::resume_unwind(panic);
+        }
         signal(&child, signal_name);
         let (status, stderr) = finish(child);
         assert_eq!(status.code(), Some(5), "SIG{signal_name}: {stderr}");

@@ -202,8 +202,12 @@ impl Symbolizer {
         frames
     }
 
-    /// The name of the function symbol containing `addr`, demangled.
+    /// The name of the function symbol containing `addr`, demangled;
+    /// [`FOLDED_FRAME`] for [`FOLDED_STACK`].
     pub fn function_name(&self, addr: u64) -> Option<&str> {
+        if addr == FOLDED_STACK {
+            return Some(FOLDED_FRAME);
+        }
         self.symbol(addr).map(|s| s.name.as_str())
     }
 
@@ -329,8 +333,8 @@ fn labels(file: &object::File<'_>, code: &[(u64, u64)]) -> Vec<FunctionSymbol> {
 
 /// The pseudo address of a sample counted without its stack, because the
 /// stack table it went to was full: a profile shows it as [`FOLDED_FRAME`].
-/// It is not canonical, so no stack walk yields it (the walker ends a chain
-/// at a non-canonical return address).
+/// It is not canonical, so no real frame has it; a sampled stack that holds
+/// it (garbage) ends before it when it is counted (`sampling/buffer.rs`).
 pub const FOLDED_STACK: u64 = 0x8000_0000_0000_0000;
 
 /// The frame name of [`FOLDED_STACK`].
@@ -396,6 +400,15 @@ mod tests {
             );
         }
         assert_eq!(s.frames(u64::MAX, false)[0].function, "0xffffffffffffffff");
+    }
+
+    #[test]
+    fn test_the_folded_address_is_named_stack_table_full() {
+        let s = kernel();
+        for is_return in [false, true] {
+            assert_eq!(s.frames(FOLDED_STACK, is_return)[0].function, FOLDED_FRAME);
+        }
+        assert_eq!(s.function_name(FOLDED_STACK), Some(FOLDED_FRAME));
     }
 
     /// The address of the first function symbol whose name ends with `::suffix`.

@@ -12,8 +12,11 @@
 //! new stack is *folded*: counted in its thread under the one pseudo frame
 //! [`FOLDED_STACK`] (`[stack table full]` in every output), so each thread's
 //! share of the profile stays true and memory stays flat however long the
-//! run. Folded entries are bounded too ([`FOLDED_LIMIT`]); a sample that
-//! fits neither is counted as dropped.
+//! run. A folded entry is one per (thread id, privilege level), named by the
+//! first name seen for it, so a guest thread renaming itself cannot open
+//! more; they are bounded too ([`FOLDED_LIMIT`]), and a sample that fits
+//! neither is counted as dropped. A sampled stack that holds the
+//! [`FOLDED_STACK`] address itself (only garbage could) ends before it.
 
 use std::collections::{HashMap, HashSet};
 use std::mem::size_of;
@@ -84,11 +87,33 @@ impl Key {
         }
     }
 
-    /// The bytes a new entry of this key costs: its slot (twice, for the
-    /// table's spare capacity) and its frames' allocation.
+    /// The bytes a new entry of this key costs: its slot (16/7 of it, the
+    /// table's spare capacity at its fullest after growing) and its frames'
+    /// allocation.
     fn cost(&self) -> usize {
-        2 * size_of::<(Key, u64)>() + self.frames.len() * size_of::<u64>() + ALLOC_OVERHEAD
+        (size_of::<(Key, u64)>() * 16).div_ceil(7)
+            + self.frames.len() * size_of::<u64>()
+            + ALLOC_OVERHEAD
     }
+}
+
+/// A sample's stacks as a key keeps them: the user stack then the kernel
+/// stack in one allocation, each ended before a [`FOLDED_STACK`] frame.
+fn joined_frames(user: &[u64], kernel: &[u64]) -> (Box<[u64]>, u32) {
+    let upto = |stack: &[u64]| {
+        let end = stack
+            .iter()
+            .position(|&f| f == FOLDED_STACK)
+            .unwrap_or(stack.len());
+        stack[..end].to_vec()
+    };
+    let (user, kernel) = (upto(user), upto(kernel));
+    let mut frames = Vec::with_capacity(user.len() + kernel.len());
+    frames.extend_from_slice(&user);
+    frames.extend_from_slice(&kernel);
+    // Cannot truncate: walks are at most a few hundred frames deep.
+    let user_len = u32::try_from(user.len()).unwrap_or(u32::MAX);
+    (frames.into_boxed_slice(), user_len)
 }
 
 /// The allocator's overhead per allocation, as counted against the budget.
@@ -101,12 +126,34 @@ struct Counts {
     names: HashSet<Arc<str>>,
     /// Bytes of the budget spent.
     used: usize,
-    /// Folded entries in `stacks`.
-    folded_keys: usize,
+    /// The folded entries: (tid, privilege level) to the name they are
+    /// shown under and their count.
+    folded: HashMap<(u64, u8), (Arc<str>, u64)>,
     totals: Totals,
 }
 
 impl Counts {
+    /// Every entry as a [`StackSample`] of vCPU `vcpu` with its count,
+    /// folded ones included, unsorted.
+    fn samples(&self, vcpu: u32) -> Vec<(StackSample, u64)> {
+        self.stacks
+            .iter()
+            .map(|(k, n)| (k.to_sample(vcpu), *n))
+            .chain(self.folded.iter().map(|(&(tid, cpl), (name, n))| {
+                let sample = StackSample {
+                    vcpu,
+                    tid,
+                    thread_name: name.to_string(),
+                    cpl,
+                    user_stack: vec![FOLDED_STACK],
+                    kernel_stack: Vec::new(),
+                    user_leaf_after_trap: false,
+                };
+                (sample, *n)
+            }))
+            .collect()
+    }
+
     /// `name`, shared with the aggregate's other stacks of that name; `None`
     /// when it is new and `budget` cannot pay for it.
     fn intern(&mut self, name: &str, budget: usize) -> Option<Arc<str>> {
@@ -182,12 +229,16 @@ impl SampleBuffer {
         let Some(counts) = self.per_vcpu.get(id) else {
             return Pushed::Dropped;
         };
+        // Built before the lock is taken.
+        let frames = sample
+            .in_profile()
+            .then(|| joined_frames(&sample.user_stack.frames, &sample.kernel_stack.frames));
         let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.totals.add_one(&sample);
-        if !sample.in_profile() {
+        let Some((frames, user_len)) = frames else {
             return Pushed::Kept;
-        }
-        let outcome = self.count(&mut counts, sample);
+        };
+        let outcome = self.count(&mut counts, &sample, frames, user_len);
         match outcome {
             Pushed::Kept => {}
             Pushed::Folded => {
@@ -200,26 +251,24 @@ impl SampleBuffer {
         outcome
     }
 
-    fn count(&self, counts: &mut Counts, sample: RawSample) -> Pushed {
-        let user_len = sample.user_stack.frames.len();
-        let mut frames = sample.user_stack.frames;
-        frames.extend_from_slice(&sample.kernel_stack.frames);
-        // Interning a name that is already known costs nothing; a new one is
-        // paid from the budget, or from the folded reserve once it is spent.
-        let name = match counts.intern(&sample.thread_name, self.budget) {
-            Some(name) => name,
-            None if counts.folded_keys < FOLDED_LIMIT => {
-                let name: Arc<str> = Arc::from(sample.thread_name.as_str());
-                counts.names.insert(name.clone());
-                name
-            }
-            None => return Pushed::Dropped,
+    fn count(
+        &self,
+        counts: &mut Counts,
+        sample: &RawSample,
+        frames: Box<[u64]>,
+        user_len: u32,
+    ) -> Pushed {
+        // A known name costs nothing; a new one is paid from the budget.
+        // (A name that does not fit means no stack fits either: a name costs
+        // far less than the smallest entry.)
+        let Some(name) = counts.intern(&sample.thread_name, self.budget) else {
+            return Self::fold(counts, sample);
         };
         let key = Key {
             tid: sample.tid,
             name,
-            frames: frames.into_boxed_slice(),
-            user_len: u32::try_from(user_len).unwrap_or(u32::MAX),
+            frames,
+            user_len,
             cpl: sample.cpl,
             user_leaf_after_trap: sample.user_leaf_after_trap,
         };
@@ -233,22 +282,27 @@ impl SampleBuffer {
             counts.stacks.insert(key, 1);
             return Pushed::Kept;
         }
-        let folded = Key {
-            frames: Box::new([FOLDED_STACK]),
-            user_len: 1,
-            user_leaf_after_trap: false,
-            ..key
-        };
-        if let Some(count) = counts.stacks.get_mut(&folded) {
+        Self::fold(counts, sample)
+    }
+
+    /// Counts `sample` in its thread's folded entry, made (under the name
+    /// the sample gives) if there is room for one.
+    fn fold(counts: &mut Counts, sample: &RawSample) -> Pushed {
+        let id = (sample.tid, sample.cpl);
+        if let Some((_, count)) = counts.folded.get_mut(&id) {
             *count += 1;
             return Pushed::Folded;
         }
-        if counts.folded_keys < FOLDED_LIMIT {
-            counts.folded_keys += 1;
-            counts.stacks.insert(folded, 1);
-            return Pushed::Folded;
+        if counts.folded.len() >= FOLDED_LIMIT {
+            return Pushed::Dropped;
         }
-        Pushed::Dropped
+        let name = counts
+            .names
+            .get(sample.thread_name.as_str())
+            .cloned()
+            .unwrap_or_else(|| Arc::from(sample.thread_name.as_str()));
+        counts.folded.insert(id, (name, 1));
+        Pushed::Folded
     }
 
     /// Samples of vCPU `id` not in the profile: no budget and no folded
@@ -272,42 +326,38 @@ impl SampleBuffer {
     pub fn drain(&self) -> Vec<(StackSample, u64)> {
         let mut all = Vec::new();
         for (id, counts) in self.per_vcpu.iter().enumerate() {
-            let stacks = {
+            let taken = {
                 let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
                 let totals = std::mem::take(&mut counts.totals);
-                let stacks = std::mem::take(&mut counts.stacks);
-                *counts = Counts {
-                    totals,
-                    ..Counts::default()
-                };
-                stacks
+                std::mem::replace(
+                    &mut *counts,
+                    Counts {
+                        totals,
+                        ..Counts::default()
+                    },
+                )
             };
-            let mut counts: Vec<(StackSample, u64)> = stacks
-                .iter()
-                .map(|(k, n)| (k.to_sample(id as u32), *n))
-                .collect();
-            counts.sort();
-            all.append(&mut counts);
+            // Cannot truncate: fewer vCPUs than u32::MAX.
+            let mut samples = taken.samples(id as u32);
+            samples.sort();
+            all.append(&mut samples);
         }
         all
     }
 
     /// Copies every stack counted so far with its count, vCPU by vCPU, in the
-    /// order of [`SampleBuffer::drain`], and leaves them counted: each vCPU's
-    /// lock is held only while its counts are copied (sorted after).
+    /// order of [`SampleBuffer::drain`], and leaves them counted: each
+    /// vCPU's lock is held only while its counts are copied (sorted after).
     pub fn snapshot(&self) -> Vec<(StackSample, u64)> {
         let mut all = Vec::new();
         for (id, counts) in self.per_vcpu.iter().enumerate() {
-            let mut copy: Vec<(StackSample, u64)> = {
-                let counts = counts.lock().unwrap_or_else(|p| p.into_inner());
-                counts
-                    .stacks
-                    .iter()
-                    .map(|(k, n)| (k.to_sample(id as u32), *n))
-                    .collect()
-            };
-            copy.sort();
-            all.append(&mut copy);
+            // Cannot truncate: fewer vCPUs than u32::MAX.
+            let mut samples = counts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .samples(id as u32);
+            samples.sort();
+            all.append(&mut samples);
         }
         all
     }
@@ -315,10 +365,8 @@ impl SampleBuffer {
     /// Whether no stack is counted (each vCPU's lock held only to look).
     pub fn is_empty(&self) -> bool {
         self.per_vcpu.iter().all(|c| {
-            c.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stacks
-                .is_empty()
+            let counts = c.lock().unwrap_or_else(|p| p.into_inner());
+            counts.stacks.is_empty() && counts.folded.is_empty()
         })
     }
 
@@ -512,6 +560,37 @@ mod tests {
             (FOLDED_LIMIT as u64 + 1, 1)
         );
         assert_eq!(buffer.drain().len(), FOLDED_LIMIT);
+    }
+
+    #[test]
+    fn test_a_thread_renaming_itself_keeps_one_folded_entry_under_its_first_name() {
+        let buffer = room_for(1, 0);
+        for i in 0..3 * FOLDED_LIMIT as u64 {
+            let mut s = sample(0, i, 0x1);
+            s.tid = 4;
+            s.thread_name = format!("name{i}");
+            assert_eq!(buffer.push(s), Pushed::Folded, "{i}");
+        }
+        let drained = buffer.drain();
+        assert_eq!(drained.len(), 1);
+        let (folded, n) = &drained[0];
+        assert_eq!(
+            (folded.tid, folded.thread_name.as_str(), *n),
+            (4, "name0", 3 * FOLDED_LIMIT as u64)
+        );
+        assert_eq!(folded.user_stack, [FOLDED_STACK]);
+    }
+
+    #[test]
+    fn test_a_sampled_stack_holding_the_folded_address_ends_before_it() {
+        let buffer = room_for(1, 4);
+        let mut s = sample(0, 1, 0x1);
+        s.user_stack.frames = vec![0x10, FOLDED_STACK, 0x20];
+        s.kernel_stack.frames = vec![FOLDED_STACK, 0x30];
+        assert_eq!(buffer.push(s), Pushed::Kept);
+        let drained = buffer.drain();
+        assert_eq!(drained[0].0.user_stack, [0x10]);
+        assert!(drained[0].0.kernel_stack.is_empty());
     }
 
     #[test]

@@ -423,9 +423,16 @@ fn thread_name(names: &mut HashMap<u64, String>, mem: &GuestMemoryMmap, tid: u64
             String::from_utf8_lossy(&t.name[..len]).into_owned()
         })
         .unwrap_or_else(|| format!("tid {tid}"));
-    names.insert(tid, name.clone());
+    // Bounded: the tids come from the guest's event ring.
+    if names.len() < NAME_CACHE_LIMIT {
+        names.insert(tid, name.clone());
+    }
     name
 }
+
+/// Thread names [`thread_name`] keeps at most (the guest has at most
+/// `MAX_THREADS` threads; a ring that names more is misbehaving).
+const NAME_CACHE_LIMIT: usize = 4096;
 
 /// The profile's sample of one no-exit sample: the thread and the IP as the
 /// only frame (no stack in this tier).
