@@ -100,20 +100,23 @@ impl Key {
 /// A sample's stacks as a key keeps them: the user stack then the kernel
 /// stack in one allocation, each ended before a [`FOLDED_STACK`] frame.
 fn joined_frames(user: &[u64], kernel: &[u64]) -> (Box<[u64]>, u32) {
-    let upto = |stack: &[u64]| {
-        let end = stack
-            .iter()
-            .position(|&f| f == FOLDED_STACK)
-            .unwrap_or(stack.len());
-        stack[..end].to_vec()
-    };
-    let (user, kernel) = (upto(user), upto(kernel));
+    let (user, kernel) = (before_folded(user), before_folded(kernel));
+    // One allocation, of the exact size: the boxed slice keeps it.
     let mut frames = Vec::with_capacity(user.len() + kernel.len());
-    frames.extend_from_slice(&user);
-    frames.extend_from_slice(&kernel);
+    frames.extend_from_slice(user);
+    frames.extend_from_slice(kernel);
     // Cannot truncate: walks are at most a few hundred frames deep.
     let user_len = u32::try_from(user.len()).unwrap_or(u32::MAX);
     (frames.into_boxed_slice(), user_len)
+}
+
+/// `stack` up to its first [`FOLDED_STACK`] frame.
+fn before_folded(stack: &[u64]) -> &[u64] {
+    let end = stack
+        .iter()
+        .position(|&f| f == FOLDED_STACK)
+        .unwrap_or(stack.len());
+    &stack[..end]
 }
 
 /// The allocator's overhead per allocation, as counted against the budget.

@@ -33,9 +33,10 @@ mod lists;
 mod names;
 mod report;
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
 /// The test-only variable naming the thread kind that makes a forbidden call.
 pub const VIOLATION_VAR: &str = "METRONOME_TEST_SECCOMP_VIOLATION";
@@ -147,18 +148,33 @@ struct Filters {
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
-/// Compiles every thread kind's filter from its allow-list.
-fn compile(kind: ThreadKind, pid: libc::pid_t) -> Result<BpfProgram, SeccompError> {
-    let filter = SeccompFilter::new(
-        lists::rules(kind, pid).into_iter().collect(),
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| SeccompError::Compile(kind.name(), e))?;
+/// Compiles `rules` to BPF: `matched` for a call they allow, `mismatch`
+/// for any other; `name` names the filter in an error.
+fn program(
+    name: &'static str,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
+        .map_err(|e| SeccompError::Compile(name, e))?;
     filter
         .try_into()
-        .map_err(|e| SeccompError::Compile(kind.name(), e))
+        .map_err(|e| SeccompError::Compile(name, e))
+}
+
+/// Compiles thread kind `kind`'s filter from its allow-list, and says
+/// whether the list lets it spawn threads (`clone3`).
+fn compile(kind: ThreadKind, pid: libc::pid_t) -> Result<(BpfProgram, bool), SeccompError> {
+    let rules = lists::rules(kind, pid);
+    let spawns = rules.contains_key(&libc::SYS_clone3);
+    let program = program(
+        kind.name(),
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+    )?;
+    Ok((program, spawns))
 }
 
 /// The filter a thread that may spawn threads installs beside its list's:
@@ -168,16 +184,12 @@ fn compile(kind: ThreadKind, pid: libc::pid_t) -> Result<BpfProgram, SeccompErro
 /// answer, so the list's `Allow` of `clone3` becomes this `ENOSYS`, and a
 /// thread whose list has no `clone3` still traps on it.
 fn compile_no_clone3() -> Result<BpfProgram, SeccompError> {
-    let filter = SeccompFilter::new(
+    program(
+        "clone3",
         [(libc::SYS_clone3, vec![])].into_iter().collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
-        TargetArch::x86_64,
     )
-    .map_err(|e| SeccompError::Compile("clone3", e))?;
-    filter
-        .try_into()
-        .map_err(|e| SeccompError::Compile("clone3", e))
 }
 
 /// Turns the filters on for this process: compiles every list, installs the
@@ -200,14 +212,10 @@ pub fn init() -> Result<(), SeccompError> {
     };
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
-    let programs = ThreadKind::ALL
+    let (programs, spawns) = ThreadKind::ALL
         .into_iter()
         .map(|kind| compile(kind, pid))
-        .collect::<Result<_, _>>()?;
-    let spawns = ThreadKind::ALL
-        .into_iter()
-        .map(|kind| lists::rules(kind, pid).contains_key(&libc::SYS_clone3))
-        .collect();
+        .collect::<Result<(Vec<_>, Vec<_>), _>>()?;
     let no_clone3 = compile_no_clone3()?;
     report::install_handler().map_err(SeccompError::Handler)?;
     install_panic_hook();
@@ -302,7 +310,7 @@ mod tests {
     #[test]
     fn test_every_list_compiles_to_bpf() {
         for kind in ThreadKind::ALL {
-            let program = compile(kind, 1234).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            let (program, _) = compile(kind, 1234).unwrap_or_else(|e| panic!("{kind:?}: {e}"));
             assert!(!program.is_empty(), "{kind:?}");
         }
     }
