@@ -233,9 +233,16 @@ fn mid_thirty(units: u64) -> u64 {
     core::hint::black_box(leaf_thirty(units))
 }
 
+/// Units per tenth of one pass of [`split_outer`]: one pass is 2500 units,
+/// tens of milliseconds, many sampling periods long. A pass about as long as
+/// the period (as 10 units, about 0.3 ms, was against 1 ms) aliases with it:
+/// the fires fall on the same few points of every pass and the shares drift
+/// from the design by whatever those points hit.
+const SPLIT_TENTH: u64 = 250;
+
 #[inline(never)]
 fn split_outer() -> u64 {
-    leaf_sixty(6) ^ mid_thirty(3) ^ leaf_ten(1)
+    leaf_sixty(6 * SPLIT_TENTH) ^ mid_thirty(3 * SPLIT_TENTH) ^ leaf_ten(SPLIT_TENTH)
 }
 
 extern "C" fn split_thread(_arg: u64) -> ! {
