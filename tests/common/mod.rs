@@ -10,6 +10,7 @@ pub mod openapi_check;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 /// Whether KVM tests can run. Without /dev/kvm they are skipped with a printed
 /// reason, except under `CI=true`, where a missing /dev/kvm fails the test.
@@ -29,10 +30,26 @@ pub fn kvm_or_skip(test: &str) -> bool {
 }
 
 /// A fresh path in a per-test-process scratch directory.
+///
+/// The directory is named after the process id, which the kernel reuses: a
+/// long test run (or an earlier one) can leave a directory of that name with
+/// files of the same names in it, and a test waiting for its run's summary
+/// to appear would find the old one at once. So the first call in a process
+/// empties it.
 pub fn scratch(name: &str) -> PathBuf {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!("metronome-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("metronome-tests-{}", std::process::id()));
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                panic!("stale scratch dir {}: {e}", dir.display())
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    });
     dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 

@@ -283,10 +283,18 @@ mod tests {
             timer
                 .program_periodic(monotonic_ns() + period, period)
                 .unwrap();
-            // Not consumed for 20 ms: one signal pending, the rest overruns.
+            // Not consumed for 20 ms (200 periods): one signal pending, the
+            // rest overruns. The drain itself may take a period or two (the
+            // thread can be preempted in it), and each of those adds a
+            // signal, never one per period.
             std::thread::sleep(std::time::Duration::from_millis(20));
             let got = drain_pending();
-            assert_eq!((got.sampling_timer, got.device_timer), (1, 0), "{got:?}");
+            assert_eq!(got.device_timer, 0, "{got:?}");
+            assert!(
+                (1..=10).contains(&got.sampling_timer)
+                    && got.sampling_overruns >= 10 * u64::from(got.sampling_timer),
+                "{got:?}"
+            );
             assert!(got.sampling_overruns >= 50, "{got:?}");
             // Still periodic: it fires again without being re-armed.
             take_until(|c| c.sampling_timer >= 3);
