@@ -7,7 +7,8 @@
 //! A profile directory the VMM cannot write (a file-size limit standing in
 //! for a full disk) is a clear error, not a panic, and leaves no partial file.
 //! SIGTERM and SIGINT while a sampled run boots or samples leave whole files
-//! or none, and a signal while sampling writes them all.
+//! or none, and a signal while sampling writes them all. A run started with
+//! SIGINT ignored keeps ignoring it and stops on SIGTERM.
 
 // An integration-test crate is test-only as a whole.
 #![allow(clippy::tests_outside_test_module)]
@@ -15,7 +16,7 @@
 mod common;
 use common::{kvm_lock, kvm_or_skip, metronome, scratch};
 use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -194,9 +195,11 @@ fn test_an_unwritable_profile_is_a_clear_error_not_a_panic() {
 }
 
 /// A sampled run of the demo workload at 10 kHz into `dir`, its console in
-/// `console`, for 600 s: it ends only when signalled.
-fn long_sampled_run(dir: &Path, console: &Path) -> Child {
-    metronome()
+/// `console`, for 600 s: it ends only when signalled. It starts with SIGINT
+/// ignored if `sigint_ignored`, else with its default action ([`metronome`]).
+fn long_sampled_run(dir: &Path, console: &Path, sigint_ignored: bool) -> Child {
+    let mut command = metronome();
+    command
         .args(["run", "--vcpus", "2", "--duration", "600"])
         .args(["--sample-period-us", "100", "--pet-period-ms", "10"])
         .arg("--quiet")
@@ -205,9 +208,36 @@ fn long_sampled_run(dir: &Path, console: &Path) -> Child {
         .arg("--profile-dir")
         .arg(dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn metronome")
+        .stderr(Stdio::piped());
+    if sigint_ignored {
+        // SAFETY: signal() is async-signal-safe, so it may run between fork
+        // and exec; it touches nothing but the child's disposition of SIGINT.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::signal(libc::SIGINT, libc::SIG_IGN) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    command.spawn().expect("spawn metronome")
+}
+
+/// [`long_sampled_run`], once its guest runs its user threads (and so is
+/// being sampled). A run that never gets there is killed, not left running
+/// for its 600 s, and the test fails.
+fn sampling_run(dir: &Path, console: &Path, sigint_ignored: bool) -> Child {
+    let mut child = long_sampled_run(dir, console, sigint_ignored);
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        guest_running(console, &mut child)
+    }));
+    if let Err(panic) = started {
+        let _ = child.kill();
+        let _ = child.wait();
+        std::panic::resume_unwind(panic);
+    }
+    child
 }
 
 /// Waits (polling, 60 s at most) until the guest shows on `console` that it
@@ -256,7 +286,7 @@ fn test_sigterm_or_sigint_while_booting_or_sampling_leaves_whole_files_or_none()
             let console = dir.join("console.txt");
             std::fs::create_dir_all(&dir).unwrap();
             let profile = dir.join("profile");
-            let child = long_sampled_run(&profile, &console);
+            let child = long_sampled_run(&profile, &console, false);
             std::thread::sleep(Duration::from_millis(after_ms));
             signal(&child, signal_name);
             let (status, stderr) = finish(child);
@@ -274,16 +304,7 @@ fn test_sigterm_or_sigint_while_booting_or_sampling_leaves_whole_files_or_none()
         std::fs::create_dir_all(&dir).unwrap();
         let console = dir.join("console.txt");
         let profile = dir.join("profile");
-        let mut child = long_sampled_run(&profile, &console);
-        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            guest_running(&console, &mut child)
-        }));
-        if let Err(panic) = started {
-            // Not left running for its 600 s.
-            let _ = child.kill();
-            let _ = child.wait();
-            std::panic::resume_unwind(panic);
-        }
+        let child = sampling_run(&profile, &console, false);
         signal(&child, signal_name);
         let (status, stderr) = finish(child);
         assert_eq!(status.code(), Some(5), "SIG{signal_name}: {stderr}");
@@ -307,4 +328,28 @@ fn test_sigterm_or_sigint_while_booting_or_sampling_leaves_whole_files_or_none()
             assert_complete(&profile.join(name));
         }
     }
+}
+
+#[test]
+fn test_a_run_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm() {
+    if !kvm_or_skip("SIGINT ignored on entry") {
+        return;
+    }
+    let _serial = kvm_lock();
+    let dir = scratch("sigint-ignored");
+    std::fs::create_dir_all(&dir).unwrap();
+    let console = dir.join("console.txt");
+    let profile = dir.join("profile");
+    let child = sampling_run(&profile, &console, true);
+    // SIGINT first: were it a stop signal, it would be the one the run
+    // reports (it is pending, or taken, before SIGTERM is sent).
+    signal(&child, "INT");
+    signal(&child, "TERM");
+    let (status, stderr) = finish(child);
+    assert_eq!(status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
+    assert!(
+        visible(&profile).iter().any(|f| f == "profile.folded"),
+        "a clean stop writes the profiles"
+    );
 }

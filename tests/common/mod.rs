@@ -7,6 +7,7 @@
 pub mod api;
 pub mod openapi_check;
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -53,10 +54,23 @@ pub fn scratch(name: &str) -> PathBuf {
     dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
-/// The `metronome` command.
+/// The `metronome` command. It starts with SIGINT's default action whatever
+/// the test's own: a test run as a background job of a non-interactive shell
+/// has SIGINT ignored, its children inherit that, and the VMM keeps an
+/// inherited ignore (so tests that stop it with SIGINT would wait forever).
 pub fn metronome() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_metronome"));
     command.env_remove("RUST_LOG");
+    // SAFETY: signal() is async-signal-safe, so it may run between fork and
+    // exec; it touches nothing but the child's disposition of SIGINT.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     command
 }
 

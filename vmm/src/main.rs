@@ -363,6 +363,8 @@ fn print_error(error: &dyn std::error::Error) {
 
 fn main() -> ExitCode {
     let process_start = Instant::now();
+    // Before anything touches a signal disposition.
+    vmm::stop_signals::note_inherited();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let parsed = Cli::command()
         .try_get_matches()

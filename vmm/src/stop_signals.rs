@@ -15,7 +15,10 @@
 //!   thread, for as long as its [`StopSignalWatch`] lives;
 //! - a signal that comes while nobody watches takes its default action (the
 //!   process ends, killed by it), as an unblocked signal would: a stuck
-//!   shutdown can still be interrupted.
+//!   shutdown can still be interrupted;
+//! - a process started with SIGINT ignored (a background job of a
+//!   non-interactive shell) keeps ignoring it, at every moment of its run:
+//!   SIGINT is then neither blocked nor waited for ([`note_inherited`]).
 //!
 //! SIGCONT is blocked in every thread too, for another purpose: it tells the
 //! vCPU threads that the process was stopped (SIGSTOP, SIGTSTP) and
@@ -43,6 +46,37 @@ static THREAD: OnceLock<Result<(), i32>> = OnceLock::new();
 /// SIGINT and SIGTERM.
 const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
 
+/// Whether SIGINT was ignored when the process started ([`note_inherited`]).
+static SIGINT_INHERITED_IGNORED: OnceLock<bool> = OnceLock::new();
+
+/// Notes whether SIGINT is ignored as the process starts, as it is in a
+/// background job of a non-interactive shell (`metronome run ... &` in a
+/// script), which is shielded that way from the terminal's Ctrl-C. Such a
+/// process keeps ignoring SIGINT, as Unix programs that catch it do; SIGTERM
+/// still stops it. Call it first thing in `main`, before anything changes
+/// a disposition; without the call SIGINT is a stop signal.
+pub fn note_inherited() {
+    // SAFETY: an all-zero sigaction is valid; a null new action only reads
+    // the current one into it.
+    let ignored = unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    };
+    let _ = SIGINT_INHERITED_IGNORED.set(ignored);
+}
+
+/// The signals that stop the VMM: SIGINT and SIGTERM, or SIGTERM alone when
+/// SIGINT was ignored on entry ([`note_inherited`]). An ignored SIGINT is
+/// never blocked, so the kernel discards it whenever it comes.
+fn stop_signals() -> &'static [libc::c_int] {
+    if SIGINT_INHERITED_IGNORED.get().copied().unwrap_or(false) {
+        &STOP_SIGNALS[1..]
+    } else {
+        &STOP_SIGNALS
+    }
+}
+
 /// Continues taken so far ([`take_continue`]); written under [`CONTINUE_LOCK`].
 static CONTINUES: AtomicU64 = AtomicU64::new(0);
 
@@ -58,10 +92,13 @@ const STRAY_CONTINUE_SWEEP: libc::timespec = libc::timespec {
     tv_nsec: 0,
 };
 
-/// Blocks SIGINT, SIGTERM and SIGCONT in the calling thread (and so in the
-/// threads it spawns afterwards).
+/// Blocks the stop signals (SIGTERM, and SIGINT unless ignored on entry)
+/// and SIGCONT in the calling thread (and so in the threads it spawns
+/// afterwards).
 pub fn block() -> io::Result<()> {
-    crate::kick::block_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGCONT])
+    let mut signals = stop_signals().to_vec();
+    signals.push(libc::SIGCONT);
+    crate::kick::block_signals(&signals)
 }
 
 /// How many times the process was continued (SIGCONT) so far, as far as the
@@ -112,7 +149,7 @@ impl Drop for StopSignalWatch {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread, starts the signal thread
+/// Blocks the stop signals in the calling thread, starts the signal thread
 /// if it is not running, and hands every SIGINT or SIGTERM to `sink` (on
 /// the signal thread) until the returned watch is dropped. A later watch
 /// replaces an earlier one.
@@ -142,7 +179,7 @@ pub fn watch(sink: impl Fn(i32) + Send + Sync + 'static) -> io::Result<StopSigna
 /// also takes a stray SIGCONT ([`STRAY_CONTINUE_SWEEP`]); it never waits for
 /// SIGCONT itself, which would take one outside [`take_continue`]'s lock.
 fn wait_forever() {
-    let set = crate::kick::signal_set(&STOP_SIGNALS);
+    let set = crate::kick::signal_set(stop_signals());
     // Blocked here too, whoever spawned the thread: sigtimedwait takes them
     // from the pending set; unblocked they would be delivered instead.
     let _ = block();

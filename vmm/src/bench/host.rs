@@ -118,15 +118,17 @@ impl PerfRun {
     pub fn start(hz: u32, output: &Path) -> Result<Self, String> {
         let _ = std::fs::remove_file(output);
         let mut command = Command::new("perf");
-        // SAFETY: between fork and exec the hook only calls sigemptyset and
-        // sigprocmask, both async-signal-safe, on a local set.
+        // SAFETY: between fork and exec the hook only calls sigemptyset,
+        // sigprocmask and signal, all async-signal-safe, on a local set.
         unsafe {
             command.pre_exec(|| {
-                // The VMM blocks SIGINT and SIGTERM in its threads; perf
-                // must take the SIGINT that stops it.
+                // The VMM blocks SIGINT and SIGTERM in its threads, and keeps
+                // SIGINT ignored if it started so; perf must take the SIGINT
+                // that stops it.
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
                 libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
                 Ok(())
             })
         };
