@@ -165,9 +165,13 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
     // about five PET fires, between its runs; each of its switch-ons after
     // the first fire gives exactly one self-sample, unless a PET fire on
     // vCPU 2 sampled the thread just as it was switched on, before the
-    // guest's scheduler looked at its stamp (KT-SM-6): the next self-sample
-    // then finds that newer stamp. Only its first switch-on (before the
-    // first fire) and its last (after sampling stopped) may have neither.
+    // guest's scheduler looked at its stamp (KT-SM-6). Such a switch-on is
+    // a lone gap in the switch counts, and the next self-sample finds its
+    // stamp: a generation at least three fires (most of a sleep) after the
+    // self-sample before the gap. A fire while the thread ran just after
+    // that self-sample stamps it one generation later at most. Only its
+    // first switch-on (before the first fire) and its last (after sampling
+    // stopped) may have neither.
     let (lone, (_, _, switches)) = threads
         .iter()
         .find(|(_, (vcpu, name, _))| *vcpu == 2 && name == "sleepy/2")
@@ -178,7 +182,7 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
         let skipped = w[1][2] - w[0][2] - 1;
         if skipped > 0 {
             assert!(
-                w[1][1] > w[0][0],
+                skipped == 1 && w[1][1] >= w[0][0] + 3,
                 "switch-ons without a self-sample or a timer sample: {w:?} in {samples:?}"
             );
             stamped += skipped;
@@ -188,10 +192,6 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
         *switches - samples.len() as u64 - stamped <= 2,
         "{switches} switch-ons, {} self-samples, {stamped} taken by a timer sample",
         samples.len()
-    );
-    assert!(
-        stamped * 4 <= samples.len() as u64,
-        "most switch-ons sample themselves: {stamped} taken by a timer sample, {samples:?}"
     );
     let across_three = samples.iter().filter(|s| s[0] - s[1] >= 3).count();
     assert!(
@@ -234,10 +234,13 @@ fn test_pet_l1_l2_c1_lightweight_pet_self_samples_once_per_stale_switch_on() {
             consecutive.iter().all(|w| w[1][1] > w[0][0]),
             "{name}: a self-sample found no stamp from the fires while it ran: {samples:?}"
         );
-        // A thread that sampled itself on (nearly) every switch-on shows
-        // the stamps above; one that did not was stopped by them.
+        // Without the stamps every switch-on after the first fire samples
+        // itself (a quantum spans about ten fires), and the windows above
+        // fail. With them, either switch-ons are stopped by a current stamp
+        // (more than the first and last take no sample), or the thread
+        // sampled itself on most and the windows above show the stamps.
         assert!(
-            consecutive.len() >= 3 || (samples.len() as u64) < *switches,
+            (samples.len() as u64) + 2 < *switches || consecutive.len() >= 3,
             "{name}: {switches} switch-ons, {samples:?}"
         );
     }

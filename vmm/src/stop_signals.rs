@@ -8,9 +8,10 @@
 //! waits for (thread-directed signals to other threads never reach it).
 //!
 //! The rules:
-//! - every thread blocks SIGINT and SIGTERM: [`block`] in the thread that
-//!   spawns the others, before it spawns them (so that the kernel can only
-//!   hand them to the waiting thread);
+//! - every thread blocks SIGINT (unless ignored on entry, below) and
+//!   SIGTERM: [`block`] in the thread that spawns the others, before it
+//!   spawns them (so that the kernel can only hand them to the waiting
+//!   thread);
 //! - [`watch`] registers the one sink a signal is handed to, on the signal
 //!   thread, for as long as its [`StopSignalWatch`] lives;
 //! - a signal that comes while nobody watches takes its default action (the
