@@ -14,9 +14,9 @@
 #![allow(clippy::tests_outside_test_module)]
 
 mod common;
-use common::{kvm_lock, kvm_or_skip, metronome, scratch};
+use common::{kvm_lock, kvm_or_skip, metronome, scratch, start_with_sigint};
 use std::io::Read;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -210,16 +210,7 @@ fn long_sampled_run(dir: &Path, console: &Path, sigint_ignored: bool) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     if sigint_ignored {
-        // SAFETY: signal() is async-signal-safe, so it may run between fork
-        // and exec; it touches nothing but the child's disposition of SIGINT.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::signal(libc::SIGINT, libc::SIG_IGN) == libc::SIG_ERR {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        start_with_sigint(&mut command, libc::SIG_IGN);
     }
     command.spawn().expect("spawn metronome")
 }

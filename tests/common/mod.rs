@@ -61,17 +61,23 @@ pub fn scratch(name: &str) -> PathBuf {
 pub fn metronome() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_metronome"));
     command.env_remove("RUST_LOG");
+    start_with_sigint(&mut command, libc::SIG_DFL);
+    command
+}
+
+/// Makes `command`'s child start with `disposition` (`SIG_DFL` or `SIG_IGN`)
+/// for SIGINT; a later call wins.
+pub fn start_with_sigint(command: &mut Command, disposition: libc::sighandler_t) {
     // SAFETY: signal() is async-signal-safe, so it may run between fork and
     // exec; it touches nothing but the child's disposition of SIGINT.
     unsafe {
-        command.pre_exec(|| {
-            if libc::signal(libc::SIGINT, libc::SIG_DFL) == libc::SIG_ERR {
+        command.pre_exec(move || {
+            if libc::signal(libc::SIGINT, disposition) == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    command
 }
 
 /// Result of a run with a summary.

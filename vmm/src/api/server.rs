@@ -2,8 +2,8 @@
 //!
 //! [`serve`] blocks SIGINT and SIGTERM (SIGTERM alone when SIGINT was
 //! ignored on entry: [`crate::stop_signals::note_inherited`]) in the calling
-//! thread before it spawns anything, so that every thread of the process (the API thread,
-//! the VMM thread, the vCPUs) has them blocked, and the signal thread
+//! thread before it spawns anything, so that every thread of the process
+//! (the API thread, the VMM thread, the vCPUs) has them blocked, and the signal thread
 //! ([`crate::stop_signals`], no signalfd) hands them to the API thread: a
 //! signal ends the server, stops a running VM with that signal as its
 //! outcome, joins the VMM thread, and the socket file is removed. The VM is
@@ -101,8 +101,8 @@ fn bind(path: &Path, force: bool) -> Result<StdUnixListener, ApiServeError> {
 
 /// Serves the API on a socket at `path` for `instance` until SIGINT or
 /// SIGTERM (SIGTERM alone when SIGINT was ignored on entry), then stops a
-/// running VM, joins the VMM thread, removes the
-/// socket and returns the signal's number.
+/// running VM, joins the VMM thread, removes the socket and returns the
+/// signal's number.
 ///
 /// Call it before the process spawns threads (it blocks the stop signals
 /// for every thread spawned afterwards, and changes the umask briefly).
